@@ -1,0 +1,30 @@
+"""embedloss_kernels: fused, exact, memory-lean contrastive losses for embedding models.
+
+Drop-in sentence-transformers losses in :mod:`embedloss_kernels.losses`, a functional API in
+:mod:`embedloss_kernels.functional`, and backend selection (``EMBEDLOSS_BACKEND``) shared by every op.
+"""
+
+from ._backends import BackendUnavailableError, available_backends, current_backend
+from .functional import angle_loss, cosent_loss, infonce_loss, multiple_negatives_ranking_loss
+from .losses import (
+    AnglELoss,
+    CoSENTLoss,
+    MultipleNegativesRankingLoss,
+    MultipleNegativesSymmetricRankingLoss,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AnglELoss",
+    "BackendUnavailableError",
+    "CoSENTLoss",
+    "MultipleNegativesRankingLoss",
+    "MultipleNegativesSymmetricRankingLoss",
+    "angle_loss",
+    "available_backends",
+    "cosent_loss",
+    "current_backend",
+    "infonce_loss",
+    "multiple_negatives_ranking_loss",
+]

@@ -1,0 +1,115 @@
+"""Input checks shared by the functional API and the modules: every bad input is a clear error before any kernel."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+VALID_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+VALID_PARTITION_MODES = ("joint", "per_direction")
+VALID_HARDNESS_MODES = (None, "in_batch_negatives", "hard_negatives", "all_negatives")
+
+
+def check_scale(scale, name: str = "scale") -> float:
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(scale).__name__} ({scale!r})")
+    scale = float(scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"Scale must be a positive value. Got {name}={scale!r}; expected a finite number > 0.")
+    return scale
+
+
+def check_hardness(hardness_mode, hardness_strength) -> float:
+    if hardness_mode not in VALID_HARDNESS_MODES:
+        raise ValueError(f"hardness_mode must be one of {set(VALID_HARDNESS_MODES)}, got {hardness_mode!r}")
+    if isinstance(hardness_strength, bool) or not isinstance(hardness_strength, numbers.Real):
+        raise TypeError(
+            f"hardness_strength must be a real number, got {type(hardness_strength).__name__} ({hardness_strength!r})"
+        )
+    hardness_strength = float(hardness_strength)
+    if hardness_strength < 0.0:
+        raise ValueError(f"hardness_strength must be non-negative. Got hardness_strength={hardness_strength!r}.")
+    if not math.isfinite(hardness_strength):
+        raise ValueError(f"hardness_strength must be finite, got {hardness_strength!r}")
+    return hardness_strength
+
+
+def check_directions(directions, partition_mode) -> tuple[str, ...]:
+    if isinstance(directions, str):
+        raise TypeError(f"directions must be a tuple of direction names, got the string {directions!r}")
+    if not directions:
+        raise ValueError("At least one direction must be specified.")
+    directions = tuple(directions)
+    unknown = set(directions) - set(VALID_DIRECTIONS)
+    if unknown:
+        raise ValueError(f"Invalid directions: {unknown}. Valid: {set(VALID_DIRECTIONS)}")
+    if "query_to_doc" not in directions:
+        raise ValueError("'query_to_doc' direction is required (contains the positive pair).")
+    if partition_mode not in VALID_PARTITION_MODES:
+        raise ValueError(f"partition_mode must be 'joint' or 'per_direction', got {partition_mode}")
+    if partition_mode == "per_direction" and set(directions) & {"query_to_query", "doc_to_doc"}:
+        raise ValueError(
+            "partition_mode='per_direction' requires every direction's candidate pool to include the positive pair. "
+            "'query_to_query' and 'doc_to_doc' only contain same-type similarities and never include the positive, "
+            "making the per-direction loss ill-defined. Use partition_mode='joint' instead."
+        )
+    return directions
+
+
+def _check_finite() -> bool:
+    # One host sync per call; EMBEDLOSS_CHECK_FINITE=0 turns it off, and it is skipped while torch.compile traces.
+    if torch.compiler.is_compiling():
+        return False
+    return os.environ.get("EMBEDLOSS_CHECK_FINITE", "1") != "0"
+
+
+def check_embeddings(tensors: Sequence[Tensor], names: Sequence[str], min_count: int = 2) -> None:
+    """Columns of embeddings: 2-D float tensors of one dtype and device, equal batch sizes and dims, finite."""
+    if len(tensors) < min_count:
+        raise ValueError(f"Expected at least {min_count} embeddings, got {len(tensors)}")
+    for t, name in zip(tensors, names):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (batch, dim), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), got {t.dtype}")
+    first, first_name = tensors[0], names[0]
+    for t, name in zip(tensors[1:], names[1:]):
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; expected one device")
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; expected one dtype")
+        if t.shape[1] != first.shape[1]:
+            raise ValueError(f"{name} has dim {t.shape[1]} but {first_name} has dim {first.shape[1]}")
+        if t.shape[0] != first.shape[0]:
+            raise ValueError(f"{name} has batch size {t.shape[0]} but {first_name} has {first.shape[0]}")
+    if first.shape[0] == 0:
+        raise ValueError(f"{first_name} is an empty batch (batch size 0); expected at least one row")
+    if first.shape[1] == 0:
+        raise ValueError(f"{first_name} has embedding dim 0; expected at least 1")
+    if _check_finite():
+        for t, name in zip(tensors, names):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} contains NaN or Inf values; the loss would be NaN")
+
+
+def check_labels(labels, batch_size: int, owner: str) -> Tensor:
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.numel() != batch_size:
+        raise ValueError(
+            f"{owner} expects {batch_size} labels (one per example), "
+            f"but got {labels.numel()} labels with shape {tuple(labels.shape)}."
+        )
+    labels = labels.reshape(-1)
+    if labels.is_floating_point() and _check_finite() and not bool(torch.isfinite(labels).all()):
+        raise ValueError("labels contain NaN or Inf values")
+    if labels.is_complex():
+        raise TypeError(f"labels must be real numbers, got {labels.dtype}")
+    return labels

@@ -1,0 +1,250 @@
+"""Functional API on raw tensors: validation, backend choice, then one fused op call.
+
+No sentence-transformers import here: these functions serve users with their own training loops.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _backends, reference
+from ._validate import check_directions, check_embeddings, check_hardness, check_labels, check_scale
+from .ops import DIRECTION_BITS, HARDNESS_CODES, SIM_ANGLE, SIM_COSINE, SIM_DOT
+
+logger = logging.getLogger("embedloss_kernels")
+_warned: set[str] = set()
+
+_MATRIX_SIMS = {"cosine": "cosine", "cos": "cosine", "cos_sim": "cosine", "dot": "dot", "dot_score": "dot"}
+_ST_MATRIX_NAMES = {"cos_sim": "cosine", "pytorch_cos_sim": "cosine", "dot_score": "dot"}
+_PAIR_SIMS = {"cosine": SIM_COSINE, "cos": SIM_COSINE, "dot": SIM_DOT, "angle": SIM_ANGLE}
+_ST_PAIR_NAMES = {"pairwise_cos_sim": SIM_COSINE, "pairwise_dot_score": SIM_DOT, "pairwise_angle_sim": SIM_ANGLE}
+
+
+def warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(message)
+
+
+def _is_st_function(fn) -> bool:
+    return getattr(fn, "__module__", "").startswith("sentence_transformers")
+
+
+def resolve_similarity(similarity) -> str | None:
+    """``"cosine"`` / ``"dot"`` for a similarity the fused op computes, ``None`` for any other callable."""
+    if isinstance(similarity, str):
+        if similarity.lower() not in _MATRIX_SIMS:
+            raise ValueError(f"similarity must be 'cosine', 'dot' or a callable, got {similarity!r}")
+        return _MATRIX_SIMS[similarity.lower()]
+    if not callable(similarity):
+        raise TypeError(f"similarity_fct must be callable or 'cosine'/'dot', got {type(similarity).__name__}")
+    if similarity is reference.cos_sim:
+        return "cosine"
+    if similarity is reference.dot_score:
+        return "dot"
+    if _is_st_function(similarity) and getattr(similarity, "__name__", "") in _ST_MATRIX_NAMES:
+        return _ST_MATRIX_NAMES[similarity.__name__]
+    return None
+
+
+def resolve_pair_similarity(similarity) -> int | None:
+    """The op's similarity code for a pairwise similarity it computes, ``None`` for any other callable."""
+    if isinstance(similarity, str):
+        if similarity.lower() not in _PAIR_SIMS:
+            raise ValueError(f"similarity must be 'cosine', 'dot', 'angle' or a callable, got {similarity!r}")
+        return _PAIR_SIMS[similarity.lower()]
+    if not callable(similarity):
+        raise TypeError(f"similarity_fct must be callable or a name, got {type(similarity).__name__}")
+    ours = {reference.pairwise_cos_sim: SIM_COSINE, reference.pairwise_dot_score: SIM_DOT,
+            reference.pairwise_angle_sim: SIM_ANGLE}
+    if similarity in ours:
+        return ours[similarity]
+    if _is_st_function(similarity) and getattr(similarity, "__name__", "") in _ST_PAIR_NAMES:
+        return _ST_PAIR_NAMES[similarity.__name__]
+    return None
+
+
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _similarity_name(fn) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MNRL / InfoNCE
+# ----------------------------------------------------------------------------------------------------------------
+def infonce_from_columns(
+    queries: Tensor,
+    docs: Sequence[Tensor],
+    *,
+    scale: float,
+    similarity: str | Callable,
+    directions: Sequence[str],
+    partition_mode: str,
+    hardness_mode: str | None,
+    hardness_strength: float,
+    row_start: int = 0,
+    row_count: int | None = None,
+    backend: str | None = None,
+    block_rows: int = 0,
+) -> Tensor:
+    """MNRL on already-validated columns: ``queries`` and each of ``docs`` (Bq, D) hold the whole (world) batch,
+    and the loss averages over anchor rows ``row_start .. row_start + row_count - 1``."""
+    row_count = queries.shape[0] - row_start if row_count is None else row_count
+    kind = resolve_similarity(similarity)
+    if kind is None:
+        warn_once(
+            f"unfused:{_similarity_name(similarity)}",
+            f"similarity_fct {_similarity_name(similarity)} is not fused (only cosine and dot product are); "
+            "running the plain materialized PyTorch computation.",
+        )
+        return reference.infonce_reference(
+            queries, docs, scale, similarity, directions, partition_mode, hardness_mode, hardness_strength,
+            row_start, row_count,
+        )
+    bits = 0
+    for name in directions:
+        bits |= DIRECTION_BITS[name]
+    hardness = HARDNESS_CODES[hardness_mode] if hardness_strength > 0 else HARDNESS_CODES[None]
+    candidates = torch.cat([d.contiguous() for d in docs], dim=0) if len(docs) > 1 else docs[0].contiguous()
+    q = queries.contiguous()
+    op = _backends.get_backend(q.device, backend).infonce
+    loss, _, _ = op(
+        q, candidates, row_start, row_count, scale, kind == "cosine", bits, partition_mode == "joint", hardness,
+        hardness_strength, _needs_grad(q, candidates), block_rows,
+    )
+    return loss
+
+
+def multiple_negatives_ranking_loss(
+    queries: Tensor,
+    positives: Tensor,
+    *negatives: Tensor,
+    scale: float = 20.0,
+    similarity: str | Callable = "cosine",
+    directions: Sequence[str] = ("query_to_doc",),
+    partition_mode: str = "joint",
+    hardness_mode: str | None = None,
+    hardness_strength: float = 0.0,
+    backend: str | None = None,
+    block_rows: int = 0,
+) -> Tensor:
+    """MultipleNegativesRankingLoss / InfoNCE with in-batch negatives, fused (no B x N matrix is kept).
+
+    Args:
+        queries: (B, D) anchors.
+        positives: (B, D) the positive document of each query.
+        *negatives: any number of (B, D) hard-negative columns.
+        scale: inverse temperature, finite and > 0.
+        similarity: ``"cosine"``, ``"dot"``, or a callable ``(a, b) -> (n, m)`` (not fused: plain PyTorch).
+        directions, partition_mode, hardness_mode, hardness_strength: as sentence-transformers'
+            ``MultipleNegativesRankingLoss``.
+        backend: ``"torch"``, ``"cpp"``, ``"triton"`` or ``None`` (``EMBEDLOSS_BACKEND`` / auto).
+        block_rows: anchor rows per block (0: chosen from the ``EMBEDLOSS_BLOCK_MIB`` budget).
+
+    Returns:
+        The mean loss, a 0-dim float32 tensor (float64 for float64 inputs).
+    """
+    columns = [queries, positives, *negatives]
+    names = ["queries", "positives"] + [f"negatives[{i}]" for i in range(len(negatives))]
+    check_embeddings(columns, names)
+    scale = check_scale(scale)
+    directions = check_directions(directions, partition_mode)
+    hardness_strength = check_hardness(hardness_mode, hardness_strength)
+    if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 0:
+        raise ValueError(f"block_rows must be a non-negative int (0 = automatic), got {block_rows!r}")
+    return infonce_from_columns(
+        queries, [positives, *negatives], scale=scale, similarity=similarity, directions=directions,
+        partition_mode=partition_mode, hardness_mode=hardness_mode, hardness_strength=hardness_strength,
+        backend=backend, block_rows=block_rows,
+    )
+
+
+infonce_loss = multiple_negatives_ranking_loss
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CoSENT / AnglE
+# ----------------------------------------------------------------------------------------------------------------
+def cosent_from_pairs(
+    x: Tensor, y: Tensor, labels: Tensor, *, scale: float, similarity, backend: str | None = None
+) -> Tensor:
+    """CoSENT on already-validated pairs and flat labels."""
+    code = resolve_pair_similarity(similarity)
+    if code is None:
+        warn_once(
+            f"unfused:{_similarity_name(similarity)}",
+            f"similarity_fct {_similarity_name(similarity)} is not fused (only pairwise cosine, dot and angle "
+            "are); running the plain PyTorch computation.",
+        )
+        return reference.cosent_pairs_reference(x, y, labels, scale, similarity)
+    if labels.dtype == torch.bool:
+        labels = labels.int()
+    labels = labels.to(device=x.device, dtype=torch.float64)
+    x, y = x.contiguous(), y.contiguous()
+    op = _backends.get_backend(x.device, backend).cosent
+    loss, _, _ = op(x, y, labels, scale, code, _needs_grad(x, y))
+    return loss
+
+
+def cosent_loss(
+    x: Tensor,
+    y: Tensor,
+    labels: Tensor,
+    scale: float = 20.0,
+    similarity: str | Callable = "cosine",
+    backend: str | None = None,
+) -> Tensor:
+    """CoSENT loss ``log(1 + sum_{y_i > y_j} exp(t_j - t_i))``, ``t = scale * sim(x, y)``, in O(B log B).
+
+    Args:
+        x, y: (B, D) the two sides of each pair.
+        labels: (B,) similarity labels (float, int or bool); ties never form a pair.
+        scale: inverse temperature, finite and > 0.
+        similarity: ``"cosine"``, ``"dot"``, ``"angle"`` or a pairwise callable ``(a, b) -> (n,)``.
+    """
+    check_embeddings([x, y], ["x", "y"])
+    labels = check_labels(labels, x.shape[0], "cosent_loss")
+    return cosent_from_pairs(x, y, labels, scale=check_scale(scale), similarity=similarity, backend=backend)
+
+
+def angle_pairs(embeddings: Sequence[Tensor], labels: Tensor | None, owner: str) -> tuple[Tensor, Tensor, Tensor]:
+    """AnglE's input forms as pairs: (anchor, positive, negative...) tuples become (anchor, doc) pairs labelled
+    ``labels`` (or 1) for the positive and ``1 - labels`` for each negative; plain pairs need labels."""
+    if len(embeddings) > 2:
+        anchor = embeddings[0]
+        batch = anchor.shape[0]
+        if labels is None:
+            labels = torch.ones(batch, device=anchor.device)
+        labels = check_labels(labels, batch, owner)
+        n_neg = len(embeddings) - 2
+        pair_labels = torch.cat([labels, (1 - labels).repeat(n_neg)])
+        return anchor.repeat(len(embeddings) - 1, 1), torch.cat(list(embeddings[1:]), dim=0), pair_labels
+    if labels is None:
+        raise ValueError("AnglELoss requires labels for datasets with pairs.")
+    return embeddings[0], embeddings[1], check_labels(labels, embeddings[0].shape[0], owner)
+
+
+def angle_loss(
+    anchor: Tensor,
+    positive: Tensor,
+    *negatives: Tensor,
+    labels: Tensor | None = None,
+    scale: float = 20.0,
+    backend: str | None = None,
+) -> Tensor:
+    """AnglE loss: CoSENT with the AnglE similarity ``|cos + sin|``.
+
+    Pairs ``(anchor, positive)`` need ``labels``; with negatives, (anchor, positive, negative...) tuples become
+    pairs labelled ``labels`` (default 1) and ``1 - labels`` for the negatives.
+    """
+    columns = [anchor, positive, *negatives]
+    check_embeddings(columns, ["anchor", "positive"] + [f"negatives[{i}]" for i in range(len(negatives))])
+    x, y, pair_labels = angle_pairs(columns, labels, "angle_loss")
+    return cosent_from_pairs(x, y, pair_labels, scale=check_scale(scale), similarity="angle", backend=backend)

@@ -1,0 +1,125 @@
+"""Drop-in ``CoSENTLoss`` and ``AnglELoss`` on the fused O(B log B) op."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torch import Tensor, nn
+
+from .. import functional, reference
+from .._validate import check_embeddings, check_labels, check_scale
+from ._common import embed_columns, similarity_name
+
+_CITATION_COSENT = """
+@article{10531646,
+    author={Huang, Xiang and Peng, Hao and Zou, Dongcheng and Liu, Zhiwei and Li, Jianxin and Liu, Kay and Wu, Jia and Su, Jianlin and Yu, Philip S.},
+    journal={IEEE/ACM Transactions on Audio, Speech, and Language Processing},
+    title={CoSENT: Consistent Sentence Embedding via Similarity Ranking},
+    year={2024},
+    doi={10.1109/TASLP.2024.3402087}
+}
+"""  # noqa: E501
+_CITATION_ANGLE = """
+@inproceedings{li-li-2024-aoe,
+    title = "{A}o{E}: Angle-optimized Embeddings for Semantic Textual Similarity",
+    author = "Li, Xianming and Li, Jing",
+    year = "2024",
+    publisher = "Association for Computational Linguistics",
+    url = "https://aclanthology.org/2024.acl-long.101/",
+    doi = "10.18653/v1/2024.acl-long.101"
+}
+"""
+
+
+class CoSENTLoss(nn.Module):
+    def __init__(
+        self,
+        model=None,
+        scale: float = 20.0,
+        similarity_fct: Callable[[Tensor, Tensor], Tensor] = reference.pairwise_cos_sim,
+    ) -> None:
+        """CoSENT: ``log(1 + sum exp(scale * (s(k, l) - s(i, j))))`` over pairs of pairs whose label of ``(i, j)``
+        is higher than that of ``(k, l)``; computed by sorting on the label, O(B log B), no B x B tensor.
+
+        A drop-in for ``sentence_transformers.losses.CoSENTLoss``.
+
+        Args:
+            model: a SentenceTransformer, or ``None`` for :meth:`compute_loss_from_embeddings` only.
+            scale: inverse temperature, finite and > 0.
+            similarity_fct: pairwise similarity; cosine (default; ``util.pairwise_cos_sim``), dot
+                (``util.pairwise_dot_score``) and AnglE (``util.pairwise_angle_sim``) are fused, any other
+                callable runs the plain computation.
+
+        Requirements:
+            Sentence pairs with a float similarity label each.
+
+        Inputs:
+            +--------------------------------+------------------------+
+            | Texts                          | Labels                 |
+            +================================+========================+
+            | (sentence_A, sentence_B) pairs | float similarity score |
+            +--------------------------------+------------------------+
+
+        Relations:
+            - :class:`AnglELoss` is CoSENT with the AnglE similarity.
+
+        Example:
+            ::
+
+                from embedloss_kernels.losses import CoSENTLoss
+
+                loss = CoSENTLoss(model)
+        """
+        super().__init__()
+        self.model = model
+        self.scale = check_scale(scale)
+        functional.resolve_pair_similarity(similarity_fct)  # type check only
+        self.similarity_fct = similarity_fct
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
+        return self.compute_loss_from_embeddings(embed_columns(self.model, sentence_features), labels)
+
+    def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor) -> Tensor:
+        embeddings = list(embeddings)
+        check_embeddings(embeddings[:2], ["embeddings[0]", "embeddings[1]"])
+        labels = check_labels(labels, embeddings[0].shape[0], type(self).__name__)
+        return functional.cosent_from_pairs(
+            embeddings[0], embeddings[1], labels, scale=self.scale, similarity=self.similarity_fct
+        )
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {"scale": self.scale, "similarity_fct": similarity_name(self.similarity_fct)}
+
+    @property
+    def citation(self) -> str:
+        return _CITATION_COSENT
+
+
+class AnglELoss(CoSENTLoss):
+    def __init__(self, model=None, scale: float = 20.0) -> None:
+        """AnglE: CoSENT with the angle similarity ``|cos + sin|`` (dims ``i`` and ``i + D/2`` paired).
+
+        A drop-in for ``sentence_transformers.losses.AnglELoss``.
+
+        Args:
+            model: a SentenceTransformer, or ``None`` for :meth:`compute_loss_from_embeddings` only.
+            scale: inverse temperature, finite and > 0.
+
+        Requirements:
+            Sentence pairs with float labels, or (anchor, positive, negative_1, ..., negative_n) tuples: those
+            become (anchor, positive) pairs labelled ``labels`` (default 1) and (anchor, negative) pairs labelled
+            ``1 - labels``.
+        """
+        super().__init__(model, scale, similarity_fct=reference.pairwise_angle_sim)
+
+    def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None) -> Tensor:
+        embeddings = list(embeddings)
+        names = [f"embeddings[{i}]" for i in range(len(embeddings))]
+        check_embeddings(embeddings, names)
+        x, y, pair_labels = functional.angle_pairs(embeddings, labels, type(self).__name__)
+        return functional.cosent_from_pairs(x, y, pair_labels, scale=self.scale, similarity=self.similarity_fct)
+
+    @property
+    def citation(self) -> str:
+        return _CITATION_ANGLE

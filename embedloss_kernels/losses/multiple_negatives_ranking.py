@@ -1,0 +1,197 @@
+"""Drop-in ``MultipleNegativesRankingLoss`` and ``MultipleNegativesSymmetricRankingLoss`` on the fused op."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torch import Tensor, nn
+
+from .. import distributed, functional, reference
+from .._validate import check_directions, check_embeddings, check_hardness, check_scale
+from ._common import embed_columns, similarity_name
+
+logger = logging.getLogger("embedloss_kernels")
+
+_CITATION_GTE = """
+@misc{li2023generaltextembeddingsmultistage,
+      title={Towards General Text Embeddings with Multi-stage Contrastive Learning},
+      author={Zehan Li and Xin Zhang and Yanzhao Zhang and Dingkun Long and Pengjun Xie and Meishan Zhang},
+      year={2023},
+      eprint={2308.03281},
+      archivePrefix={arXiv},
+      primaryClass={cs.CL},
+      url={https://arxiv.org/abs/2308.03281},
+}
+"""
+_CITATION_JINA = """
+@misc{günther2024jinaembeddings28192token,
+      title={Jina Embeddings 2: 8192-Token General-Purpose Text Embeddings for Long Documents},
+      author={Michael Günther and Jackmin Ong and Isabelle Mohr and Alaeddine Abdessalem and Tanguy Abel and Mohammad Kalim Akram and Susana Guzman and Georgios Mastrapas and Saba Sturua and Bo Wang and Maximilian Werk and Nan Wang and Han Xiao},
+      year={2024},
+      eprint={2310.19923},
+      archivePrefix={arXiv},
+      primaryClass={cs.CL},
+      url={https://arxiv.org/abs/2310.19923},
+}
+"""  # noqa: E501
+_CITATION_CPC = """
+@misc{oord2019representationlearningcontrastivepredictive,
+      title={Representation Learning with Contrastive Predictive Coding},
+      author={Aaron van den Oord and Yazhe Li and Oriol Vinyals},
+      year={2019},
+      eprint={1807.03748},
+      archivePrefix={arXiv},
+      primaryClass={cs.LG},
+      url={https://arxiv.org/abs/1807.03748},
+}
+"""
+
+
+def mnrl_citation(directions, partition_mode) -> str:
+    if set(directions) == {"query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"} and partition_mode == "joint":
+        return _CITATION_GTE
+    if set(directions) == {"query_to_doc", "doc_to_query"} and partition_mode == "per_direction":
+        return _CITATION_JINA
+    return _CITATION_CPC
+
+
+class MultipleNegativesRankingLoss(nn.Module):
+    def __init__(
+        self,
+        model=None,
+        scale: float = 20.0,
+        similarity_fct: Callable[[Tensor, Tensor], Tensor] = reference.cos_sim,
+        gather_across_devices: bool = False,
+        directions: tuple[str, ...] = ("query_to_doc",),
+        partition_mode: str = "joint",
+        hardness_mode: str | None = None,
+        hardness_strength: float = 0.0,
+    ) -> None:
+        """InfoNCE with in-batch negatives, computed by a fused op that never keeps a B x N matrix.
+
+        A drop-in for ``sentence_transformers.losses.MultipleNegativesRankingLoss`` (6.x): same arguments,
+        defaults, validation errors and numbers. Each query should score its own positive above every other
+        document in the batch (and, with more directions, above the other queries / documents).
+
+        Args:
+            model: a SentenceTransformer, or ``None`` when only :meth:`compute_loss_from_embeddings` is used.
+            scale: inverse temperature (``scale = 1 / temperature``); finite and > 0.
+            similarity_fct: cosine (default; ``sentence_transformers.util.cos_sim`` is recognised) or dot product
+                (``util.dot_score``) run fused; any other callable runs the plain computation, with a warning.
+            gather_across_devices: gather embeddings over torch.distributed ranks: each rank scores its own
+                rows against every rank's columns (a no-op, with a warning, when not distributed).
+            directions: any of ``"query_to_doc"`` (required), ``"query_to_query"``, ``"doc_to_query"``,
+                ``"doc_to_doc"``.
+            partition_mode: ``"joint"`` (one softmax over all directions) or ``"per_direction"`` (one per
+                direction, averaged; only with query_to_doc / doc_to_query).
+            hardness_mode: ``None``, ``"in_batch_negatives"``, ``"hard_negatives"`` or ``"all_negatives"``:
+                which query_to_doc logits get ``hardness_strength * stop_grad(sim)`` added.
+            hardness_strength: the ``alpha`` of the hardness penalty, >= 0.
+
+        Requirements:
+            (anchor, positive) pairs, or (anchor, positive, negative_1, ..., negative_n) tuples.
+
+        Inputs:
+            +-------------------------------------------------+--------+
+            | Texts                                           | Labels |
+            +=================================================+========+
+            | (anchor, positive) pairs                        | none   |
+            | (anchor, positive, negative_1, ..., negative_n) | none   |
+            +-------------------------------------------------+--------+
+
+        Relations:
+            - ``CachedMultipleNegativesRankingLoss`` computes the same loss with a gradient cache.
+            - ``directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"`` is the symmetric
+              loss (:class:`MultipleNegativesSymmetricRankingLoss`).
+
+        Example:
+            ::
+
+                from embedloss_kernels.losses import MultipleNegativesRankingLoss  # was: sentence_transformers
+
+                loss = MultipleNegativesRankingLoss(model, scale=20.0)
+                trainer = SentenceTransformerTrainer(model=model, train_dataset=train_dataset, loss=loss)
+                trainer.train()
+        """
+        super().__init__()
+        self.model = model
+        self.scale = check_scale(scale)
+        functional.resolve_similarity(similarity_fct)  # type check only
+        self.similarity_fct = similarity_fct
+        self.gather_across_devices = bool(gather_across_devices)
+        self.directions = check_directions(directions, partition_mode)
+        self.partition_mode = partition_mode
+        self.hardness_strength = check_hardness(hardness_mode, hardness_strength)
+        self.hardness_mode = hardness_mode
+        if hardness_mode is not None and self.hardness_strength == 0.0:
+            logger.warning(
+                f"hardness_mode={hardness_mode!r} is set but hardness_strength=0.0, so hardness weighting has no "
+                "effect. Set hardness_strength to a positive value to enable hardness weighting."
+            )
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
+        return self.compute_loss_from_embeddings(embed_columns(self.model, sentence_features), labels)
+
+    def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None = None) -> Tensor:
+        embeddings = list(embeddings)
+        names = ["embeddings[0] (queries)"] + [f"embeddings[{i}]" for i in range(1, len(embeddings))]
+        check_embeddings(embeddings, names)
+        options = dict(
+            scale=self.scale, similarity=self.similarity_fct, directions=self.directions,
+            partition_mode=self.partition_mode, hardness_mode=self.hardness_mode,
+            hardness_strength=self.hardness_strength,
+        )
+        if self.gather_across_devices:
+            return distributed.infonce_across_devices(embeddings[0], embeddings[1:], **options)
+        return functional.infonce_from_columns(embeddings[0], embeddings[1:], **options)
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {
+            "scale": self.scale,
+            "similarity_fct": similarity_name(self.similarity_fct),
+            "gather_across_devices": self.gather_across_devices,
+            "directions": self.directions,
+            "partition_mode": self.partition_mode,
+            "hardness_mode": self.hardness_mode,
+            "hardness_strength": self.hardness_strength,
+        }
+
+    @property
+    def temperature(self) -> float:
+        return 1.0 / self.scale
+
+    @property
+    def citation(self) -> str:
+        return mnrl_citation(self.directions, self.partition_mode)
+
+
+class MultipleNegativesSymmetricRankingLoss(MultipleNegativesRankingLoss):
+    def __init__(
+        self,
+        model=None,
+        scale: float = 20.0,
+        similarity_fct: Callable[[Tensor, Tensor], Tensor] = reference.cos_sim,
+        gather_across_devices: bool = False,
+    ) -> None:
+        """Symmetric InfoNCE: :class:`MultipleNegativesRankingLoss` with ``directions=("query_to_doc",
+        "doc_to_query")`` and ``partition_mode="per_direction"`` (each direction's loss, averaged).
+
+        Args:
+            model: a SentenceTransformer, or ``None`` for :meth:`compute_loss_from_embeddings` only.
+            scale: inverse temperature, finite and > 0.
+            similarity_fct: cosine (default) or dot product are fused; other callables run plain PyTorch.
+            gather_across_devices: gather embeddings over torch.distributed ranks.
+
+        Requirements:
+            (anchor, positive) pairs.
+        """
+        super().__init__(
+            model=model,
+            scale=scale,
+            similarity_fct=similarity_fct,
+            gather_across_devices=gather_across_devices,
+            directions=("query_to_doc", "doc_to_query"),
+            partition_mode="per_direction",
+        )

@@ -1,0 +1,317 @@
+"""The ``torch`` backend: the row-block algorithm of DESIGN.md in plain PyTorch, on any device.
+
+Reads top to bottom: normalization helpers -> InfoNCE row-block forward (loss and gradients together) ->
+CoSENT sorted forward -> registered ops (``embedloss_torch::infonce``, ``embedloss_torch::cosent``) with their
+fake implementations and autograd.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from . import (
+    COSENT_SCHEMA,
+    DOC_TO_DOC,
+    DOC_TO_QUERY,
+    EPS,
+    HARDNESS_ALL,
+    HARDNESS_HARD,
+    HARDNESS_IN_BATCH,
+    HARDNESS_NONE,
+    INFONCE_SCHEMA,
+    QUERY_TO_QUERY,
+    SIM_ANGLE,
+    SIM_COSINE,
+    SIM_DOT,
+)
+
+DEFAULT_BLOCK_MIB = 64.0
+
+
+def why_not(device: torch.device) -> str | None:
+    return None  # plain PyTorch runs wherever torch does
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Logits, LSE and softmax precision: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def block_budget_bytes() -> float:
+    """Memory for one row block's logits (``EMBEDLOSS_BLOCK_MIB``, default 64 MiB)."""
+    return float(os.environ.get("EMBEDLOSS_BLOCK_MIB", DEFAULT_BLOCK_MIB)) * 2**20
+
+
+def normalize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``x / max(||x||, EPS)`` and the clamped norms (n, 1), as ``F.normalize``."""
+    norm = x.norm(dim=1, keepdim=True).clamp_min_(EPS)
+    return x / norm, norm
+
+
+def normalize_rows_backward(x_hat: Tensor, norm: Tensor, grad_hat: Tensor) -> Tensor:
+    """Map d/dx_hat back to d/dx: ``(g - x_hat <x_hat, g>) / ||x||``; rows clamped at EPS get ``g / EPS``."""
+    radial = (x_hat * grad_hat).sum(dim=1, keepdim=True)
+    radial = radial.masked_fill_(norm <= EPS, 0.0)
+    return (grad_hat - x_hat * radial) / norm
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# InfoNCE / MNRL
+# ----------------------------------------------------------------------------------------------------------------
+def _auto_block_rows(columns: int, elem: int) -> int:
+    # One block holds its logits plus about one more buffer of the same size (the matmul output before the
+    # in-place transforms); keep both inside the budget.
+    return max(1, int(block_budget_bytes() // (2 * elem * max(columns, 1))))
+
+
+def infonce_forward(
+    q: Tensor,
+    a: Tensor,
+    row_start: int,
+    row_count: int,
+    scale: float,
+    cosine: bool,
+    directions: int,
+    joint: bool,
+    hardness_mode: int,
+    hardness_strength: float,
+    compute_grad: bool,
+    block_rows: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Loss and (when ``compute_grad``) d loss / d q, d loss / d a, one row block of anchors at a time.
+
+    Per block of anchor rows ``g`` (global indices), with ``Q``, ``A`` the (normalized) queries and candidates
+    and ``P = A[:Bq]`` the positives::
+
+        L_qd = s * Q_g A^T (+ alpha * sg(Q_g A^T) on penalized columns)   (R, C)
+        L_qq = s * Q_g Q^T, column g masked                               (R, Bq)
+        L_dq = s * P_g Q^T                                                (R, Bq)
+        L_dd = s * P_g A^T, columns g + c*Bq masked                       (R, C)
+        loss_g = LSE(blocks) - L_qd[g, g]       (joint; per_direction: mean of per-block LSEs)
+        G = (softmax - onehot(positive)) / row_count;  d sim = s * G  (the penalty is stop-gradient)
+        dQ_g += s G_qd A + s G_qq Q;  dA += s G_qd^T Q_g + s G_dd^T P_g;  dP_g += s G_dq Q + s G_dd A;
+        dQ += s G_qq^T Q_g + s G_dq^T P_g
+    """
+    out_dtype = q.dtype
+    wd = work_dtype(q.dtype)
+    bq = q.shape[0]
+    n_cols = a.shape[0] // bq
+    qf, af = q.to(wd), a.to(wd)
+    if cosine:
+        qf, q_norm = normalize_rows(qf)
+        af, a_norm = normalize_rows(af)
+    use_qq = bool(directions & QUERY_TO_QUERY)
+    use_dq = bool(directions & DOC_TO_QUERY)
+    use_dd = bool(directions & DOC_TO_DOC)
+    n_blocks = 1 + use_qq + use_dq + use_dd
+    alpha = hardness_strength if hardness_mode != HARDNESS_NONE else 0.0
+
+    width = a.shape[0] * (1 + use_dd) + bq * (use_qq + use_dq)
+    rows_per_block = block_rows if block_rows > 0 else _auto_block_rows(width, torch.finfo(wd).bits // 8)
+    dq = torch.zeros_like(qf) if compute_grad else None
+    da = torch.zeros_like(af) if compute_grad else None
+    loss_sum = torch.zeros((), dtype=wd, device=q.device)
+    inv_rows = 1.0 / row_count
+
+    for r0 in range(row_start, row_start + row_count, rows_per_block):
+        r1 = min(r0 + rows_per_block, row_start + row_count)
+        n = r1 - r0
+        ar = torch.arange(n, device=q.device)
+        own = ar + r0  # global index of each anchor row == its positive's column
+        q_blk = qf[r0:r1]
+        p_blk = af[r0:r1] if (use_dq or use_dd) else None
+
+        # -- logits, in place on the matmul outputs --
+        logits = {"qd": q_blk @ af.T}  # (n, C)
+        pos_sim = logits["qd"][ar, own].clone()
+        if alpha > 0:
+            own_cols = own[:, None] + bq * torch.arange(n_cols, device=q.device)  # (n, K) own docs
+            if hardness_mode == HARDNESS_HARD:
+                hard = own_cols[:, 1:]
+                boosted = logits["qd"][ar[:, None], hard] * (scale + alpha)
+                logits["qd"].mul_(scale)
+                logits["qd"][ar[:, None], hard] = boosted
+            else:
+                keep = own_cols if hardness_mode == HARDNESS_IN_BATCH else own_cols[:, :1]
+                assert hardness_mode in (HARDNESS_IN_BATCH, HARDNESS_ALL)
+                plain = logits["qd"][ar[:, None], keep] * scale
+                logits["qd"].mul_(scale + alpha)
+                logits["qd"][ar[:, None], keep] = plain
+        else:
+            logits["qd"].mul_(scale)
+        positive = pos_sim * scale
+        if use_qq:
+            logits["qq"] = (q_blk @ qf.T).mul_(scale)
+            logits["qq"][ar, own] = float("-inf")
+        if use_dq:
+            logits["dq"] = (p_blk @ qf.T).mul_(scale)
+        if use_dd:
+            logits["dd"] = (p_blk @ af.T).mul_(scale)
+            logits["dd"][ar[:, None], own[:, None] + bq * torch.arange(n_cols, device=q.device)] = float("-inf")
+
+        # -- exact row LSE --
+        if joint:
+            row_max = torch.stack([blk.amax(dim=1) for blk in logits.values()]).amax(0)
+            total = sum((blk - row_max[:, None]).exp_().sum(1) for blk in logits.values())
+            lse = row_max + total.log()
+            loss_sum += (lse - positive).sum()
+        else:
+            lses = {k: torch.logsumexp(blk, dim=1) for k, blk in logits.items()}
+            loss_sum += (sum(lses.values()) / n_blocks - positive).sum()
+        if not compute_grad:
+            continue
+
+        # -- G = softmax - onehot, scaled by s / row_count; then the three matmuls --
+        for key, blk in logits.items():
+            sub = lse if joint else lses[key]
+            weight = scale * inv_rows / (1 if joint else n_blocks)
+            blk.sub_(sub[:, None]).exp_().mul_(weight)
+        logits["qd"][ar, own] -= scale * inv_rows
+        g_qd = logits["qd"]
+        dq[r0:r1] += g_qd @ af
+        da += g_qd.T @ q_blk
+        if use_qq:
+            dq[r0:r1] += logits["qq"] @ qf
+            dq += logits["qq"].T @ q_blk
+        if use_dq:
+            da[r0:r1] += logits["dq"] @ qf
+            dq += logits["dq"].T @ p_blk
+        if use_dd:
+            da[r0:r1] += logits["dd"] @ af
+            da += logits["dd"].T @ p_blk
+
+    loss = loss_sum * inv_rows
+    if not compute_grad:
+        empty = q.new_empty((0,))
+        return loss, empty, empty
+    if cosine:
+        dq = normalize_rows_backward(qf, q_norm, dq)
+        da = normalize_rows_backward(af, a_norm, da)
+    return loss, dq.to(out_dtype), da.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CoSENT / AnglE
+# ----------------------------------------------------------------------------------------------------------------
+def _swap_halves(x: Tensor, sign_first: float) -> Tensor:
+    """``[sign_first * x_im, -sign_first * x_re]``: d/dx of the AnglE sine term, up to the partner's factor."""
+    re, im = x.chunk(2, dim=1)
+    return torch.cat([sign_first * im, -sign_first * re], dim=1)
+
+
+def cosent_forward(
+    x: Tensor, y: Tensor, labels: Tensor, scale: float, similarity: int, compute_grad: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """CoSENT in O(B log B) with its gradient, no B x B tensor.
+
+    Sorted by label, with ``t = scale * sim`` and ``Z = 1 + sum_{y_i > y_j} exp(t_j - t_i)``::
+
+        loss = log Z
+        d loss / d t_k = [exp(t_k) * sum_{i: y_i > y_k} exp(-t_i) - exp(-t_k) * sum_{j: y_j < y_k} exp(t_j)] / Z
+
+    Both sums are a suffix / prefix ``logcumsumexp`` read at the ends of ``k``'s tie group.
+    """
+    out_dtype = x.dtype
+    wd = work_dtype(x.dtype)
+    xf, yf = x.to(wd), y.to(wd)
+    d = xf.shape[1]
+    if similarity == SIM_ANGLE and d % 2:
+        xf = torch.nn.functional.pad(xf, (0, 1))
+        yf = torch.nn.functional.pad(yf, (0, 1))
+    if similarity in (SIM_COSINE, SIM_ANGLE):
+        xf, x_norm = normalize_rows(xf)
+        yf, y_norm = normalize_rows(yf)
+    if similarity == SIM_ANGLE:
+        z = (xf * (yf + _swap_halves(yf, -1.0))).sum(1)  # cos + sin
+        sim = z.abs()
+    else:
+        sim = (xf * yf).sum(1)
+    t = sim * scale
+
+    sorted_labels, order = labels.to(torch.float64).sort()
+    ts = t[order]
+    neg_inf = ts.new_full((1,), float("-inf"))
+    higher_start = torch.searchsorted(sorted_labels, sorted_labels, right=True)
+    lower_end = torch.searchsorted(sorted_labels, sorted_labels, right=False)
+    suffix = torch.cat([torch.logcumsumexp(-ts.flip(0), 0).flip(0), neg_inf])  # suffix[m] = LSE(-t[m:])
+    as_lower = ts + suffix[higher_start]  # log sum_{i: y_i > y_k} exp(t_k - t_i)
+    loss = torch.logsumexp(torch.cat([ts.new_zeros(1), as_lower]), 0)
+    if not compute_grad:
+        empty = x.new_empty((0,))
+        return loss, empty, empty
+
+    prefix = torch.cat([neg_inf, torch.logcumsumexp(ts, 0)])  # prefix[m] = LSE(t[:m])
+    as_higher = prefix[lower_end] - ts  # log sum_{j: y_j < y_k} exp(t_j - t_k)
+    dts = (as_lower - loss).exp() - (as_higher - loss).exp()
+    dsim = torch.empty_like(dts).scatter_(0, order, dts) * scale  # back to input order
+
+    if similarity == SIM_ANGLE:
+        dz = (dsim * z.sign())[:, None]
+        dx = dz * (yf + _swap_halves(yf, -1.0))
+        dy = dz * (xf + _swap_halves(xf, 1.0))
+    else:
+        dx, dy = dsim[:, None] * yf, dsim[:, None] * xf
+    if similarity in (SIM_COSINE, SIM_ANGLE):
+        dx = normalize_rows_backward(xf, x_norm, dx)[:, :d]
+        dy = normalize_rows_backward(yf, y_norm, dy)[:, :d]
+    return loss, dx.to(out_dtype), dy.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registered ops
+# ----------------------------------------------------------------------------------------------------------------
+_lib = torch.library.Library("embedloss_torch", "DEF")
+_lib.define("infonce" + INFONCE_SCHEMA)
+_lib.define("cosent" + COSENT_SCHEMA)
+torch.library.impl("embedloss_torch::infonce", "CompositeExplicitAutograd", lib=_lib)(infonce_forward)
+torch.library.impl("embedloss_torch::cosent", "CompositeExplicitAutograd", lib=_lib)(cosent_forward)
+
+
+def _loss_and_grads_fake(first: Tensor, second: Tensor, compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    loss = first.new_empty((), dtype=work_dtype(first.dtype))
+    if not compute_grad:
+        return loss, first.new_empty((0,)), first.new_empty((0,))
+    return loss, torch.empty_like(first), torch.empty_like(second)
+
+
+@torch.library.register_fake("embedloss_torch::infonce", lib=_lib)
+def _infonce_fake(q, a, row_start, row_count, scale, cosine, directions, joint, hardness_mode, hardness_strength,
+                  compute_grad, block_rows):
+    return _loss_and_grads_fake(q, a, compute_grad)
+
+
+@torch.library.register_fake("embedloss_torch::cosent", lib=_lib)
+def _cosent_fake(x, y, labels, scale, similarity, compute_grad):
+    return _loss_and_grads_fake(x, y, compute_grad)
+
+
+def setup_saved_grads(ctx, inputs, output) -> None:
+    """Autograd context of a loss-and-grads op: keep the two gradients computed in the forward pass."""
+    _, grad_first, grad_second = output
+    ctx.save_for_backward(grad_first, grad_second)
+
+
+def backward_scaled_grads(ctx, grad_loss, _grad_first, _grad_second):
+    """Backward of a loss-and-grads op: ``grad_output *`` the saved gradients; double backward is refused."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "embedloss_kernels losses do not support double backward (create_graph=True): their gradient is "
+            "computed in the forward pass. Use embedloss_kernels.reference for higher-order derivatives."
+        )
+    grad_first, grad_second = ctx.saved_tensors
+    if grad_first.numel() == 0 and grad_second.numel() == 0:
+        raise RuntimeError("the loss was computed without gradients (compute_grad=False) but backward was called")
+    g = grad_loss.to(grad_first.dtype)
+    return (grad_first * g, grad_second * g) + (None,) * (len(ctx.needs_input_grad) - 2)
+
+
+torch.library.register_autograd("embedloss_torch::infonce", backward_scaled_grads, setup_context=setup_saved_grads,
+                                lib=_lib)
+torch.library.register_autograd("embedloss_torch::cosent", backward_scaled_grads, setup_context=setup_saved_grads,
+                                lib=_lib)
+
+infonce = torch.ops.embedloss_torch.infonce
+cosent = torch.ops.embedloss_torch.cosent
