@@ -1,0 +1,163 @@
+"""Bad input is a clear ValueError/TypeError before any kernel runs; the backend API says why a backend is out."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import embedloss_kernels as ek
+from embedloss_kernels import functional
+
+st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
+
+
+def cols(n=3, batch=4, dim=6, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(batch, dim, generator=gen, dtype=dtype) for _ in range(n)]
+
+
+MNRL = functional.multiple_negatives_ranking_loss
+
+
+@pytest.mark.parametrize(
+    "columns, error, match",
+    [
+        (lambda: [cols(1)[0], cols(1, batch=5)[0]], ValueError, "batch size 5"),
+        (lambda: [cols(1)[0], cols(1, dim=7)[0]], ValueError, "dim 7"),
+        (lambda: [cols(1)[0], cols(1)[0], cols(1, batch=3)[0]], ValueError, r"negatives\[0\] has batch size 3"),
+        (lambda: cols(1), TypeError, "positives"),
+        (lambda: [c[:0] for c in cols(2)], ValueError, "empty batch"),
+        (lambda: [cols(1)[0][0], cols(1)[0][0]], ValueError, "must be 2-D"),
+        (lambda: [cols(1)[0], cols(1)[0].double()], TypeError, "dtype"),
+        (lambda: [cols(1)[0], cols(1)[0].to("meta")], ValueError, "meta"),
+        (lambda: [torch.ones(4, 6, dtype=torch.int64), torch.ones(4, 6, dtype=torch.int64)], TypeError, "floating"),
+        (lambda: [cols(1)[0], cols(1)[0].index_fill(0, torch.tensor([2]), math.nan)], ValueError, "NaN or Inf"),
+        (lambda: [cols(1)[0].index_fill(1, torch.tensor([0]), math.inf), cols(1)[0]], ValueError, "NaN or Inf"),
+        (lambda: [cols(1)[0], [[1.0] * 6] * 4], TypeError, "torch.Tensor"),
+    ],
+)
+def test_functional_bad_columns(columns, error, match):
+    with pytest.raises(error, match=match):
+        MNRL(*columns())
+
+
+def test_module_needs_two_columns():
+    with pytest.raises(ValueError, match="Expected at least 2 embeddings, got 1"):
+        ek.MultipleNegativesRankingLoss(None).compute_loss_from_embeddings(cols(1), None)
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, math.inf, math.nan])
+def test_bad_scale(scale):
+    with pytest.raises(ValueError, match="Scale must be a positive value"):
+        ek.MultipleNegativesRankingLoss(None, scale=scale)
+    with pytest.raises(ValueError, match="scale"):
+        MNRL(*cols(2), scale=scale)
+    with pytest.raises(ValueError, match="scale"):
+        ek.CoSENTLoss(None, scale=scale)
+    with pytest.raises(ValueError, match="scale"):
+        functional.cosent_loss(*cols(2), torch.rand(4), scale=scale)
+
+
+def test_scale_wrong_type():
+    with pytest.raises(TypeError, match="scale must be a real number"):
+        ek.MultipleNegativesRankingLoss(None, scale="20")
+
+
+def test_bad_hardness():
+    with pytest.raises(ValueError, match="hardness_strength must be non-negative"):
+        ek.MultipleNegativesRankingLoss(None, hardness_mode="hard_negatives", hardness_strength=-1.0)
+    with pytest.raises(ValueError, match="hardness_mode must be one of"):
+        ek.MultipleNegativesRankingLoss(None, hardness_mode="hardest")
+    with pytest.raises(ValueError, match="hardness_strength must be finite"):
+        MNRL(*cols(2), hardness_mode="all_negatives", hardness_strength=math.inf)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(directions=()), "At least one direction"),
+        (dict(directions=("query_to_doc", "doc_to_nothing")), "Invalid directions"),
+        (dict(directions=("doc_to_query",)), "'query_to_doc' direction is required"),
+        (dict(directions="query_to_doc"), "tuple of direction names"),
+        (dict(partition_mode="separate"), "partition_mode must be 'joint' or 'per_direction'"),
+        (dict(directions=("query_to_doc", "query_to_query"), partition_mode="per_direction"), "per_direction"),
+    ],
+)
+def test_bad_directions_and_modes(kwargs, match):
+    error = TypeError if isinstance(kwargs.get("directions"), str) else ValueError
+    with pytest.raises(error, match=match):
+        ek.MultipleNegativesRankingLoss(None, **kwargs)
+    with pytest.raises(error, match=match):
+        MNRL(*cols(2), **kwargs)
+    if error is ValueError:  # sentence-transformers raises the same error for the same argument
+        with warnings.catch_warnings(), pytest.raises(ValueError):
+            warnings.simplefilter("ignore")
+            st_losses.MultipleNegativesRankingLoss(None, **kwargs)
+
+
+def test_wrong_number_of_labels():
+    x, y = cols(2)
+    with pytest.raises(ValueError, match="expects 4 labels"):
+        ek.CoSENTLoss(None).compute_loss_from_embeddings([x, y], torch.rand(5))
+    with pytest.raises(ValueError, match="expects 4 labels"):
+        functional.cosent_loss(x, y, torch.rand(3))
+    with pytest.raises(ValueError, match="expects 4 labels"):
+        ek.AnglELoss(None).compute_loss_from_embeddings([x, y, x.flip(0)], torch.rand(2))
+    with pytest.raises(ValueError, match="requires labels"):
+        ek.AnglELoss(None).compute_loss_from_embeddings([x, y], None)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        functional.cosent_loss(x, y, torch.tensor([0.1, math.nan, 0.2, 0.3]))
+    with pytest.raises(TypeError, match="labels must be a torch.Tensor"):
+        functional.cosent_loss(x, y, [0.1, 0.2, 0.3, 0.4])
+
+
+def test_bad_similarity_and_block_rows():
+    with pytest.raises(ValueError, match="similarity must be"):
+        MNRL(*cols(2), similarity="euclid")
+    with pytest.raises(TypeError, match="similarity_fct must be callable"):
+        ek.MultipleNegativesRankingLoss(None, similarity_fct=3)
+    with pytest.raises(ValueError, match="block_rows"):
+        MNRL(*cols(2), block_rows=-1)
+
+
+def test_model_none_forward_is_clear():
+    with pytest.raises(ValueError, match="model=None"):
+        ek.MultipleNegativesRankingLoss(None)([{"input_ids": torch.ones(2, 3)}] * 2, None)
+
+
+# -- backend selection ------------------------------------------------------------------------------------------
+def test_backend_api(monkeypatch):
+    assert "torch" in ek.available_backends()
+    assert ek.current_backend("cpu") in ek.available_backends("cpu")
+    monkeypatch.setenv("EMBEDLOSS_BACKEND", "torch")
+    assert ek.current_backend("cpu") == "torch"
+    monkeypatch.setenv("EMBEDLOSS_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="EMBEDLOSS_BACKEND must be one of"):
+        ek.current_backend("cpu")
+    with pytest.raises(ValueError, match="EMBEDLOSS_BACKEND must be one of"):
+        MNRL(*cols(2))
+
+
+def test_forcing_unavailable_backend_names_the_reason(monkeypatch):
+    monkeypatch.setenv("EMBEDLOSS_BACKEND", "cpp")
+    with pytest.raises(ek.BackendUnavailableError, match="backend 'cpp' was requested but cannot run on meta"):
+        ek.current_backend("meta")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ek.current_backend("cpu", backend="cuda")
+
+
+def test_unknown_similarity_runs_plain_with_one_warning(caplog):
+    def neg_l1(a, b):
+        return -(a[:, None, :] - b[None, :, :]).abs().sum(-1)
+
+    columns = [c.double().requires_grad_() for c in cols(3)]
+    loss_fn = ek.MultipleNegativesRankingLoss(None, similarity_fct=neg_l1, scale=2.0)
+    with caplog.at_level("WARNING", logger="embedloss_kernels"):
+        loss = loss_fn.compute_loss_from_embeddings(columns, None)
+        loss_fn.compute_loss_from_embeddings(columns, None)
+    assert sum("is not fused" in r.message for r in caplog.records) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        st = st_losses.MultipleNegativesRankingLoss(None, similarity_fct=neg_l1, scale=2.0)
+    torch.testing.assert_close(loss, st.compute_loss_from_embeddings(columns, None), rtol=1e-10, atol=0)
