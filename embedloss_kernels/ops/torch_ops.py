@@ -62,9 +62,9 @@ def normalize_rows_backward(x_hat: Tensor, norm: Tensor, grad_hat: Tensor) -> Te
 # InfoNCE / MNRL
 # ----------------------------------------------------------------------------------------------------------------
 def _auto_block_rows(columns: int, elem: int) -> int:
-    # One block holds its logits plus about one more buffer of the same size (the matmul output before the
-    # in-place transforms); keep both inside the budget.
-    return max(1, int(block_budget_bytes() // (2 * elem * max(columns, 1))))
+    # A block's logits are transformed in place, but the joint LSE's shifted exponentials and the matmul
+    # temporaries add about three more buffers of the same size: four in all stay inside the budget.
+    return max(1, int(block_budget_bytes() // (4 * elem * max(columns, 1))))
 
 
 def infonce_forward(

@@ -1,0 +1,361 @@
+"""The main job: forward+backward time and peak extra memory of our losses against sentence-transformers', the
+plain PyTorch reference and the three bare matmuls the loss cannot avoid, over a sweep of batch sizes.
+
+    python benchmarks/throughput.py                       # default CPU sweep, < 3 minutes on 2 cores
+    python benchmarks/throughput.py --batch-sizes 8192 --losses mnrl --repeats 5
+    python benchmarks/throughput.py --mode cached         # gradient cache with a real encoder (bench_cached.py)
+
+Every measurement runs in a fresh process (``--worker``): peak extra memory is the growth of the process's peak
+RSS over one forward+backward after the inputs exist (CPU), or ``max_memory_allocated`` above the inputs (CUDA).
+Time is the median of ``--repeats`` runs after one warm-up. Results: a printed table, and CSV, JSON and PNG under
+``--out`` (default ``benchmarks/out``) with device, dtype, versions and commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+MNRL_PROVIDERS = ("ours", "sentence-transformers", "reference", "floor")
+COSENT_PROVIDERS = ("ours", "sentence-transformers", "reference")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Worker: one provider, one shape, in this process
+# ----------------------------------------------------------------------------------------------------------------
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> int:
+    """Reset the process's peak RSS (Linux ``clear_refs`` 5) and return the current RSS in bytes.
+
+    Without the reset, a transient peak from importing libraries would hide small measurements."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kib("VmRSS") * 1024
+    except (OSError, TypeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _peak_bytes(device) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    hwm = _status_kib("VmHWM")
+    return hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _mnrl_step(spec, torch):
+    """A closure running one forward+backward for the spec's provider."""
+    from embedloss_kernels import functional, reference
+
+    provider, backend = spec["provider"], spec.get("backend")
+    if provider == "ours":
+        return lambda cols: functional.multiple_negatives_ranking_loss(
+            *cols, scale=20.0, directions=tuple(spec["directions"]), backend=backend
+        ).backward()
+    if provider == "reference":
+        return lambda cols: reference.infonce_reference(cols[0], cols[1:], 20.0,
+                                                        directions=tuple(spec["directions"])).backward()
+    if provider == "sentence-transformers":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+        loss_fn = MultipleNegativesRankingLoss(None, scale=20.0, directions=tuple(spec["directions"]))
+        return lambda cols: loss_fn.compute_loss_from_embeddings(cols, None).backward()
+    if provider == "floor":
+        # The three products any exact fused forward+backward performs: S = Q A^T, dQ = G A, dA = G^T Q.
+        def floor(cols):
+            q, a = cols[0], torch.cat(cols[1:])
+            s = q @ a.T
+            q.grad, a.grad = s @ a, s.T @ q
+        return floor
+    raise ValueError(f"unknown provider {provider!r}")
+
+
+def _cosent_step(spec, torch):
+    from embedloss_kernels import functional, reference
+
+    provider, backend = spec["provider"], spec.get("backend")
+    if provider == "ours":
+        return lambda cols, labels: functional.cosent_loss(*cols, labels, backend=backend).backward()
+    if provider == "reference":
+        return lambda cols, labels: reference.cosent_pairs_reference(*cols, labels).backward()
+    if provider == "sentence-transformers":
+        from sentence_transformers.sentence_transformer.losses import CoSENTLoss
+
+        loss_fn = CoSENTLoss(None)
+        return lambda cols, labels: loss_fn.compute_loss_from_embeddings(cols, labels).backward()
+    raise ValueError(f"unknown provider {provider!r}")
+
+
+def run_worker(spec: dict) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    device = torch.device(spec["device"])
+    dtype = getattr(torch, spec["dtype"])
+    batch, dim = spec["batch"], spec["dim"]
+    n_cols = 2 + spec.get("negatives", 0) if spec["loss"] == "mnrl" else 2
+    cols = [torch.randn(batch, dim, device=device, dtype=dtype, requires_grad=spec["provider"] != "floor")
+            for _ in range(n_cols)]
+    labels = torch.rand(batch, device=device)
+    if spec["loss"] == "mnrl":
+        step = _mnrl_step(spec, torch)
+        call = lambda: step(cols)  # noqa: E731
+    else:
+        step = _cosent_step(spec, torch)
+        call = lambda: step(cols, labels)  # noqa: E731
+
+    def clear():
+        for c in cols:
+            c.grad = None
+
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if device.type == "cuda" else _reset_peak_rss()
+    try:
+        call()  # first run: peak extra memory (and warm-up)
+    except torch.OutOfMemoryError:
+        return {**spec, "time_ms": None, "peak_extra_mb": None, "status": "OOM"}
+    _sync(device)
+    peak_extra = (_peak_bytes(device) - base) / 2**20
+    times = []
+    for _ in range(spec["repeats"]):
+        clear()
+        _sync(device)
+        start = time.perf_counter()
+        call()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return {**spec, "time_ms": statistics.median(times), "peak_extra_mb": max(peak_extra, 0.0), "status": "ok"}
+
+
+def spawn_worker(spec: dict, timeout: float) -> dict:
+    env = dict(os.environ)
+    if spec.get("backend"):
+        env["EMBEDLOSS_BACKEND"] = spec["backend"]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {**spec, "time_ms": None, "peak_extra_mb": None, "status": "timeout"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        status = "OOM" if "OutOfMemory" in proc.stderr or proc.returncode == -9 else f"error: {tail[:80]}"
+        return {**spec, "time_ms": None, "peak_extra_mb": None, "status": status}
+    return json.loads(lines[-1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------------------------
+def environment() -> dict:
+    import torch
+
+    import embedloss_kernels as ek
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    try:
+        import sentence_transformers
+
+        st_version = sentence_transformers.__version__
+    except ImportError:
+        st_version = None
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, "\
+        f"{platform.processor() or platform.machine()})"
+    return {"device": device, "torch": torch.__version__, "sentence_transformers": st_version,
+            "embedloss_kernels": ek.__version__, "commit": commit, "python": platform.python_version(),
+            "threads": torch.get_num_threads(), "backends": ek.available_backends()}
+
+
+def build_specs(args, device: str) -> list[dict]:
+    import embedloss_kernels as ek
+
+    backends = args.backends or ek.available_backends(device)
+    try:
+        import sentence_transformers  # noqa: F401
+
+        have_st = True
+    except ImportError:
+        have_st = False
+    specs = []
+    common = dict(device=device, dtype=args.dtype, dim=args.dim, repeats=args.repeats)
+    for loss in args.losses:
+        sizes = args.batch_sizes if loss == "mnrl" else args.cosent_batch_sizes
+        providers = MNRL_PROVIDERS if loss == "mnrl" else COSENT_PROVIDERS
+        for batch in sizes:
+            for provider in providers:
+                if provider == "sentence-transformers" and not have_st:
+                    continue
+                if provider == "reference" and batch > args.reference_max_batch:
+                    continue
+                extra = dict(negatives=args.negatives, directions=args.directions) if loss == "mnrl" else {}
+                for backend in (backends if provider == "ours" else [None]):
+                    specs.append(dict(common, loss=loss, batch=batch, provider=provider, backend=backend, **extra))
+    return specs
+
+
+def label(row: dict) -> str:
+    return f"ours[{row['backend']}]" if row["provider"] == "ours" else row["provider"]
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Time and memory as ratios to sentence-transformers', and time to the floor, for the same loss and batch."""
+    by_key = {(r["loss"], r["batch"], r["provider"]): r for r in rows if r["provider"] != "ours"}
+
+    def ratio(value, ref_row, key):
+        ref = ref_row.get(key) if ref_row else None
+        return round(value / ref, 3) if value is not None and ref else None
+
+    for r in rows:
+        st = by_key.get((r["loss"], r["batch"], "sentence-transformers"))
+        floor = by_key.get((r["loss"], r["batch"], "floor"))
+        r["time_vs_st"] = ratio(r["time_ms"], st, "time_ms")
+        r["time_vs_floor"] = ratio(r["time_ms"], floor, "time_ms")
+        r["mem_vs_st"] = ratio(r["peak_extra_mb"], st, "peak_extra_mb")
+
+
+def print_table(rows: list[dict]) -> None:
+    header = f"{'loss':7} {'B':>7} {'provider':22} {'time ms':>10} {'peak MB':>9} {'t/ST':>6} {'t/floor':>7} " \
+             f"{'mem/ST':>7}"
+    print(header)
+    print("-" * len(header))
+
+    def fmt(v, spec):
+        return format(v, spec) if v is not None else "-"
+
+    for r in rows:
+        time_s = fmt(r["time_ms"], ".1f") if r["status"] == "ok" else r["status"][:10]
+        print(f"{r['loss']:7} {r['batch']:>7} {label(r):22} {time_s:>10} {fmt(r['peak_extra_mb'], '.1f'):>9} "
+              f"{fmt(r.get('time_vs_st'), '.2f'):>6} {fmt(r.get('time_vs_floor'), '.2f'):>7} "
+              f"{fmt(r.get('mem_vs_st'), '.3f'):>7}")
+
+
+def plot(rows: list[dict], env: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    losses = sorted({r["loss"] for r in rows})
+    fig, axes = plt.subplots(len(losses), 2, figsize=(11, 4 * len(losses)), squeeze=False)
+    for i, loss in enumerate(losses):
+        sub = [r for r in rows if r["loss"] == loss and r["status"] == "ok"]
+        for name in sorted({label(r) for r in sub}):
+            pts = sorted((r["batch"], r["time_ms"], r["peak_extra_mb"]) for r in sub if label(r) == name)
+            axes[i][0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            if name != "floor":
+                axes[i][1].plot([p[0] for p in pts], [max(p[2], 0.1) for p in pts], marker="o", label=name)
+        for ax, what in zip(axes[i], ("forward+backward time (ms)", "peak extra memory (MiB)")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("batch size B")
+            ax.set_title(f"{loss}: {what}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle(f"embedloss_kernels {env['commit']} on {env['device']}, torch {env['torch']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(rows: list[dict], env: dict, out: Path, stem: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps({"environment": env, "results": rows}, indent=1))
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out / f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys + list(env))
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**r, **{k: (";".join(v) if isinstance(v, list) else v) for k, v in env.items()}})
+    plot(rows, env, out / f"{stem}.png")
+    print(f"\nwrote {out / stem}.csv, .json and .png")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=["losses", "cached"], default="losses")
+    parser.add_argument("--losses", nargs="+", choices=["mnrl", "cosent"], default=["mnrl", "cosent"])
+    parser.add_argument("--backends", nargs="+", choices=["torch", "cpp", "triton"], default=None,
+                        help="our backends to run (default: every available one)")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[512, 2048, 8192])
+    parser.add_argument("--cosent-batch-sizes", nargs="+", type=int, default=[4096, 65536, 262144])
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--negatives", type=int, default=1, help="hard-negative columns for MNRL")
+    parser.add_argument("--directions", nargs="+", default=["query_to_doc"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--reference-max-batch", type=int, default=8192)
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per measurement process")
+    parser.add_argument("--out", type=Path, default=HERE / "out")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(run_worker(json.loads(args.worker))))
+        return 0
+    if args.mode == "cached":
+        sys.path.insert(0, str(HERE))
+        from bench_cached import main as cached_main
+
+        return cached_main([])
+
+    import torch
+    from tqdm import tqdm
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    env = environment()
+    specs = build_specs(args, device)
+    print(f"embedloss_kernels throughput on {env['device']} | torch {env['torch']} | sentence-transformers "
+          f"{env['sentence_transformers']} | commit {env['commit']} | {args.dtype}, D={args.dim}, "
+          f"{args.negatives} hard-negative column(s) for MNRL")
+    rows = []
+    for spec in tqdm(specs, desc="measuring", unit="run"):
+        rows.append(spawn_worker(spec, args.timeout))
+    add_ratios(rows)
+    print()
+    print_table(rows)
+    write_outputs(rows, env, args.out, f"throughput_{device}_{args.dtype}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
