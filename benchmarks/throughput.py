@@ -274,15 +274,18 @@ def plot(rows: list[dict], env: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    losses = sorted({r["loss"] for r in rows})
+    losses = sorted({r["loss"] for r in rows}, reverse=True)
+    names = sorted({label(r) for r in rows})
+    colors = {name: f"C{i}" for i, name in enumerate(names)}
     fig, axes = plt.subplots(len(losses), 2, figsize=(11, 4 * len(losses)), squeeze=False)
     for i, loss in enumerate(losses):
         sub = [r for r in rows if r["loss"] == loss and r["status"] == "ok"]
         for name in sorted({label(r) for r in sub}):
             pts = sorted((r["batch"], r["time_ms"], r["peak_extra_mb"]) for r in sub if label(r) == name)
-            axes[i][0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            style = dict(marker="o", label=name, color=colors[name])
+            axes[i][0].plot([p[0] for p in pts], [p[1] for p in pts], **style)
             if name != "floor":
-                axes[i][1].plot([p[0] for p in pts], [max(p[2], 0.1) for p in pts], marker="o", label=name)
+                axes[i][1].plot([p[0] for p in pts], [max(p[2], 0.1) for p in pts], **style)
         for ax, what in zip(axes[i], ("forward+backward time (ms)", "peak extra memory (MiB)")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
