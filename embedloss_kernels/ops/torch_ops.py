@@ -28,7 +28,7 @@ from . import (
     SIM_DOT,
 )
 
-DEFAULT_BLOCK_MIB = 64.0
+DEFAULT_BLOCK_MIB = 32.0
 
 
 def why_not(device: torch.device) -> str | None:
@@ -41,7 +41,7 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def block_budget_bytes() -> float:
-    """Memory for one row block's logits (``EMBEDLOSS_BLOCK_MIB``, default 64 MiB)."""
+    """Memory for one row block's logits (``EMBEDLOSS_BLOCK_MIB``, default 32 MiB)."""
     return float(os.environ.get("EMBEDLOSS_BLOCK_MIB", DEFAULT_BLOCK_MIB)) * 2**20
 
 
@@ -55,7 +55,7 @@ def normalize_rows_backward(x_hat: Tensor, norm: Tensor, grad_hat: Tensor) -> Te
     """Map d/dx_hat back to d/dx: ``(g - x_hat <x_hat, g>) / ||x||``; rows clamped at EPS get ``g / EPS``."""
     radial = (x_hat * grad_hat).sum(dim=1, keepdim=True)
     radial = radial.masked_fill_(norm <= EPS, 0.0)
-    return (grad_hat - x_hat * radial) / norm
+    return grad_hat.addcmul(x_hat, radial, value=-1.0).div_(norm)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -152,23 +152,27 @@ def infonce_forward(
             logits["dd"] = (p_blk @ af.T).mul_(scale)
             logits["dd"][ar[:, None], own[:, None] + bq * torch.arange(n_cols, device=q.device)] = float("-inf")
 
-        # -- exact row LSE --
+        # -- exact row LSE; the blocks become exp(L - max) in place, reused as the softmax numerators --
         if joint:
             row_max = torch.stack([blk.amax(dim=1) for blk in logits.values()]).amax(0)
-            total = sum((blk - row_max[:, None]).exp_().sum(1) for blk in logits.values())
-            lse = row_max + total.log()
-            loss_sum += (lse - positive).sum()
+            maxes = dict.fromkeys(logits, row_max)
         else:
-            lses = {k: torch.logsumexp(blk, dim=1) for k, blk in logits.items()}
-            loss_sum += (sum(lses.values()) / n_blocks - positive).sum()
+            maxes = {k: blk.amax(dim=1) for k, blk in logits.items()}
+        sums = {k: blk.sub_(maxes[k][:, None]).exp_().sum(1) for k, blk in logits.items()}
+        if joint:
+            total = sum(sums.values())
+            sums = dict.fromkeys(logits, total)
+            lse_mean = row_max + total.log()
+        else:
+            lse_mean = sum(maxes[k] + sums[k].log() for k in logits) / n_blocks
+        loss_sum += (lse_mean - positive).sum()
         if not compute_grad:
             continue
 
         # -- G = softmax - onehot, scaled by s / row_count; then the three matmuls --
+        weight = scale * inv_rows / (1 if joint else n_blocks)
         for key, blk in logits.items():
-            sub = lse if joint else lses[key]
-            weight = scale * inv_rows / (1 if joint else n_blocks)
-            blk.sub_(sub[:, None]).exp_().mul_(weight)
+            blk.mul_((weight / sums[key])[:, None])
         logits["qd"][ar, own] -= scale * inv_rows
         g_qd = logits["qd"]
         dq[r0:r1] += g_qd @ af
