@@ -1,0 +1,90 @@
+"""The drop-in inside real training: same parameter gradients as sentence-transformers through a model, and a
+SentenceTransformerTrainer run (with its model card) on our losses."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import embedloss_kernels as ek
+from tiny_model import make_tiny_sentence_transformer, sentences
+
+st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return make_tiny_sentence_transformer(tmp_path_factory.mktemp("tiny_bert"))
+
+
+def features(model, n_cols, batch, seed):
+    return [model.preprocess(sentences(batch, seed + c)) for c in range(n_cols)]
+
+
+def param_grads(model):
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(
+    "ours_cls, st_cls, kwargs, n_cols, labels",
+    [
+        (ek.MultipleNegativesRankingLoss, "MultipleNegativesRankingLoss", {}, 3, None),
+        (ek.MultipleNegativesRankingLoss, "MultipleNegativesRankingLoss",
+         dict(directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"),
+              hardness_mode="all_negatives", hardness_strength=5.0), 2, None),
+        (ek.MultipleNegativesSymmetricRankingLoss, "MultipleNegativesSymmetricRankingLoss", {}, 2, None),
+        (ek.CoSENTLoss, "CoSENTLoss", {}, 2, "float"),
+        (ek.AnglELoss, "AnglELoss", {}, 2, "float"),
+    ],
+)
+def test_parameter_gradients_match_sentence_transformers(tiny_model, ours_cls, st_cls, kwargs, n_cols, labels):
+    model = copy.deepcopy(tiny_model).eval()
+    batch = 12
+    feats = features(model, n_cols, batch, seed=3)
+    label_tensor = torch.rand(batch) if labels else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        st_loss = getattr(st_losses, st_cls)(model, **kwargs)
+    ours = ours_cls(model, **kwargs)
+
+    model.zero_grad()
+    ref = st_loss(feats, label_tensor)
+    ref.backward()
+    ref_grads = param_grads(model)
+    model.zero_grad()
+    loss = ours(feats, label_tensor)
+    (loss * 1.0).backward()
+    grads = param_grads(model)
+
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys() and grads
+    # Per parameter, relative to the whole gradient's norm: some gradients are exactly zero in exact arithmetic
+    # (e.g. attention key biases) and hold only round-off in both implementations.
+    total = torch.cat([g.flatten() for g in ref_grads.values()]).norm()
+    for name in grads:
+        diff = (grads[name] - ref_grads[name]).norm()
+        assert diff <= 1e-4 * ref_grads[name].norm() + 1e-6 * total, f"{name}: {diff:.2e} vs {total:.2e}"
+
+
+def test_sentence_transformer_trainer_runs_and_writes_model_card(tiny_model, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+
+    model = copy.deepcopy(tiny_model)
+    train = datasets.Dataset.from_dict({"anchor": sentences(32, 1), "positive": sentences(32, 2),
+                                        "negative": sentences(32, 3)})
+    loss = ek.MultipleNegativesRankingLoss(model, scale=20.0)
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_train_epochs=1, report_to=[],
+        logging_steps=1, save_strategy="no", use_cpu=True, learning_rate=1e-3,
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train, loss=loss)
+    result = trainer.train()
+    assert result.global_step == 4 and torch.isfinite(torch.tensor(result.training_loss))
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.save(str(tmp_path / "saved"))
+    card = (tmp_path / "saved" / "README.md").read_text()
+    assert "MultipleNegativesRankingLoss" in card and '"scale": 20.0' in card
