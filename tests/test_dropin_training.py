@@ -6,9 +6,9 @@ import warnings
 
 import pytest
 import torch
+from tiny_model import make_tiny_sentence_transformer, sentences
 
 import embedloss_kernels as ek
-from tiny_model import make_tiny_sentence_transformer, sentences
 
 st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
 pytest.importorskip("transformers")

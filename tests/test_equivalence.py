@@ -9,8 +9,8 @@ import warnings
 
 import pytest
 import torch
-
 from conftest import DEVICE, is_interpreted
+
 from embedloss_kernels import functional
 
 st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")

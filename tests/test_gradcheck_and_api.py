@@ -101,8 +101,8 @@ def test_reference_cosent_matches_brute_force():
                                                                           "doc_to_query", "doc_to_doc"))),
         (lambda: ek.MultipleNegativesRankingLoss(None, similarity_fct=st_util.dot_score),
          lambda: st_losses.MultipleNegativesRankingLoss(None, similarity_fct=st_util.dot_score)),
-        (lambda: ek.MultipleNegativesSymmetricRankingLoss(None), lambda: st_losses.MultipleNegativesSymmetricRankingLoss(
-            None)),
+        (lambda: ek.MultipleNegativesSymmetricRankingLoss(None),
+         lambda: st_losses.MultipleNegativesSymmetricRankingLoss(None)),
         (lambda: ek.CoSENTLoss(None, scale=7.0), lambda: st_losses.CoSENTLoss(None, scale=7.0)),
         (lambda: ek.AnglELoss(None), lambda: st_losses.AnglELoss(None)),
     ],

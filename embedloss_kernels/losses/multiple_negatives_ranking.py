@@ -50,7 +50,8 @@ _CITATION_CPC = """
 
 
 def mnrl_citation(directions, partition_mode) -> str:
-    if set(directions) == {"query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"} and partition_mode == "joint":
+    all_directions = {"query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"}
+    if set(directions) == all_directions and partition_mode == "joint":
         return _CITATION_GTE
     if set(directions) == {"query_to_doc", "doc_to_query"} and partition_mode == "per_direction":
         return _CITATION_JINA

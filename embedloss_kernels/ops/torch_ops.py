@@ -25,7 +25,6 @@ from . import (
     QUERY_TO_QUERY,
     SIM_ANGLE,
     SIM_COSINE,
-    SIM_DOT,
 )
 
 DEFAULT_BLOCK_MIB = 32.0
