@@ -74,26 +74,38 @@ def gather_metadata(columns: Sequence[Tensor], group=None) -> list[tuple[int, in
 
 
 class _GatherColumns(torch.autograd.Function):
-    """(C, B_local, D) -> (C, sum_r B_r, D): forward all-gather, backward reduce-scatter of the gradients."""
+    """C columns (B_local, D) -> (C, sum_r B_r, D): forward all-gather, backward reduce-scatter of the gradients."""
 
     @staticmethod
-    def forward(ctx, local: Tensor, sizes: tuple[int, ...], group) -> Tensor:
-        c, b, d = local.shape
+    def forward(ctx, sizes: tuple[int, ...], group, *columns: Tensor) -> Tensor:
+        c, (b, d) = len(columns), columns[0].shape
         world, bmax = len(sizes), max(sizes)
+        ctx.sizes, ctx.group, ctx.local_rows = sizes, group, b
+        if min(sizes) == bmax:
+            # equal batches: each column gathers straight into its slice of the output (no staging copy)
+            out = columns[0].new_empty(c, world * b, d)
+            for i, col in enumerate(columns):
+                _all_gather_flat(out[i].view(-1), col.contiguous().view(-1), group)
+            return out
+        local = torch.stack([col.contiguous() for col in columns], dim=0)
         if b < bmax:
             local = torch.cat([local, local.new_zeros(c, bmax - b, d)], dim=1)
         buf = local.new_empty(world, c, bmax, d)
         _all_gather_flat(buf.view(-1), local.contiguous().view(-1), group)
         # world-major -> column-major, dropping each rank's padding rows
-        out = torch.cat([buf[r, :, : sizes[r]] for r in range(world)], dim=1) if world > 1 else buf[0]
-        ctx.sizes, ctx.group, ctx.local_rows = sizes, group, b
-        return out.contiguous()
+        return torch.cat([buf[r, :, : sizes[r]] for r in range(world)], dim=1)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         sizes, group = ctx.sizes, ctx.group
+        grad = grad.contiguous()
         c, _, d = grad.shape
         world, bmax = len(sizes), max(sizes)
+        if min(sizes) == bmax:
+            out = grad.new_empty(c, bmax, d)
+            for i in range(c):
+                _reduce_scatter_flat(out[i].view(-1), grad[i].view(-1), group)
+            return None, None, *out.unbind(0)
         buf = grad.new_zeros(world, c, bmax, d)
         start = 0
         for r, n in enumerate(sizes):
@@ -101,7 +113,7 @@ class _GatherColumns(torch.autograd.Function):
             start += n
         out = grad.new_empty(c, bmax, d)
         _reduce_scatter_flat(out.view(-1), buf.view(-1), group)
-        return out[:, : ctx.local_rows], None, None
+        return None, None, *out[:, : ctx.local_rows].unbind(0)
 
 
 def gather_columns(columns: Sequence[Tensor], group=None) -> tuple[Tensor, int, int]:
@@ -110,8 +122,7 @@ def gather_columns(columns: Sequence[Tensor], group=None) -> tuple[Tensor, int, 
     meta = gather_metadata(columns, group)
     sizes = tuple(r[0] for r in meta)
     rank = dist.get_rank(group)
-    local = torch.stack([c.contiguous() for c in columns], dim=0)
-    gathered = _GatherColumns.apply(local, sizes, group)
+    gathered = _GatherColumns.apply(sizes, group, *columns)
     return gathered, sum(sizes[:rank]), sizes[rank]
 
 

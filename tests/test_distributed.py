@@ -116,6 +116,18 @@ def _worker(rank, world, init_file, out_dir, backends_, combo_list, unequal_size
         loss = ours_mod.compute_loss_from_embeddings(cols)
         loss.backward()
         res["module"] = ((loss.detach(), [t.grad.clone() for t in cols]), _st(local_slice(cols_world, sizes, rank), c))
+        # a process group without reduce-scatter: the backward falls back to all_reduce + slice
+        def unsupported(*args, **kwargs):
+            raise RuntimeError("reduce_scatter is not supported by this backend")
+
+        saved = dist.reduce_scatter_single, dist.reduce_scatter_tensor
+        dist.reduce_scatter_single = dist.reduce_scatter_tensor = unsupported
+        try:
+            c = combo_list[-1]
+            res["fallback"] = _ours(local_slice(world_columns(c["seed"], b * world, 2 + c["negatives"]), sizes, rank),
+                                    c, backends_[0])
+        finally:
+            dist.reduce_scatter_single, dist.reduce_scatter_tensor = saved
         # unequal local batch sizes (one rank may hold a single row)
         c = dict(combo_list[-1])
         cols_world = world_columns(11, sum(unequal_sizes), 2 + c["negatives"])
@@ -208,9 +220,13 @@ def test_gather_across_devices_matches_st_and_world_oracle(world, unequal_sizes,
                                                msg=lambda m: f"{name} {msg}: column {j} vs oracle: {m}")
     for rank, res in enumerate(results):
         (loss, grads), (st_loss, st_grads) = res["module"]
-        torch.testing.assert_close(loss, st_loss, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(loss, st_loss, rtol=RTOL, atol=ATOL, msg=lambda m: f"module, rank {rank}: {m}")
         for g, sg in zip(grads, st_grads):
-            torch.testing.assert_close(g, sg, rtol=RTOL, atol=ATOL)
+            torch.testing.assert_close(g, sg, rtol=RTOL, atol=ATOL, msg=lambda m: f"module, rank {rank}: {m}")
+    # no reduce-scatter in the process group: same numbers through all_reduce + slice
+    for rank, res in enumerate(results):
+        for got, want in zip(res["fallback"][1], res["equal"][-1]["st"][1]):
+            torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL, msg=lambda m: f"fallback rank {rank}: {m}")
     # unequal local batch sizes: row_start is the prefix sum, padding rows are never scored
     c = combo_list[-1]
     ref_losses, ref_grads = _oracle(world_columns(11, sum(unequal_sizes), 2 + c["negatives"]), c, list(unequal_sizes))
