@@ -74,56 +74,67 @@ def gather_metadata(columns: Sequence[Tensor], group=None) -> list[tuple[int, in
 
 
 class _GatherColumns(torch.autograd.Function):
-    """C columns (B_local, D) -> (C, sum_r B_r, D): forward all-gather, backward reduce-scatter of the gradients."""
+    """Queries and doc columns (B_local, D) -> (queries of every rank (N, D), the candidate pool (K * N, D) laid
+    out ``[P; N_1; ...]`` as the op takes it); N = sum of the local batch sizes. Forward all-gathers, backward
+    reduce-scatters the gradients onto their owning ranks. Two outputs so that the op's gradients reach the
+    backward as they are, without being accumulated into one more world-sized buffer."""
 
     @staticmethod
-    def forward(ctx, sizes: tuple[int, ...], group, *columns: Tensor) -> Tensor:
+    def forward(ctx, sizes: tuple[int, ...], group, *columns: Tensor) -> tuple[Tensor, Tensor]:
         c, (b, d) = len(columns), columns[0].shape
-        world, bmax = len(sizes), max(sizes)
-        ctx.sizes, ctx.group, ctx.local_rows = sizes, group, b
+        world, bmax, n = len(sizes), max(sizes), sum(sizes)
+        ctx.sizes, ctx.group, ctx.local_rows, ctx.columns = sizes, group, b, c
+        q_all = columns[0].new_empty(n, d)
+        a_all = columns[0].new_empty(c - 1, n, d)
+        targets = [q_all, *a_all.unbind(0)]
         if min(sizes) == bmax:
-            # equal batches: each column gathers straight into its slice of the output (no staging copy)
-            out = columns[0].new_empty(c, world * b, d)
-            for i, col in enumerate(columns):
-                _all_gather_flat(out[i].view(-1), col.contiguous().view(-1), group)
-            return out
-        local = torch.stack([col.contiguous() for col in columns], dim=0)
-        if b < bmax:
-            local = torch.cat([local, local.new_zeros(c, bmax - b, d)], dim=1)
-        buf = local.new_empty(world, c, bmax, d)
-        _all_gather_flat(buf.view(-1), local.contiguous().view(-1), group)
-        # world-major -> column-major, dropping each rank's padding rows
-        return torch.cat([buf[r, :, : sizes[r]] for r in range(world)], dim=1)
+            # equal batches: each column gathers straight into its place in the output (no staging copy)
+            for col, target in zip(columns, targets):
+                _all_gather_flat(target.view(-1), col.contiguous().view(-1), group)
+        else:
+            local = torch.stack([col.contiguous() for col in columns], dim=0)
+            if b < bmax:
+                local = torch.cat([local, local.new_zeros(c, bmax - b, d)], dim=1)
+            buf = local.new_empty(world, c, bmax, d)
+            _all_gather_flat(buf.view(-1), local.view(-1), group)
+            for i, target in enumerate(targets):
+                # rank-major -> column-major, dropping each rank's padding rows
+                torch.cat([buf[r, i, : sizes[r]] for r in range(world)], dim=0, out=target)
+        return q_all, a_all.view((c - 1) * n, d)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        sizes, group = ctx.sizes, ctx.group
-        grad = grad.contiguous()
-        c, _, d = grad.shape
-        world, bmax = len(sizes), max(sizes)
+    def backward(ctx, grad_q: Tensor | None, grad_a: Tensor | None):
+        sizes, group, b, c = ctx.sizes, ctx.group, ctx.local_rows, ctx.columns
+        n, bmax = sum(sizes), max(sizes)
+        ref = grad_q if grad_q is not None else grad_a
+        d = ref.shape[-1]
+        grad_q = grad_q.contiguous() if grad_q is not None else ref.new_zeros(n, d)
+        grad_a = grad_a.contiguous() if grad_a is not None else ref.new_zeros((c - 1) * n, d)
+        grads = [grad_q, *grad_a.view(c - 1, n, d).unbind(0)]
         if min(sizes) == bmax:
-            out = grad.new_empty(c, bmax, d)
-            for i in range(c):
-                _reduce_scatter_flat(out[i].view(-1), grad[i].view(-1), group)
-            return None, None, *out.unbind(0)
-        buf = grad.new_zeros(world, c, bmax, d)
+            out = [g.new_empty(b, d) for g in grads]
+            for g, o in zip(grads, out):
+                _reduce_scatter_flat(o.view(-1), g.view(-1), group)
+            return None, None, *out
+        buf = ref.new_zeros(len(sizes), c, bmax, d)
         start = 0
-        for r, n in enumerate(sizes):
-            buf[r, :, :n] = grad[:, start : start + n]
-            start += n
-        out = grad.new_empty(c, bmax, d)
+        for r, rows in enumerate(sizes):
+            for i, g in enumerate(grads):
+                buf[r, i, :rows] = g[start : start + rows]
+            start += rows
+        out = ref.new_empty(c, bmax, d)
         _reduce_scatter_flat(out.view(-1), buf.view(-1), group)
-        return None, None, *out[:, : ctx.local_rows].unbind(0)
+        return None, None, *out[:, :b].unbind(0)
 
 
-def gather_columns(columns: Sequence[Tensor], group=None) -> tuple[Tensor, int, int]:
-    """All-gather the columns (autograd-aware). Returns the gathered (C, world_rows, D) tensor, this rank's first
-    row in it, and its local row count."""
+def gather_columns(columns: Sequence[Tensor], group=None) -> tuple[Tensor, Tensor, int, int]:
+    """All-gather the columns (autograd-aware). Returns every rank's queries (N, D), the candidate pool
+    (K * N, D), this rank's first row and its local row count."""
     meta = gather_metadata(columns, group)
     sizes = tuple(r[0] for r in meta)
     rank = dist.get_rank(group)
-    gathered = _GatherColumns.apply(sizes, group, *columns)
-    return gathered, sum(sizes[:rank]), sizes[rank]
+    q_all, a_all = _GatherColumns.apply(sizes, group, *columns)
+    return q_all, a_all, sum(sizes[:rank]), sizes[rank]
 
 
 def infonce_across_devices(queries: Tensor, docs: Sequence[Tensor], *, group=None, **options) -> Tensor:
@@ -139,11 +150,10 @@ def infonce_across_devices(queries: Tensor, docs: Sequence[Tensor], *, group=Non
             "This is expected on one device; set gather_across_devices=False to remove this warning.",
         )
         return functional.infonce_from_columns(queries, docs, **options)
-    gathered, row_start, row_count = gather_columns([queries, *docs], group)
-    q_all = gathered[0]
+    q_all, a_all, row_start, row_count = gather_columns([queries, *docs], group)
     if functional.resolve_similarity(options.get("similarity", "cosine")) is not None:
-        # the fused op takes the candidate pool [P; N_1; ...] as one (K * rows, D) tensor: a view, no copy
-        doc_columns = [gathered[1:].reshape(-1, gathered.shape[-1])]
+        # the fused op takes the candidate pool [P; N_1; ...] as one (K * rows, D) tensor, as gathered
+        doc_columns = [a_all]
     else:
-        doc_columns = list(gathered[1:].unbind(0))
+        doc_columns = list(a_all.view(-1, q_all.shape[0], q_all.shape[1]).unbind(0))
     return functional.infonce_from_columns(q_all, doc_columns, row_start=row_start, row_count=row_count, **options)
