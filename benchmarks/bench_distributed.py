@@ -7,6 +7,9 @@ gather_across_devices=True, and reports the peak RSS growth (VmHWM - VmRSS befor
 gradients, the floor both providers share, and the local x world logits that only sentence-transformers keeps.
 
     python benchmarks/bench_distributed.py [--world 2] [--batches 512 1024 2048 4096] [--dim 256] [--negatives 0]
+
+RSS is what the allocator holds, not what tensors need: repeated runs of the same row vary by up to ~30% for ours
+(freed blocks kept in glibc arenas); the table reports the largest rank of one run.
 """
 
 from __future__ import annotations
