@@ -45,7 +45,8 @@ def combos():
     for i, ((dirs, part), (hmode, hstr), k) in enumerate(itertools.product(DIRECTION_SETS, HARDNESS, NEGATIVES)):
         sim = "cosine" if i % 2 == 0 else "dot"
         out.append(dict(directions=dirs, partition_mode=part, hardness_mode=hmode, hardness_strength=hstr,
-                        similarity=sim, scale=20.0 if sim == "cosine" else 0.5, negatives=k, seed=1000 + i))
+                        similarity=sim, scale=20.0 if sim == "cosine" else 0.5, negatives=k, seed=1000 + i,
+                        block_rows=2 if i % 3 == 0 else 0))  # 2: several row blocks inside a rank's rows
     return out
 
 
@@ -72,7 +73,7 @@ def _ours(cols, c, backend):
     loss = distributed.infonce_across_devices(
         cols[0], cols[1:], scale=c["scale"], similarity=c["similarity"], directions=c["directions"],
         partition_mode=c["partition_mode"], hardness_mode=c["hardness_mode"],
-        hardness_strength=c["hardness_strength"], backend=backend,
+        hardness_strength=c["hardness_strength"], backend=backend, block_rows=c.get("block_rows", 0),
     )
     loss.backward()
     return loss.detach(), [t.grad.clone() for t in cols]
