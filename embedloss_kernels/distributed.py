@@ -1,10 +1,12 @@
 """gather_across_devices: this rank's rows against every rank's columns over torch.distributed.
 
-Each rank stacks its ``C = 1 + K`` local columns (queries, positives, negatives), all-gathers them in one
-collective, and runs the fused op on its own anchor rows (``row_start`` = the number of rows on lower ranks)
-against every gathered column. The op returns the gradients of the gathered tensors; the gather's backward sums
-them back onto their owning ranks with one reduce-scatter. Memory per rank: the gathered columns
-(``W * B * C * D``) and their gradients, plus the op's row block; never a world x world matrix.
+Each rank all-gathers its ``C = 1 + K`` local columns (queries, positives, negatives) straight into the op's
+layout (every rank's queries, and the candidate pool ``[P; N_1; ...]``), one collective per column, and runs the
+fused op on its own anchor rows (``row_start`` = the number of rows on lower ranks) against every gathered column.
+The op returns the gradients of the gathered tensors; the gather's backward sums them back onto their owning
+ranks with a reduce-scatter per column (all_reduce + slice where the process group has none). Memory per rank:
+the gathered columns (``W * B * C * D``) and their gradients, plus the op's row block; never a world x world
+matrix.
 
 Ranks may hold different local batch sizes: columns are padded to the largest one for the collective and the
 padding rows are dropped before the op, so they are never scored.
