@@ -1,0 +1,202 @@
+"""Drop-in ``CachedMultipleNegativesRankingLoss`` / ``CachedMultipleNegativesSymmetricRankingLoss``: GradCache with
+the loss step done by one fused call.
+
+The three steps of DESIGN.md (embed each mini-batch without grad keeping its RNG state; the loss and the
+embedding gradients of the whole batch; re-embed each mini-batch with grad replaying its RNG state and
+back-propagate the cached gradients times ``grad_output``) are orchestrated by sentence-transformers'
+``CachedLossMixin`` — the same machinery its own cached losses use, so dropout replay, DDP no-sync handling,
+``mini_batch_num_tokens``, progress bars and ``MatryoshkaLoss`` (which decorates ``calculate_loss`` of any loss
+with ``uses_gradient_cache``) behave identically. What this module replaces is step 2: sentence-transformers runs
+an autograd graph over ``mini_batch_size`` x N score chunks; here it is one fused op call on the whole batch whose
+backward only scales the gradients computed in its forward pass. Importing this module imports
+sentence-transformers (a model is needed anyway).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from sentence_transformers.base.losses.gradcache import (
+    CachedLossMixin,
+    _validate_mini_batch_num_tokens,
+    has_static_embedding_input,
+)
+from torch import Tensor, nn
+
+from .. import reference
+from .multiple_negatives_ranking import MultipleNegativesRankingLoss
+
+_CITATION_GRADCACHE = """
+@misc{gao2021scaling,
+    title={Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup},
+    author={Luyu Gao and Yunyi Zhang and Jiawei Han and Jamie Callan},
+    year={2021},
+    eprint={2101.06983},
+    archivePrefix={arXiv},
+    primaryClass={cs.LG}
+}
+"""
+
+_HYPERPARAMETERS = (
+    "scale",
+    "similarity_fct",
+    "gather_across_devices",
+    "directions",
+    "partition_mode",
+    "hardness_mode",
+    "hardness_strength",
+)
+
+
+class CachedMultipleNegativesRankingLoss(CachedLossMixin, nn.Module):
+    def __init__(
+        self,
+        model,
+        scale: float = 20.0,
+        similarity_fct: Callable[[Tensor, Tensor], Tensor] = reference.cos_sim,
+        mini_batch_size: int = 32,
+        mini_batch_num_tokens: int | None = None,
+        gather_across_devices: bool = False,
+        directions: tuple[str, ...] = ("query_to_doc",),
+        partition_mode: str = "joint",
+        show_progress_bar: bool = False,
+        hardness_mode: str | None = None,
+        hardness_strength: float = 0.0,
+    ) -> None:
+        """MultipleNegativesRankingLoss with a gradient cache, for batches far beyond what the encoder's activations
+        allow: only one mini-batch of activations is alive at a time, and the loss step is one fused call.
+
+        A drop-in for ``sentence_transformers.losses.CachedMultipleNegativesRankingLoss``: same arguments, defaults,
+        validation and numbers (equal to the plain loss on the same batch, up to round-off, in eval mode).
+
+        Args:
+            model: a SentenceTransformer whose inputs can be split into mini-batches (not a StaticEmbedding).
+            scale, similarity_fct, gather_across_devices, directions, partition_mode, hardness_mode,
+                hardness_strength: as :class:`~embedloss_kernels.losses.MultipleNegativesRankingLoss`.
+            mini_batch_size: rows embedded per forward pass; any positive int. Memory, not the result, depends on it.
+            mini_batch_num_tokens: if set, mini-batches are cut by token count instead (sentence-transformers'
+                rule).
+            show_progress_bar: tqdm bars for both embedding passes.
+
+        Requirements:
+            (anchor, positive) pairs or (anchor, positive, negative_1, ..., negative_n) tuples; a model whose
+            inputs split along the batch axis.
+
+        Relations:
+            - Equivalent to :class:`MultipleNegativesRankingLoss`; the cost is one extra encoder forward.
+
+        Example:
+            ::
+
+                from embedloss_kernels.losses import CachedMultipleNegativesRankingLoss
+
+                loss = CachedMultipleNegativesRankingLoss(model, mini_batch_size=32)
+                trainer = SentenceTransformerTrainer(model=model, train_dataset=train_dataset, loss=loss)
+        """
+        super().__init__()
+        if model is None:
+            raise ValueError(f"{type(self).__name__} needs a SentenceTransformer model: it embeds mini-batches itself")
+        if has_static_embedding_input(model):
+            raise ValueError(
+                f"{type(self).__name__} is not compatible with a SentenceTransformer model based on a StaticEmbedding, "
+                "whose inputs cannot be split into mini-batches along a batch dimension. "
+                "Consider using MultipleNegativesRankingLoss instead."
+            )
+        if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int):
+            raise TypeError(f"mini_batch_size must be an int, got {type(mini_batch_size).__name__}")
+        if mini_batch_size <= 0:
+            raise ValueError(f"mini_batch_size must be a positive integer, got {mini_batch_size}")
+        _validate_mini_batch_num_tokens(mini_batch_num_tokens)
+        self.model = model
+        # The wrapped loss validates and owns the hyperparameters and computes step 2.
+        self.loss = MultipleNegativesRankingLoss(
+            None,
+            scale=scale,
+            similarity_fct=similarity_fct,
+            gather_across_devices=gather_across_devices,
+            directions=directions,
+            partition_mode=partition_mode,
+            hardness_mode=hardness_mode,
+            hardness_strength=hardness_strength,
+        )
+        self.mini_batch_size = mini_batch_size
+        self.mini_batch_num_tokens = mini_batch_num_tokens
+        self.show_progress_bar = show_progress_bar
+
+    def __getattr__(self, name: str):
+        if name in _HYPERPARAMETERS:
+            return getattr(self._modules["loss"], name)
+        return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _HYPERPARAMETERS and "loss" in self._modules:
+            setattr(self._modules["loss"], name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def calculate_loss(
+        self, reps: list[list[Tensor]], labels: Tensor | None = None, *, with_backward: bool = False
+    ) -> Tensor:
+        """Step 2: the loss over the whole batch from the cached mini-batch embeddings, in one fused call; with
+        ``with_backward`` the gradients land on ``reps`` (the cache) and the returned loss is detached."""
+        columns = [torch.cat(column) for column in reps]
+        loss = self.loss.compute_loss_from_embeddings(columns, labels)
+        if with_backward:
+            loss.backward()
+            loss = loss.detach()
+        return loss
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
+        sentence_features = list(sentence_features)
+        if len(sentence_features) < 2:
+            raise ValueError(f"Expected at least 2 inputs, got {len(sentence_features)}")
+        return self.forward_cached(sentence_features, labels)
+
+    def get_config_dict(self) -> dict[str, Any]:
+        config = self.loss.get_config_dict()
+        return {
+            "scale": config["scale"],
+            "similarity_fct": config["similarity_fct"],
+            "mini_batch_size": self.mini_batch_size,
+            "mini_batch_num_tokens": self.mini_batch_num_tokens,
+            **{key: config[key] for key in _HYPERPARAMETERS[2:]},
+        }
+
+    @property
+    def temperature(self) -> float:
+        return 1.0 / self.scale
+
+    @property
+    def citation(self) -> str:
+        return _CITATION_GRADCACHE
+
+
+class CachedMultipleNegativesSymmetricRankingLoss(CachedMultipleNegativesRankingLoss):
+    def __init__(
+        self,
+        model,
+        scale: float = 20.0,
+        similarity_fct: Callable[[Tensor, Tensor], Tensor] = reference.cos_sim,
+        mini_batch_size: int = 32,
+        mini_batch_num_tokens: int | None = None,
+        gather_across_devices: bool = False,
+        show_progress_bar: bool = False,
+    ) -> None:
+        """The symmetric loss (query_to_doc and doc_to_query, one softmax each, averaged) with a gradient cache;
+        a drop-in for ``sentence_transformers.losses.CachedMultipleNegativesSymmetricRankingLoss``.
+
+        Args: as :class:`CachedMultipleNegativesRankingLoss`, without the direction/partition/hardness options.
+        """
+        super().__init__(
+            model=model,
+            scale=scale,
+            similarity_fct=similarity_fct,
+            mini_batch_size=mini_batch_size,
+            mini_batch_num_tokens=mini_batch_num_tokens,
+            gather_across_devices=gather_across_devices,
+            directions=("query_to_doc", "doc_to_query"),
+            partition_mode="per_direction",
+            show_progress_bar=show_progress_bar,
+        )

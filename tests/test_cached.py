@@ -1,0 +1,197 @@
+"""The gradient-cached losses: equal to the plain loss (eval), same dropout replay (train), trainer, Matryoshka,
+model card, bad input."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import embedloss_kernels as ek
+from tiny_model import make_tiny_sentence_transformer, sentences
+
+st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
+pytest.importorskip("transformers")
+
+OPTIONS = [
+    dict(),
+    dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"),
+    dict(directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")),
+    dict(hardness_mode="in_batch_negatives", hardness_strength=5.0),
+    dict(hardness_mode="hard_negatives", hardness_strength=5.0, scale=10.0),
+    dict(hardness_mode="all_negatives", hardness_strength=2.0, directions=("query_to_doc", "query_to_query")),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return make_tiny_sentence_transformer(tmp_path_factory.mktemp("tiny_bert_cached"))
+
+
+def features(model, n_cols, batch, seed=0):
+    return [model.preprocess(sentences(batch, seed + 7 * c, length=4 + c)) for c in range(n_cols)]
+
+
+def grads_of(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_grads_close(grads, ref, rtol=1e-4):
+    assert grads.keys() == ref.keys() and grads
+    total = torch.cat([g.flatten() for g in ref.values()]).norm()
+    for name in grads:
+        diff = (grads[name] - ref[name]).norm()
+        assert diff <= rtol * ref[name].norm() + 1e-6 * total, f"{name}: {diff:.3e}"
+
+
+def run(loss_fn, model, feats, grad_scale=1.0):
+    model.zero_grad()
+    loss = loss_fn(feats, None)
+    (loss * grad_scale).backward()
+    return loss.detach(), grads_of(model)
+
+
+@pytest.mark.parametrize("n_cols", [2, 3])
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_eval_mode_equals_plain_mnrl(tiny_model, options, n_cols):
+    model = copy.deepcopy(tiny_model).eval()
+    feats = features(model, n_cols, batch=13)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = st_losses.MultipleNegativesRankingLoss(model, **options)
+    ref_loss, ref_grads = run(plain, model, feats, grad_scale=3.0)
+    cached = ek.CachedMultipleNegativesRankingLoss(model, mini_batch_size=5, **options)
+    loss, grads = run(cached, model, feats, grad_scale=3.0)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-6)
+    assert_grads_close(grads, ref_grads)
+
+
+def test_train_mode_replays_dropout_masks(tiny_model):
+    """With dropout on, the cached gradients equal a non-cached computation that uses the same dropout masks:
+    (a) one mini-batch per column against plain per-column forwards after the same seed; (b) small mini-batches
+    against sentence-transformers' own cached loss, which replays the same RNG states."""
+    model = copy.deepcopy(tiny_model).train()
+    feats = features(model, 3, batch=10, seed=5)
+
+    torch.manual_seed(123)
+    model.zero_grad()
+    embeddings = [model(f)["sentence_embedding"] for f in feats]
+    plain = ek.MultipleNegativesRankingLoss(model).compute_loss_from_embeddings(embeddings, None)
+    plain.backward()
+    ref_loss, ref_grads = plain.detach(), grads_of(model)
+
+    torch.manual_seed(123)
+    loss, grads = run(ek.CachedMultipleNegativesRankingLoss(model, mini_batch_size=64), model, feats)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close(grads, ref_grads)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        st_cached = st_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=4)
+    torch.manual_seed(7)
+    st_loss, st_grads = run(st_cached, model, feats)
+    torch.manual_seed(7)
+    loss, grads = run(ek.CachedMultipleNegativesRankingLoss(model, mini_batch_size=4), model, feats)
+    torch.testing.assert_close(loss, st_loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close(grads, st_grads)
+
+
+def test_symmetric_and_config(tiny_model):
+    model = copy.deepcopy(tiny_model).eval()
+    feats = features(model, 2, batch=9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        st_sym = st_losses.CachedMultipleNegativesSymmetricRankingLoss(model, mini_batch_size=4)
+        st_plain = st_losses.MultipleNegativesSymmetricRankingLoss(model)
+    ours = ek.CachedMultipleNegativesSymmetricRankingLoss(model, mini_batch_size=4)
+    ref_loss, ref_grads = run(st_plain, model, feats)
+    loss, grads = run(ours, model, feats)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-6)
+    assert_grads_close(grads, ref_grads)
+    assert ours.get_config_dict() == st_sym.get_config_dict()
+    assert ours.citation == st_sym.citation and ours.temperature == st_sym.temperature
+    ours.scale = 10.0  # hyperparameters live on the wrapped loss, as upstream
+    assert ours.loss.scale == 10.0 and ours.get_config_dict()["scale"] == 10.0
+
+
+def test_no_grad_returns_loss_only(tiny_model):
+    model = copy.deepcopy(tiny_model).eval()
+    feats = features(model, 2, batch=6)
+    with torch.no_grad():
+        loss = ek.CachedMultipleNegativesRankingLoss(model, mini_batch_size=4)(feats, None)
+        plain = ek.MultipleNegativesRankingLoss(model)(feats, None)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_matryoshka_wrapping_matches_sentence_transformers(tiny_model):
+    model = copy.deepcopy(tiny_model).eval()
+    feats = features(model, 2, batch=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        st_loss = st_losses.MatryoshkaLoss(model, st_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=3),
+                                           matryoshka_dims=[32, 16, 8])
+        ours = st_losses.MatryoshkaLoss(model, ek.CachedMultipleNegativesRankingLoss(model, mini_batch_size=3),
+                                        matryoshka_dims=[32, 16, 8])
+    ref_loss, ref_grads = run(st_loss, model, feats)
+    loss, grads = run(ours, model, feats)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-6)
+    assert_grads_close(grads, ref_grads)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_trainer_with_cached_loss(tiny_model, tmp_path, bf16):
+    datasets = pytest.importorskip("datasets")
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+
+    model = copy.deepcopy(tiny_model)
+    train = datasets.Dataset.from_dict({"anchor": sentences(24, 1), "positive": sentences(24, 2)})
+    loss = ek.CachedMultipleNegativesRankingLoss(model, mini_batch_size=4, show_progress_bar=False)
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=12, num_train_epochs=1, report_to=[],
+        save_strategy="no", use_cpu=True, learning_rate=1e-3, bf16=bf16,
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = SentenceTransformerTrainer(model=model, args=args, train_dataset=train, loss=loss).train()
+    assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.save(str(tmp_path / "saved"))
+    card = (tmp_path / "saved" / "README.md").read_text()
+    assert "CachedMultipleNegativesRankingLoss" in card and '"mini_batch_size": 4' in card
+
+
+def test_progress_bars(tiny_model, capsys):
+    model = copy.deepcopy(tiny_model).eval()
+    loss = ek.CachedMultipleNegativesRankingLoss(model, mini_batch_size=3, show_progress_bar=True)
+    loss(features(model, 2, batch=7), None).backward()
+    assert "Embed mini-batches" in capsys.readouterr().err
+
+
+def test_bad_input(tiny_model):
+    model = copy.deepcopy(tiny_model).eval()
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="mini_batch_size must be a positive integer"):
+            ek.CachedMultipleNegativesRankingLoss(model, mini_batch_size=bad)
+    with pytest.raises(TypeError, match="mini_batch_size must be an int"):
+        ek.CachedMultipleNegativesRankingLoss(model, mini_batch_size=2.5)
+    with pytest.raises(ValueError, match="mini_batch_num_tokens"):
+        ek.CachedMultipleNegativesRankingLoss(model, mini_batch_num_tokens=0)
+    with pytest.raises(ValueError, match="Scale must be a positive value"):
+        ek.CachedMultipleNegativesRankingLoss(model, scale=-1.0)
+    with pytest.raises(ValueError, match="needs a SentenceTransformer"):
+        ek.CachedMultipleNegativesRankingLoss(None)
+    with pytest.raises(ValueError, match="Expected at least 2 inputs"):
+        ek.CachedMultipleNegativesRankingLoss(model)(features(model, 1, batch=4), None)
+    mismatched = [model.preprocess(sentences(6, 1)), model.preprocess(sentences(5, 2))]
+    with pytest.raises(ValueError, match="batch size 5"):
+        ek.CachedMultipleNegativesRankingLoss(model, mini_batch_size=4)(mismatched, None)
+
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    static = SentenceTransformer(modules=[StaticEmbedding(tok, embedding_dim=8)], device="cpu")
+    with pytest.raises(ValueError, match="StaticEmbedding"):
+        ek.CachedMultipleNegativesRankingLoss(static)
