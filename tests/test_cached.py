@@ -195,3 +195,48 @@ def test_bad_input(tiny_model):
     static = SentenceTransformer(modules=[StaticEmbedding(tok, embedding_dim=8)], device="cpu")
     with pytest.raises(ValueError, match="StaticEmbedding"):
         ek.CachedMultipleNegativesRankingLoss(static)
+
+
+def _cached_gather_worker(rank, world, init_file, model_dir, out_dir):
+    import torch.distributed as dist
+    from sentence_transformers import SentenceTransformer
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = SentenceTransformer(model_dir, device="cpu").eval()
+        feats = features(model, 3, batch=5, seed=11 + 3 * rank)
+        results = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            st_loss = st_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=2, gather_across_devices=True,
+                                                                   hardness_mode="all_negatives", hardness_strength=3.0)
+        ours = ek.CachedMultipleNegativesRankingLoss(model, mini_batch_size=2, gather_across_devices=True,
+                                                     hardness_mode="all_negatives", hardness_strength=3.0)
+        for name, loss_fn in (("st", st_loss), ("ours", ours)):
+            results[name] = run(loss_fn, model, feats)
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cached_with_gather_across_devices_matches_sentence_transformers(tiny_model, tmp_path):
+    """Two gloo ranks: our cached loss with gather_across_devices gives each rank the loss and parameter
+    gradients of sentence-transformers' cached loss under the same setup."""
+    import torch.multiprocessing as mp
+
+    model_dir = tmp_path / "model"
+    tiny_model.save(str(model_dir))
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_cached_gather_worker, args=(r, 2, str(tmp_path / "init"), str(model_dir),
+                                                              str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        if p.is_alive():
+            p.kill()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    for rank in range(2):
+        res = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(res["ours"][0], res["st"][0], rtol=1e-4, atol=1e-6)
+        assert_grads_close(res["ours"][1], res["st"][1])
