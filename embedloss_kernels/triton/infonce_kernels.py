@@ -1,0 +1,97 @@
+"""InfoNCE logit-block kernels: one direction block ``L = c * X_g Y^T`` at a time (``c`` = scale, or scale + alpha on
+penalized columns), with its masks, never stored whole.
+
+* :func:`row_lse_kernel`: online row max / sum of ``exp(L - max)`` over column tiles (pass 1, per row).
+* :func:`softmax_grad_kernel`: recomputes a row block's tiles and writes ``G = w * exp(L - lse) - onehot`` into a
+  bounded (rows x columns) workspace; the launcher turns it into ``dX = G Y`` and ``dY = G^T X`` with matmuls.
+
+Column ``c`` of a block belongs to query ``c % bq``. ``PEN_MODE``: 0 none, 1 boost columns of other queries
+(in-batch), 2 boost own hard negatives (``c % bq == g``, ``c != g``), 3 boost all but the positive ``c == g``.
+``MASK_MODE``: 0 none, 1 mask ``c == g`` (query_to_query), 2 mask ``c % bq == g`` (doc_to_doc).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _logit_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y, bq, scale, boost,
+                PEN_MODE: tl.constexpr, MASK_MODE: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
+                PREC: tl.constexpr):
+    """The (BM, BN) tile of logits, masked entries at -inf; D is walked in BK chunks padded with zeros."""
+    ks = tl.arange(0, BK)
+    acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=ACC)
+    for k0 in range(0, n_dim, BK):
+        k_ok = (k0 + ks) < n_dim
+        xt = tl.load(x_ptr + rows[:, None] * stride_x + (k0 + ks)[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                     other=0.0)
+        yt = tl.load(y_ptr + cols[:, None] * stride_y + (k0 + ks)[None, :], mask=col_ok[:, None] & k_ok[None, :],
+                     other=0.0)
+        if PREC == "upcast":  # the interpreter's bf16 dot is wrong: multiply in the accumulator type instead
+            acc += tl.dot(xt.to(ACC), tl.trans(yt.to(ACC)), out_dtype=ACC)
+        else:
+            acc += tl.dot(xt, tl.trans(yt), input_precision=PREC, out_dtype=ACC)
+    own = (cols[None, :] % bq) == rows[:, None]
+    pos = cols[None, :] == rows[:, None]
+    if PEN_MODE == 1:
+        coef = tl.where(own, scale, scale + boost)
+    elif PEN_MODE == 2:
+        coef = tl.where(own & (~pos), scale + boost, scale)
+    elif PEN_MODE == 3:
+        coef = tl.where(pos, scale, scale + boost)
+    else:
+        coef = tl.zeros_like(acc) + scale
+    logits = acc * coef
+    valid = row_ok[:, None] & col_ok[None, :]
+    if MASK_MODE == 1:
+        valid = valid & (~pos)
+    elif MASK_MODE == 2:
+        valid = valid & (~own)
+    return tl.where(valid, logits, float("-inf"))
+
+
+@triton.jit
+def row_lse_kernel(x_ptr, y_ptr, max_ptr, sum_ptr, pos_ptr, row_start, row_count, n_cols, n_dim, stride_x, stride_y, bq, scale,
+                   boost, PEN_MODE: tl.constexpr, MASK_MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                   BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """Per local row: running max and sum of ``exp(L - max)`` over every column tile (the max is subtracted before
+    exponentiating, so scale 100 on large-norm dot products cannot overflow). Also stores the logit at column
+    ``g`` (the positive, read off the same tile so that a lone column gives an exact zero loss)."""
+    local = tl.program_id(0) * BM + tl.arange(0, BM)
+    row_ok = local < row_count
+    rows = row_start + local
+    m = tl.full((BM,), float("-inf"), dtype=ACC)
+    s = tl.zeros((BM,), dtype=ACC)
+    p = tl.zeros((BM,), dtype=ACC)
+    for c0 in range(0, n_cols, BN):
+        cols = c0 + tl.arange(0, BN)
+        col_ok = cols < n_cols
+        lg = _logit_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y, bq, scale, boost,
+                         PEN_MODE, MASK_MODE, BK, ACC, PREC)
+        m_new = tl.maximum(m, tl.max(lg, axis=1))
+        safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a fully masked tile so far: keep exp finite
+        s = s * tl.exp(m - safe) + tl.sum(tl.exp(lg - safe[:, None]), axis=1)
+        m = m_new
+        p += tl.sum(tl.where((cols[None, :] == rows[:, None]) & (lg > float("-inf")), lg, 0.0), axis=1)
+    tl.store(max_ptr + local, m, mask=row_ok)
+    tl.store(sum_ptr + local, s, mask=row_ok)
+    tl.store(pos_ptr + local, p, mask=row_ok)
+
+
+@triton.jit
+def softmax_grad_kernel(x_ptr, y_ptr, lse_ptr, g_ptr, row_start, row_count, n_cols, n_dim, stride_x, stride_y,
+                        stride_g, bq, scale, boost, weight, onehot, PEN_MODE: tl.constexpr, MASK_MODE: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
+                        PREC: tl.constexpr):
+    """``G[i, c] = weight * exp(L[i, c] - lse[i]) - onehot * [c == g_i]`` for one tile of the row block."""
+    local = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    row_ok = local < row_count
+    col_ok = cols < n_cols
+    rows = row_start + local
+    lg = _logit_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y, bq, scale, boost,
+                     PEN_MODE, MASK_MODE, BK, ACC, PREC)
+    lse = tl.load(lse_ptr + local, mask=row_ok, other=0.0)
+    g = weight * tl.exp(lg - lse[:, None])
+    g = tl.where(cols[None, :] == rows[:, None], g - onehot, g)
+    tl.store(g_ptr + local[:, None] * stride_g + cols[None, :], g, mask=row_ok[:, None] & col_ok[None, :])
