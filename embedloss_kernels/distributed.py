@@ -14,7 +14,7 @@ padding rows are dropped before the op, so they are never scored.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -139,12 +139,39 @@ def gather_columns(columns: Sequence[Tensor], group=None) -> tuple[Tensor, Tenso
     return q_all, a_all, sum(sizes[:rank]), sizes[rank]
 
 
-def infonce_across_devices(queries: Tensor, docs: Sequence[Tensor], *, group=None, **options) -> Tensor:
+def _agree_on_validation(check: Callable[[], None], device: torch.device, group) -> None:
+    """Run ``check`` on every rank and fail on every rank if it failed on any: a rank that raised alone would
+    leave the others waiting in the next collective until the process group times out."""
+    error = None
+    try:
+        check()
+    except (ValueError, TypeError) as exc:
+        error = exc
+    failed = torch.tensor([0 if error is None else 1 << dist.get_rank(group)], dtype=torch.int64, device=device)
+    dist.all_reduce(failed, op=dist.ReduceOp.SUM, group=group)
+    if error is not None:
+        raise error
+    if int(failed.item()):
+        ranks = [r for r in range(dist.get_world_size(group)) if int(failed.item()) >> r & 1]
+        raise ValueError(f"gather_across_devices: the input of rank(s) {ranks} failed validation (see the error "
+                         "raised there); every rank stops here instead of waiting on a collective")
+
+
+def infonce_across_devices(
+    queries: Tensor, docs: Sequence[Tensor], *, group=None, check: Callable[[], None] | None = None, **options
+) -> Tensor:
     """MNRL of this rank's rows against all gathered columns; a no-op (with a warning) when not distributed.
 
     The returned loss is the mean over this rank's rows; its gradients reach every rank's embeddings (as with
     sentence-transformers' ``all_gather_with_grad``), so DDP's gradient averaging yields the world-batch loss.
+    ``check`` validates this rank's input; under a process group every rank learns whether any rank failed.
     """
+    if check is not None:
+        if is_distributed():
+            device = queries.device if isinstance(queries, Tensor) else torch.device("cpu")
+            _agree_on_validation(check, device, group)
+        else:
+            check()
     if not is_distributed():
         functional.warn_once(
             "gather-not-distributed",

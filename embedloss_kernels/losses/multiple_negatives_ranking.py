@@ -138,14 +138,17 @@ class MultipleNegativesRankingLoss(nn.Module):
     def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None = None) -> Tensor:
         embeddings = list(embeddings)
         names = ["embeddings[0] (queries)"] + [f"embeddings[{i}]" for i in range(1, len(embeddings))]
-        check_embeddings(embeddings, names)
         options = dict(
             scale=self.scale, similarity=self.similarity_fct, directions=self.directions,
             partition_mode=self.partition_mode, hardness_mode=self.hardness_mode,
             hardness_strength=self.hardness_strength,
         )
         if self.gather_across_devices:
-            return distributed.infonce_across_devices(embeddings[0], embeddings[1:], **options)
+            # Validated inside, so that a bad input on one rank stops every rank instead of hanging the others.
+            return distributed.infonce_across_devices(
+                embeddings[0], embeddings[1:], check=lambda: check_embeddings(embeddings, names), **options
+            )
+        check_embeddings(embeddings, names)
         return functional.infonce_from_columns(embeddings[0], embeddings[1:], **options)
 
     def get_config_dict(self) -> dict[str, Any]:
