@@ -3,6 +3,10 @@
 `pip install --no-build-isolation -e .` installs the Python package (torch must already be installed: the
 C++ extension is compiled against it). Set EMBEDLOSS_NO_EXT=1 to skip the native build; the package then
 runs on its `torch` (and, on CUDA, `triton`) backends.
+
+The extension `embedloss_kernels._C` (the `cpp` backend, csrc/) is built with ninja through
+torch.utils.cpp_extension. A failed compile does not fail the install: setup prints a warning and installs the
+pure-Python package, which then runs on the `torch` backend.
 """
 
 import os
@@ -13,8 +17,46 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _ext_modules():
-    # The C++ extension (csrc/) is added by the C++ backend; see csrc/README if present.
-    return [], {}
+    """The `embedloss_kernels._C` extension and its build command, or nothing when EMBEDLOSS_NO_EXT=1."""
+    if os.environ.get("EMBEDLOSS_NO_EXT", "0") not in ("", "0"):
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError as exc:
+        print(f"WARNING: embedloss_kernels: torch is not importable ({exc}); skipping the C++ extension.")
+        return [], {}
+
+    import glob
+
+    # Relative to this file, so the build works from any working directory.
+    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), root_dir=HERE, recursive=True))
+    flags = ["-O3"]
+    link = []
+    if torch._C.has_openmp:  # the kernels' `omp simd` loops and at::parallel_for follow torch's threading
+        flags.append("-fopenmp")
+        link.append("-fopenmp")
+
+    class BuildExtensionOrWarn(BuildExtension.with_options(use_ninja=True)):
+        """Build the extension; on failure warn and let the pure-Python package install."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:  # noqa: BLE001 - any compiler/linker failure
+                print(
+                    f"WARNING: embedloss_kernels: building the C++ extension failed ({exc}); installing the "
+                    "pure-Python package, which runs on the torch backend."
+                )
+
+    ext = CppExtension(
+        "embedloss_kernels._C",
+        sources,
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args=flags,
+        extra_link_args=link,
+    )
+    return [ext], {"build_ext": BuildExtensionOrWarn}
 
 
 ext_modules, cmdclass = _ext_modules()

@@ -1,0 +1,345 @@
+// Fused InfoNCE / MNRL on CPU: loss and d loss / d (q, a) in one pass over row blocks.
+//
+// Per block of anchor rows g (global indices), with Q, A the (normalized) queries and candidates, P = A[:Bq]:
+//   L_qd = s Q_g A^T (+ alpha sg(Q_g A^T) on the penalized columns)   (R, C)
+//   L_qq = s Q_g Q^T, column g masked                                (R, Bq)
+//   L_dq = s P_g Q^T                                                 (R, Bq)
+//   L_dd = s P_g A^T, columns g + c Bq masked                        (R, C)
+//   loss_g = LSE(blocks) - s Q_g . A_g       (joint; per_direction: mean of per-block LSEs)
+//   G = (softmax - onehot(positive)) s / row_count   (the penalty is stop-gradient, so d logit / d sim = s)
+//   dQ_g += G_qd A + G_qq Q;  dA += G_qd^T Q_g + G_dd^T P_g;  dP_g += G_dq Q + G_dd A;  dQ += G_qq^T Q_g + G_dq^T P_g
+//
+// Blocks are spread over threads with at::parallel_for; each thread multiplies with single-threaded BLAS into its own
+// logit buffers (R x width, a few MiB) and accumulates into its own dA (and dQ when a block writes every row of it),
+// summed at the end: extra memory O(threads (R width + C D)), never B x C.
+#include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "kernels.h"
+
+namespace embedloss {
+namespace {
+
+// exp(x) in float, branch-free so the loop vectorizes (Cephes-style: 2^n * poly(r), |r| <= ln2 / 2, ~1 ulp).
+// Arguments are shifted logits (<= 0 up to rounding); below -87 the result is 0, as for masked (-inf) cells.
+inline float exp_approx(float x) {
+  const float xc = std::min(std::max(x, -87.0f), 88.0f);
+  const float fn = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = (xc - fn * 0.693359375f) + fn * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(fn) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return x < -87.0f ? 0.0f : p * two_n;
+}
+
+// x[j] = exp(x[j] - m) in place; returns the sum.
+template <typename T>
+T exp_shift_sum(T* __restrict__ x, int64_t n, T m);
+
+template <>
+float exp_shift_sum<float>(float* __restrict__ x, int64_t n, float m) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    const float e = exp_approx(x[j] - m);
+    x[j] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+template <>
+double exp_shift_sum<double>(double* __restrict__ x, int64_t n, double m) {
+  double sum = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    const double e = std::exp(x[j] - m);
+    x[j] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+template <typename T>
+void scale_row(T* __restrict__ x, int64_t n, T s) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) x[j] *= s;
+}
+
+template <typename T>
+T row_max(const T* __restrict__ x, int64_t n) {
+  T m = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+struct InfonceArgs {
+  int64_t bq, n_docs, cols, dim, row_start, row_count, rows_per_block;
+  double scale, alpha;
+  int64_t hardness_mode;
+  bool joint, compute_grad, use_qq, use_dq, use_dd;
+};
+
+// One thread's share of blocks [block_begin, block_end): logits, LSE, loss and (optionally) gradient accumulation.
+template <typename T>
+double infonce_blocks(const InfonceArgs& p, const at::Tensor& qf, const at::Tensor& af, at::Tensor& dq_acc,
+                      at::Tensor& da_acc, int64_t block_begin, int64_t block_end) {
+  const auto opts = qf.options();
+  const int64_t R = p.rows_per_block, C = p.cols, Bq = p.bq, K = p.n_docs;
+  const T s = static_cast<T>(p.scale);
+  const T s_hard = static_cast<T>(p.scale + p.alpha);
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  const int n_blocks = 1 + p.use_qq + p.use_dq + p.use_dd;
+  const T inv_rows = static_cast<T>(1.0 / static_cast<double>(p.row_count));
+  const T weight = s * inv_rows / static_cast<T>(p.joint ? 1 : n_blocks);
+
+  at::Tensor l_qd = at::empty({R, C}, opts);
+  at::Tensor l_qq = p.use_qq ? at::empty({R, Bq}, opts) : at::Tensor();
+  at::Tensor l_dq = p.use_dq ? at::empty({R, Bq}, opts) : at::Tensor();
+  at::Tensor l_dd = p.use_dd ? at::empty({R, C}, opts) : at::Tensor();
+  std::vector<T> own_sim(K);
+  double loss_sum = 0.0;
+
+  for (int64_t blk = block_begin; blk < block_end; ++blk) {
+    const int64_t r0 = p.row_start + blk * R;
+    const int64_t n = std::min(R, p.row_start + p.row_count - r0);
+    const at::Tensor q_blk = qf.narrow(0, r0, n);
+    const at::Tensor p_blk = af.narrow(0, r0, n);
+    at::Tensor g_qd = l_qd.narrow(0, 0, n);
+    at::Tensor g_qq = p.use_qq ? l_qq.narrow(0, 0, n) : at::Tensor();
+    at::Tensor g_dq = p.use_dq ? l_dq.narrow(0, 0, n) : at::Tensor();
+    at::Tensor g_dd = p.use_dd ? l_dd.narrow(0, 0, n) : at::Tensor();
+
+    // -- similarities: the four products of the block --
+    at::mm_out(g_qd, q_blk, af.t());
+    if (p.use_qq) at::mm_out(g_qq, q_blk, qf.t());
+    if (p.use_dq) at::mm_out(g_dq, p_blk, qf.t());
+    if (p.use_dd) at::mm_out(g_dd, p_blk, af.t());
+
+    // -- per row: scale, hardness, masks, exact LSE, then the logits become G in place --
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t g = r0 + i;
+      T* x_qd = g_qd.data_ptr<T>() + i * C;
+      T* x_qq = p.use_qq ? g_qq.data_ptr<T>() + i * Bq : nullptr;
+      T* x_dq = p.use_dq ? g_dq.data_ptr<T>() + i * Bq : nullptr;
+      T* x_dd = p.use_dd ? g_dd.data_ptr<T>() + i * C : nullptr;
+
+      for (int64_t c = 0; c < K; ++c) own_sim[c] = x_qd[g + c * Bq];
+      const T positive = own_sim[0] * s;
+      switch (p.hardness_mode) {
+        case kHardnessHard:  // only the query's own hard negatives are boosted
+          scale_row(x_qd, C, s);
+          for (int64_t c = 1; c < K; ++c) x_qd[g + c * Bq] = own_sim[c] * s_hard;
+          break;
+        case kHardnessInBatch:  // every column except the query's own docs
+          scale_row(x_qd, C, s_hard);
+          for (int64_t c = 0; c < K; ++c) x_qd[g + c * Bq] = own_sim[c] * s;
+          break;
+        case kHardnessAll:  // every column except the query's own positive
+          scale_row(x_qd, C, s_hard);
+          x_qd[g] = positive;
+          break;
+        default:
+          scale_row(x_qd, C, s);
+      }
+      if (p.use_qq) {
+        scale_row(x_qq, Bq, s);
+        x_qq[g] = neg_inf;
+      }
+      if (p.use_dq) scale_row(x_dq, Bq, s);
+      if (p.use_dd) {
+        scale_row(x_dd, C, s);
+        for (int64_t c = 0; c < K; ++c) x_dd[g + c * Bq] = neg_inf;
+      }
+
+      T m_qd = row_max(x_qd, C);
+      T m_qq = p.use_qq ? row_max(x_qq, Bq) : neg_inf;
+      T m_dq = p.use_dq ? row_max(x_dq, Bq) : neg_inf;
+      T m_dd = p.use_dd ? row_max(x_dd, C) : neg_inf;
+      if (p.joint) m_qd = m_qq = m_dq = m_dd = std::max(std::max(m_qd, m_qq), std::max(m_dq, m_dd));
+      T sum_qd = exp_shift_sum(x_qd, C, m_qd);
+      T sum_qq = p.use_qq ? exp_shift_sum(x_qq, Bq, m_qq) : T(0);
+      T sum_dq = p.use_dq ? exp_shift_sum(x_dq, Bq, m_dq) : T(0);
+      T sum_dd = p.use_dd ? exp_shift_sum(x_dd, C, m_dd) : T(0);
+      double lse;
+      if (p.joint) {
+        const T total = sum_qd + sum_qq + sum_dq + sum_dd;
+        lse = static_cast<double>(m_qd) + std::log(static_cast<double>(total));
+        sum_qd = sum_qq = sum_dq = sum_dd = total;
+      } else {
+        lse = static_cast<double>(m_qd) + std::log(static_cast<double>(sum_qd));
+        if (p.use_qq) lse += static_cast<double>(m_qq) + std::log(static_cast<double>(sum_qq));
+        if (p.use_dq) lse += static_cast<double>(m_dq) + std::log(static_cast<double>(sum_dq));
+        if (p.use_dd) lse += static_cast<double>(m_dd) + std::log(static_cast<double>(sum_dd));
+        lse /= n_blocks;
+      }
+      loss_sum += lse - static_cast<double>(positive);
+      if (!p.compute_grad) continue;
+
+      scale_row(x_qd, C, weight / sum_qd);
+      x_qd[g] -= s * inv_rows;
+      if (p.use_qq) scale_row(x_qq, Bq, weight / sum_qq);
+      if (p.use_dq) scale_row(x_dq, Bq, weight / sum_dq);
+      if (p.use_dd) scale_row(x_dd, C, weight / sum_dd);
+    }
+    if (!p.compute_grad) continue;
+
+    // -- the gradient products, into this thread's accumulators --
+    at::Tensor dq_rows = dq_acc.narrow(0, r0, n);
+    at::Tensor dp_rows = da_acc.narrow(0, r0, n);
+    dq_rows.addmm_(g_qd, af);
+    da_acc.addmm_(g_qd.t(), q_blk);
+    if (p.use_qq) {
+      dq_rows.addmm_(g_qq, qf);
+      dq_acc.addmm_(g_qq.t(), q_blk);
+    }
+    if (p.use_dq) {
+      dp_rows.addmm_(g_dq, qf);
+      dq_acc.addmm_(g_dq.t(), p_blk);
+    }
+    if (p.use_dd) {
+      dp_rows.addmm_(g_dd, af);
+      da_acc.addmm_(g_dd.t(), p_blk);
+    }
+  }
+  return loss_sum;
+}
+
+// Rows per block: the thread's logit buffers (R x width) stay near 4 MiB, R a multiple of 8 for the BLAS, and every
+// thread gets at least one block.
+int64_t auto_block_rows(int64_t width, int64_t elem, int64_t row_count, int64_t threads) {
+  constexpr int64_t kBudget = 4 << 20;
+  int64_t rows = kBudget / std::max<int64_t>(width * elem, 1);
+  rows = std::max<int64_t>(8, std::min<int64_t>(256, rows / 8 * 8));
+  const int64_t share = (row_count + threads - 1) / threads;
+  return std::max<int64_t>(1, std::min(rows, share));
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> normalize_rows(const at::Tensor& x) {
+  at::Tensor norm = x.norm(2, {1}, /*keepdim=*/true).clamp_min_(kEps);
+  return {x / norm, norm};
+}
+
+at::Tensor normalize_rows_backward_(const at::Tensor& x_hat, const at::Tensor& norm, at::Tensor& grad_hat) {
+  at::Tensor radial = (x_hat * grad_hat).sum({1}, /*keepdim=*/true).masked_fill_(norm <= kEps, 0.0);
+  return grad_hat.addcmul_(x_hat, radial, -1.0).div_(norm);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_cpu(
+    const at::Tensor& q, const at::Tensor& a, int64_t row_start, int64_t row_count, double scale, bool cosine,
+    int64_t directions, bool joint, int64_t hardness_mode, double hardness_strength, bool compute_grad,
+    int64_t block_rows) {
+  TORCH_CHECK(q.dim() == 2 && a.dim() == 2, "embedloss_cpp::infonce: q and a must be 2-D, got q of shape ",
+              q.sizes(), " and a of shape ", a.sizes());
+  TORCH_CHECK(q.device().is_cpu() && a.device().is_cpu(), "embedloss_cpp::infonce: q and a must be CPU tensors");
+  TORCH_CHECK(q.scalar_type() == a.scalar_type(), "embedloss_cpp::infonce: q and a must share a dtype, got ",
+              q.scalar_type(), " and ", a.scalar_type());
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()), "embedloss_cpp::infonce: q must be floating point, got ",
+              q.scalar_type());
+  const int64_t bq = q.size(0), dim = q.size(1);
+  TORCH_CHECK(bq > 0 && a.size(1) == dim && a.size(0) % bq == 0 && a.size(0) >= bq,
+              "embedloss_cpp::infonce: a must be (K*Bq, D) for q (Bq, D) = ", q.sizes(), ", got ", a.sizes());
+  TORCH_CHECK(row_count > 0 && row_start >= 0 && row_start + row_count <= bq,
+              "embedloss_cpp::infonce: rows [row_start, row_start + row_count) must lie in [0, ", bq, "), got ",
+              row_start, " and ", row_count);
+  TORCH_CHECK(directions & kQueryToDoc, "embedloss_cpp::infonce: directions must include query_to_doc (bit 1)");
+  TORCH_CHECK(hardness_mode >= kHardnessNone && hardness_mode <= kHardnessAll,
+              "embedloss_cpp::infonce: hardness_mode must be 0..3, got ", hardness_mode);
+
+  const auto work = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor qf = q.detach().to(work).contiguous(), af = a.detach().to(work).contiguous();
+  at::Tensor q_norm, a_norm;
+  if (cosine) {
+    std::tie(qf, q_norm) = normalize_rows(qf);
+    std::tie(af, a_norm) = normalize_rows(af);
+  }
+
+  InfonceArgs p;
+  p.bq = bq;
+  p.n_docs = a.size(0) / bq;
+  p.cols = a.size(0);
+  p.dim = dim;
+  p.row_start = row_start;
+  p.row_count = row_count;
+  p.scale = scale;
+  p.hardness_mode = hardness_strength > 0 ? hardness_mode : kHardnessNone;
+  p.alpha = p.hardness_mode != kHardnessNone ? hardness_strength : 0.0;
+  p.joint = joint;
+  p.compute_grad = compute_grad;
+  p.use_qq = directions & kQueryToQuery;
+  p.use_dq = directions & kDocToQuery;
+  p.use_dd = directions & kDocToDoc;
+  const int64_t width = p.cols * (1 + p.use_dd) + bq * (p.use_qq + p.use_dq);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  p.rows_per_block = block_rows > 0 ? std::min(block_rows, row_count)
+                                    : auto_block_rows(width, at::elementSize(work), row_count, threads);
+  const int64_t n_blocks = (row_count + p.rows_per_block - 1) / p.rows_per_block;
+
+  // Thread 0 accumulates straight into the result; others into their own buffers, created on first use. dQ is only
+  // per-thread when some block writes rows outside its own (query_to_query, doc_to_query).
+  const bool shared_dq = !(p.use_qq || p.use_dq);
+  at::Tensor dq = compute_grad ? at::zeros_like(qf) : at::Tensor();
+  at::Tensor da = compute_grad ? at::zeros_like(af) : at::Tensor();
+  std::vector<at::Tensor> dq_parts(threads), da_parts(threads);
+  std::vector<double> loss_parts(threads, 0.0);
+  at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t tid = at::get_thread_num();
+    // Worker threads do not inherit the caller's dispatch state: keep the kernel's own ops below autograd.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    at::Tensor dq_acc, da_acc;
+    if (compute_grad) {
+      if (tid == 0 || shared_dq) {
+        dq_acc = dq;
+      } else {
+        if (!dq_parts[tid].defined()) dq_parts[tid] = at::zeros_like(qf);
+        dq_acc = dq_parts[tid];
+      }
+      if (tid == 0) {
+        da_acc = da;
+      } else {
+        if (!da_parts[tid].defined()) da_parts[tid] = at::zeros_like(af);
+        da_acc = da_parts[tid];
+      }
+    }
+    AT_DISPATCH_FLOATING_TYPES(qf.scalar_type(), "embedloss_infonce_cpu", [&] {
+      loss_parts[tid] += infonce_blocks<scalar_t>(p, qf, af, dq_acc, da_acc, begin, end);
+    });
+  });
+
+  double loss_sum = 0.0;
+  for (double part : loss_parts) loss_sum += part;
+  at::Tensor loss = at::scalar_tensor(loss_sum / static_cast<double>(row_count), q.options().dtype(work));
+  if (!compute_grad) {
+    at::Tensor empty = at::empty({0}, q.options());
+    return {loss, empty, empty};
+  }
+  for (int64_t t = 1; t < threads; ++t) {
+    if (dq_parts[t].defined()) dq.add_(dq_parts[t]);
+    if (da_parts[t].defined()) da.add_(da_parts[t]);
+  }
+  dq_parts.clear();
+  da_parts.clear();
+  if (cosine) {
+    normalize_rows_backward_(qf, q_norm, dq);
+    normalize_rows_backward_(af, a_norm, da);
+  }
+  return {loss, dq.to(q.scalar_type()), da.to(a.scalar_type())};
+}
+
+}  // namespace embedloss

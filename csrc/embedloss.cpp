@@ -1,0 +1,135 @@
+// embedloss_cpp ops: schemas, CPU kernels, autograd and the Python module embedloss_kernels._C.
+//
+// Every op returns (loss, grad_first, grad_second) with the gradients computed in the forward pass; the autograd
+// kernel saves them and its backward calls embedloss_cpp::scaled_grads (grad_output * saved gradients) through the
+// dispatcher. Double backward is refused: nothing of the loss's graph is kept.
+#include <Python.h>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "cpu/kernels.h"
+
+namespace embedloss {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+std::tuple<at::Tensor, at::Tensor> scaled_grads(const at::Tensor& grad_loss, const at::Tensor& grad_first,
+                                                const at::Tensor& grad_second) {
+  return {grad_first * grad_loss.to(grad_first.scalar_type()), grad_second * grad_loss.to(grad_second.scalar_type())};
+}
+
+variable_list backward_from_saved(AutogradContext* ctx, const variable_list& grad_outputs, size_t n_inputs) {
+  TORCH_CHECK(!at::GradMode::is_enabled(),
+              "embedloss_kernels losses do not support double backward (create_graph=True): their gradient is "
+              "computed in the forward pass. Use embedloss_kernels.reference for higher-order derivatives.");
+  const at::Tensor grad_first = ctx->saved_data["grad_first"].toTensor();
+  const at::Tensor grad_second = ctx->saved_data["grad_second"].toTensor();
+  TORCH_CHECK(grad_first.numel() > 0 || grad_second.numel() > 0,
+              "the loss was computed without gradients (compute_grad=False) but backward was called");
+  variable_list out(n_inputs);
+  if (!grad_outputs[0].defined()) return out;
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("embedloss_cpp::scaled_grads", "")
+                       .typed<decltype(scaled_grads)>();
+  std::tie(out[0], out[1]) = op.call(grad_outputs[0], grad_first, grad_second);
+  return out;
+}
+
+void save_grads(AutogradContext* ctx, const at::Tensor& grad_first, const at::Tensor& grad_second) {
+  ctx->saved_data["grad_first"] = grad_first;
+  ctx->saved_data["grad_second"] = grad_second;
+  ctx->mark_non_differentiable({grad_first, grad_second});
+}
+
+class InfonceFunction : public torch::autograd::Function<InfonceFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& a, int64_t row_start,
+                               int64_t row_count, double scale, bool cosine, int64_t directions, bool joint,
+                               int64_t hardness_mode, double hardness_strength, bool compute_grad,
+                               int64_t block_rows) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("embedloss_cpp::infonce", "")
+                         .typed<decltype(infonce_cpu)>();
+    auto [loss, grad_q, grad_a] = op.call(q, a, row_start, row_count, scale, cosine, directions, joint,
+                                          hardness_mode, hardness_strength, compute_grad, block_rows);
+    save_grads(ctx, grad_q, grad_a);
+    return {loss, grad_q, grad_a};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    return backward_from_saved(ctx, grad_outputs, 12);
+  }
+};
+
+class CosentFunction : public torch::autograd::Function<CosentFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& y,
+                               const at::Tensor& labels, double scale, int64_t similarity, bool compute_grad) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("embedloss_cpp::cosent", "")
+                         .typed<decltype(cosent_cpu)>();
+    auto [loss, grad_x, grad_y] = op.call(x, y, labels, scale, similarity, compute_grad);
+    save_grads(ctx, grad_x, grad_y);
+    return {loss, grad_x, grad_y};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    return backward_from_saved(ctx, grad_outputs, 6);
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_autograd(
+    const at::Tensor& q, const at::Tensor& a, int64_t row_start, int64_t row_count, double scale, bool cosine,
+    int64_t directions, bool joint, int64_t hardness_mode, double hardness_strength, bool compute_grad,
+    int64_t block_rows) {
+  auto out = InfonceFunction::apply(q, a, row_start, row_count, scale, cosine, directions, joint, hardness_mode,
+                                    hardness_strength, compute_grad, block_rows);
+  return {out[0], out[1], out[2]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cosent_autograd(
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& labels, double scale, int64_t similarity,
+    bool compute_grad) {
+  auto out = CosentFunction::apply(x, y, labels, scale, similarity, compute_grad);
+  return {out[0], out[1], out[2]};
+}
+
+}  // namespace
+}  // namespace embedloss
+
+// Schemas: identical to INFONCE_SCHEMA / COSENT_SCHEMA in embedloss_kernels/ops/__init__.py.
+TORCH_LIBRARY(embedloss_cpp, m) {
+  m.def(
+      "infonce(Tensor q, Tensor a, int row_start, int row_count, float scale, bool cosine, int directions, "
+      "bool joint, int hardness_mode, float hardness_strength, bool compute_grad, int block_rows) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "cosent(Tensor x, Tensor y, Tensor labels, float scale, int similarity, bool compute_grad) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def("scaled_grads(Tensor grad_loss, Tensor grad_first, Tensor grad_second) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(embedloss_cpp, CPU, m) {
+  m.impl("infonce", &embedloss::infonce_cpu);
+  m.impl("cosent", &embedloss::cosent_cpu);
+}
+
+TORCH_LIBRARY_IMPL(embedloss_cpp, CompositeExplicitAutograd, m) {
+  m.impl("scaled_grads", &embedloss::scaled_grads);
+}
+
+TORCH_LIBRARY_IMPL(embedloss_cpp, Autograd, m) {
+  m.impl("infonce", &embedloss::infonce_autograd);
+  m.impl("cosent", &embedloss::cosent_autograd);
+}
+
+// A bare module: importing embedloss_kernels._C loads the library and runs the registrations above.
+static struct PyModuleDef embedloss_module = {PyModuleDef_HEAD_INIT, "_C", "embedloss_cpp ops", -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&embedloss_module); }
