@@ -28,7 +28,7 @@ variable_list backward_from_saved(AutogradContext* ctx, const variable_list& gra
               "computed in the forward pass. Use embedloss_kernels.reference for higher-order derivatives.");
   const at::Tensor grad_first = ctx->saved_data["grad_first"].toTensor();
   const at::Tensor grad_second = ctx->saved_data["grad_second"].toTensor();
-  TORCH_CHECK(grad_first.numel() > 0 || grad_second.numel() > 0,
+  TORCH_CHECK(ctx->saved_data["compute_grad"].toBool(),
               "the loss was computed without gradients (compute_grad=False) but backward was called");
   variable_list out(n_inputs);
   if (!grad_outputs[0].defined()) return out;
@@ -39,7 +39,9 @@ variable_list backward_from_saved(AutogradContext* ctx, const variable_list& gra
   return out;
 }
 
-void save_grads(AutogradContext* ctx, const at::Tensor& grad_first, const at::Tensor& grad_second) {
+void save_grads(AutogradContext* ctx, const at::Tensor& grad_first, const at::Tensor& grad_second,
+                bool compute_grad) {
+  ctx->saved_data["compute_grad"] = compute_grad;
   ctx->saved_data["grad_first"] = grad_first;
   ctx->saved_data["grad_second"] = grad_second;
   ctx->mark_non_differentiable({grad_first, grad_second});
@@ -57,7 +59,7 @@ class InfonceFunction : public torch::autograd::Function<InfonceFunction> {
                          .typed<decltype(infonce_cpu)>();
     auto [loss, grad_q, grad_a] = op.call(q, a, row_start, row_count, scale, cosine, directions, joint,
                                           hardness_mode, hardness_strength, compute_grad, block_rows);
-    save_grads(ctx, grad_q, grad_a);
+    save_grads(ctx, grad_q, grad_a, compute_grad);
     return {loss, grad_q, grad_a};
   }
 
@@ -75,7 +77,7 @@ class CosentFunction : public torch::autograd::Function<CosentFunction> {
                          .findSchemaOrThrow("embedloss_cpp::cosent", "")
                          .typed<decltype(cosent_cpu)>();
     auto [loss, grad_x, grad_y] = op.call(x, y, labels, scale, similarity, compute_grad);
-    save_grads(ctx, grad_x, grad_y);
+    save_grads(ctx, grad_x, grad_y, compute_grad);
     return {loss, grad_x, grad_y};
   }
 

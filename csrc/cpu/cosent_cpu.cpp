@@ -97,8 +97,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosent_cpu(
   }
   at::Tensor loss_t = at::scalar_tensor(loss, x.options().dtype(work));
   if (!compute_grad) {
-    at::Tensor empty = at::empty({0}, x.options());
-    return {loss_t, empty, empty};
+    // Two distinct tensors: outputs of an op must not alias each other.
+    return {loss_t, at::empty({0}, x.options()), at::empty({0}, x.options())};
   }
 
   at::Tensor dsim = at::empty({B}, x.options().dtype(at::kDouble));

@@ -326,8 +326,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_cpu(
   for (double part : loss_parts) loss_sum += part;
   at::Tensor loss = at::scalar_tensor(loss_sum / static_cast<double>(row_count), q.options().dtype(work));
   if (!compute_grad) {
-    at::Tensor empty = at::empty({0}, q.options());
-    return {loss, empty, empty};
+    // Two distinct tensors: outputs of an op must not alias each other.
+    return {loss, at::empty({0}, q.options()), at::empty({0}, q.options())};
   }
   for (int64_t t = 1; t < threads; ++t) {
     if (dq_parts[t].defined()) dq.add_(dq_parts[t]);
