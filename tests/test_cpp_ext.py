@@ -229,6 +229,6 @@ def test_one_thread_and_many_threads_agree():
             results[threads, dirs] = ops().infonce(q, a, 0, 203, 20.0, True, dirs, True, HARDNESS_NONE, 0.0, True, 16)
     finally:
         torch.set_num_threads(before)
-    for (threads, dirs), out in results.items():
+    for (_threads, dirs), out in results.items():
         for x, y in zip(out, results[1, dirs]):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
