@@ -9,6 +9,11 @@
 //   G = (softmax - onehot(positive)) s / row_count   (the penalty is stop-gradient, so d logit / d sim = s)
 //   dQ_g += G_qd A + G_qq Q;  dA += G_qd^T Q_g + G_dd^T P_g;  dP_g += G_dq Q + G_dd A;  dQ += G_qq^T Q_g + G_dq^T P_g
 //
+// Cosine without normalized copies: the products run on the raw rows and the row pass applies 1/||x_i|| 1/||y_j||
+// (n_* below). The gradient matrix becomes H = diag(1/n_row) G diag(1/n_col), so H Y and H^T X on the raw rows give
+// dX_hat / n_X and dY_hat / n_Y: the accumulators hold d/dv_hat / ||v||, and the normalization's backward turns
+// that into d/dv = acc - v <v, acc> / ||v||^2.
+//
 // Blocks are spread over threads with at::parallel_for; each thread multiplies with single-threaded BLAS into its own
 // logit buffers (R x width, a few MiB) and accumulates into its own dA (and dQ when a block writes every row of it),
 // summed at the end: extra memory O(threads (R width + C D)), never B x C.
@@ -79,6 +84,14 @@ void scale_row(T* __restrict__ x, int64_t n, T s) {
   for (int64_t j = 0; j < n; ++j) x[j] *= s;
 }
 
+// x[j] *= f * col[j] (col may be null: x[j] *= f).
+template <typename T>
+void scale_row_cols(T* __restrict__ x, int64_t n, T f, const T* __restrict__ col) {
+  if (col == nullptr) return scale_row(x, n, f);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) x[j] *= f * col[j];
+}
+
 template <typename T>
 T row_max(const T* __restrict__ x, int64_t n) {
   T m = -std::numeric_limits<T>::infinity();
@@ -92,6 +105,7 @@ struct InfonceArgs {
   double scale, alpha;
   int64_t hardness_mode;
   bool joint, compute_grad, use_qq, use_dq, use_dd;
+  at::Tensor nq, na, inv_nq, inv_na;  // max(||row||, eps) of q and a and its inverse under cosine, else undefined
 };
 
 // One thread's share of blocks [block_begin, block_end): logits, LSE, loss and (optionally) gradient accumulation.
@@ -113,6 +127,8 @@ double infonce_blocks(const InfonceArgs& p, const at::Tensor& qf, const at::Tens
   at::Tensor l_dd = p.use_dd ? at::empty({R, C}, opts) : at::Tensor();
   std::vector<T> own_sim(K);
   double loss_sum = 0.0;
+  const T* inv_nq = p.inv_nq.defined() ? p.inv_nq.data_ptr<T>() : nullptr;
+  const T* inv_na = p.inv_na.defined() ? p.inv_na.data_ptr<T>() : nullptr;
 
   for (int64_t blk = block_begin; blk < block_end; ++blk) {
     const int64_t r0 = p.row_start + blk * R;
@@ -138,31 +154,33 @@ double infonce_blocks(const InfonceArgs& p, const at::Tensor& qf, const at::Tens
       T* x_dq = p.use_dq ? g_dq.data_ptr<T>() + i * Bq : nullptr;
       T* x_dd = p.use_dd ? g_dd.data_ptr<T>() + i * C : nullptr;
 
-      for (int64_t c = 0; c < K; ++c) own_sim[c] = x_qd[g + c * Bq];
+      const T r_q = inv_nq ? inv_nq[g] : T(1);  // row factors: the anchor is q_g (qd, qq) or p_g (dq, dd)
+      const T r_p = inv_na ? inv_na[g] : T(1);
+      for (int64_t c = 0; c < K; ++c) own_sim[c] = x_qd[g + c * Bq] * r_q * (inv_na ? inv_na[g + c * Bq] : T(1));
       const T positive = own_sim[0] * s;
       switch (p.hardness_mode) {
         case kHardnessHard:  // only the query's own hard negatives are boosted
-          scale_row(x_qd, C, s);
+          scale_row_cols(x_qd, C, s * r_q, inv_na);
           for (int64_t c = 1; c < K; ++c) x_qd[g + c * Bq] = own_sim[c] * s_hard;
           break;
         case kHardnessInBatch:  // every column except the query's own docs
-          scale_row(x_qd, C, s_hard);
+          scale_row_cols(x_qd, C, s_hard * r_q, inv_na);
           for (int64_t c = 0; c < K; ++c) x_qd[g + c * Bq] = own_sim[c] * s;
           break;
         case kHardnessAll:  // every column except the query's own positive
-          scale_row(x_qd, C, s_hard);
+          scale_row_cols(x_qd, C, s_hard * r_q, inv_na);
           x_qd[g] = positive;
           break;
         default:
-          scale_row(x_qd, C, s);
+          scale_row_cols(x_qd, C, s * r_q, inv_na);
       }
       if (p.use_qq) {
-        scale_row(x_qq, Bq, s);
+        scale_row_cols(x_qq, Bq, s * r_q, inv_nq);
         x_qq[g] = neg_inf;
       }
-      if (p.use_dq) scale_row(x_dq, Bq, s);
+      if (p.use_dq) scale_row_cols(x_dq, Bq, s * r_p, inv_nq);
       if (p.use_dd) {
-        scale_row(x_dd, C, s);
+        scale_row_cols(x_dd, C, s * r_p, inv_na);
         for (int64_t c = 0; c < K; ++c) x_dd[g + c * Bq] = neg_inf;
       }
 
@@ -190,11 +208,12 @@ double infonce_blocks(const InfonceArgs& p, const at::Tensor& qf, const at::Tens
       loss_sum += lse - static_cast<double>(positive);
       if (!p.compute_grad) continue;
 
-      scale_row(x_qd, C, weight / sum_qd);
-      x_qd[g] -= s * inv_rows;
-      if (p.use_qq) scale_row(x_qq, Bq, weight / sum_qq);
-      if (p.use_dq) scale_row(x_dq, Bq, weight / sum_dq);
-      if (p.use_dd) scale_row(x_dd, C, weight / sum_dd);
+      // H = diag(r) (softmax - onehot) s / row_count diag(c)
+      scale_row_cols(x_qd, C, weight / sum_qd * r_q, inv_na);
+      x_qd[g] -= s * inv_rows * r_q * (inv_na ? inv_na[g] : T(1));
+      if (p.use_qq) scale_row_cols(x_qq, Bq, weight / sum_qq * r_q, inv_nq);
+      if (p.use_dq) scale_row_cols(x_dq, Bq, weight / sum_dq * r_p, inv_nq);
+      if (p.use_dd) scale_row_cols(x_dd, C, weight / sum_dd * r_p, inv_na);
     }
     if (!p.compute_grad) continue;
 
@@ -217,6 +236,31 @@ double infonce_blocks(const InfonceArgs& p, const at::Tensor& qf, const at::Tens
     }
   }
   return loss_sum;
+}
+
+// acc holds d/dv_hat / ||v|| per row; in place it becomes d/dv = acc - v_hat <v_hat, acc> with v_hat = v / ||v||
+// (divided, as F.normalize does, so that e.g. D = 1 cancels exactly). Rows whose norm was clamped at eps take no
+// radial part, as F.normalize's gradient.
+template <typename T>
+void scaled_normalize_backward_(const at::Tensor& v, const at::Tensor& norm, at::Tensor& acc) {
+  const int64_t rows = v.size(0), dim = v.size(1);
+  const T* vp = v.data_ptr<T>();
+  const T* np = norm.data_ptr<T>();
+  T* ap = acc.data_ptr<T>();
+  const T eps = static_cast<T>(kEps);
+  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (np[i] <= eps) continue;
+      const T* x = vp + i * dim;
+      T* g = ap + i * dim;
+      const T n = np[i];
+      T dot = 0;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t j = 0; j < dim; ++j) dot += (x[j] / n) * g[j];
+#pragma omp simd
+      for (int64_t j = 0; j < dim; ++j) g[j] -= (x[j] / n) * dot;
+    }
+  });
 }
 
 // Rows per block: the thread's logit buffers (R x width) stay near 4 MiB, R a multiple of 8 for the BLAS, and every
@@ -263,12 +307,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_cpu(
               "embedloss_cpp::infonce: hardness_mode must be 0..3, got ", hardness_mode);
 
   const auto work = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor qf = q.detach().to(work).contiguous(), af = a.detach().to(work).contiguous();
-  at::Tensor q_norm, a_norm;
-  if (cosine) {
-    std::tie(qf, q_norm) = normalize_rows(qf);
-    std::tie(af, a_norm) = normalize_rows(af);
-  }
+  // fp32/fp64 inputs are used in place (no copy); fp16/bf16 are widened once.
+  const at::Tensor qf = q.detach().to(work).contiguous(), af = a.detach().to(work).contiguous();
 
   InfonceArgs p;
   p.bq = bq;
@@ -285,6 +325,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_cpu(
   p.use_qq = directions & kQueryToQuery;
   p.use_dq = directions & kDocToQuery;
   p.use_dd = directions & kDocToDoc;
+  if (cosine) {
+    p.nq = qf.norm(2, {1}).clamp_min_(kEps);
+    p.na = af.norm(2, {1}).clamp_min_(kEps);
+    p.inv_nq = p.nq.reciprocal();
+    p.inv_na = p.na.reciprocal();
+  }
   const int64_t width = p.cols * (1 + p.use_dd) + bq * (p.use_qq + p.use_dq);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   p.rows_per_block = block_rows > 0 ? std::min(block_rows, row_count)
@@ -336,8 +382,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_cpu(
   dq_parts.clear();
   da_parts.clear();
   if (cosine) {
-    normalize_rows_backward_(qf, q_norm, dq);
-    normalize_rows_backward_(af, a_norm, da);
+    AT_DISPATCH_FLOATING_TYPES(qf.scalar_type(), "embedloss_infonce_normalize_backward", [&] {
+      scaled_normalize_backward_<scalar_t>(qf, p.nq, dq);
+      scaled_normalize_backward_<scalar_t>(af, p.na, da);
+    });
   }
   return {loss, dq.to(q.scalar_type()), da.to(a.scalar_type())};
 }
