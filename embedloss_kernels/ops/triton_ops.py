@@ -53,7 +53,7 @@ except Exception as exc:  # noqa: BLE001 - any failure leaves the backend unavai
     _IMPORT_ERROR = f"triton is not importable ({type(exc).__name__}: {exc})"
 
 
-def interpreted() -> bool:
+def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -66,20 +66,21 @@ def why_not(device: torch.device) -> str | None:
     if device.type == "cuda":
         return None if torch.cuda.is_available() else "torch.cuda.is_available() is False"
     if device.type == "cpu":
-        return None if interpreted() else "set TRITON_INTERPRET=1 to run the Triton kernels on CPU through the interpreter"
+        return None if _interpreted() else "set TRITON_INTERPRET=1 to run the Triton kernels on CPU through the interpreter"
     return f"the triton backend runs on cuda (or cpu through the interpreter), not {device.type}"
 
 
-def tile_config(n_dim: int, dtype: torch.dtype) -> dict:
+def tile_config(n_dim: int, dtype: torch.dtype, interpreted: bool | None = None) -> dict:
     """Tile shape for a launch. BK covers D in one chunk up to 64 (tl.dot needs >= 16); 64x64 tiles keep fp32
     accumulators at 32 registers/thread with 4 warps, fp64 halves BN to stay spill-free."""
     bk = 16 if n_dim <= 16 else 32 if n_dim <= 32 else 64
-    bn = 32 if dtype == torch.float64 else 64
-    return {"BM": 64 if not interpreted() else 16, "BN": bn if not interpreted() else 16, "BK": bk}
+    if interpreted if interpreted is not None else _interpreted():
+        return {"BM": 16, "BN": 16, "BK": bk}  # small tiles: the interpreter is slow, odd shapes cross tiles
+    return {"BM": 64, "BN": 32 if dtype == torch.float64 else 64, "BK": bk}
 
 
 def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.bfloat16 and interpreted():
+    if dtype == torch.bfloat16 and _interpreted():
         return "upcast"
     if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
         return "tf32"

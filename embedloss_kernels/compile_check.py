@@ -1,0 +1,122 @@
+"""Ahead-of-time compile of every Triton kernel and every tile config the launcher can pick, for sm_80 and sm_90.
+
+``python -m embedloss_kernels.compile_check`` prints (kernel, config, target, registers, spills, shared memory) and
+exits non-zero on a compile failure or a register spill. No GPU is needed: ``triton.compile`` lowers to a cubin for
+the target, and ``ptxas -v`` on the same PTX reports registers and spills (a CompiledKernel only knows them after
+loading on a device).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+TARGETS = (80, 90)
+DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "fp64": "fp64"}
+
+
+def _configs():
+    """(kernel name, dtype, constexprs) for every combination the launcher can pick on a GPU."""
+    import torch
+    import triton.language as tl
+
+    from .ops.triton_ops import tile_config
+
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+    for name in ("row_lse_kernel", "softmax_grad_kernel"):
+        for dt in DTYPES:
+            precs = ("tf32", "ieee") if dt == "fp32" else ("ieee",)
+            for n_dim in (16, 32, 64):  # the three BK choices
+                cfg = dict(tile_config(n_dim, torch_dtype[dt], interpreted=False))
+                for prec in precs:
+                    for pen in (0, 1, 2, 3):
+                        for mask in (0, 1, 2):
+                            if pen and mask:  # the penalty only applies to query_to_doc, which is never masked
+                                continue
+                            acc = tl.float64 if dt == "fp64" else tl.float32
+                            yield name, dt, dict(PEN_MODE=pen, MASK_MODE=mask, ACC=acc, PREC=prec, **cfg)
+
+
+def _signature(fn, dt: str, constexprs: dict) -> dict:
+    work = "fp64" if dt == "fp64" else "fp32"
+    sig = {}
+    for arg in fn.arg_names:
+        if arg in constexprs:
+            sig[arg] = "constexpr"
+        elif arg in ("x_ptr", "y_ptr"):
+            sig[arg] = f"*{dt}"
+        elif arg.endswith("_ptr"):
+            sig[arg] = f"*{work}"
+        elif arg in ("scale", "boost", "weight", "onehot"):
+            sig[arg] = "fp32"
+        else:
+            sig[arg] = "i32"
+    return sig
+
+
+def _ptxas() -> str | None:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        found = get_ptxas()
+        return found.path if hasattr(found, "path") else found[0]
+    except Exception:  # noqa: BLE001 - older/newer triton: fall back to PATH
+        return shutil.which("ptxas")
+
+
+def _usage(ptx: str, arch: int, ptxas: str | None) -> tuple[int, int]:
+    """Registers and spill bytes (stores + loads) of the kernel in ``ptx`` for ``sm_<arch>``."""
+    if ptxas is None:
+        return -1, -1
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        suffix = "a" if arch == 90 else ""
+        out = subprocess.run([ptxas, f"-arch=sm_{arch}{suffix}", "-v", path, "-o", os.devnull], capture_output=True,
+                             text=True, check=True)
+    text = out.stdout + out.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", text)]
+    return int(regs.group(1)) if regs else -1, sum(spills)
+
+
+def main() -> int:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .triton import infonce_kernels
+
+    ptxas = _ptxas()
+    rows, failed = [], False
+    for name, dt, cst in _configs():
+        fn = getattr(infonce_kernels, name)
+        config = f"{dt} BM{cst['BM']} BN{cst['BN']} BK{cst['BK']} {cst['PREC']} pen{cst['PEN_MODE']} mask{cst['MASK_MODE']}"
+        for arch in TARGETS:
+            try:
+                compiled = triton.compile(ASTSource(fn, _signature(fn, dt, cst), cst), target=GPUTarget("cuda", arch, 32))
+                regs, spills = _usage(compiled.asm["ptx"], arch, ptxas)
+                shared = compiled.metadata.shared
+                status = "SPILL" if spills > 0 else "ok"
+            except Exception as exc:  # noqa: BLE001 - reported in the table and in the exit status
+                regs = spills = shared = -1
+                status = f"FAIL {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+            failed |= status != "ok"
+            rows.append((name, config, f"sm_{arch}", regs, spills, shared, status))
+    header = ("kernel", "config", "target", "registers", "spills", "shared", "status")
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    for r in [header] + rows:
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
+    print(f"{len(rows)} compiles, {'FAILED' if failed else 'all ok, no spills'} (ptxas: {ptxas})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    os.environ.pop("TRITON_INTERPRET", None)  # compile for real, whatever the test environment set
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    sys.exit(main())
