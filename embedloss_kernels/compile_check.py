@@ -58,11 +58,15 @@ def _signature(fn, dt: str, constexprs: dict) -> dict:
     return sig
 
 
-def _ptxas() -> str | None:
+def _ptxas(arch: int) -> str | None:
+    """Triton's bundled ptxas (it understands the PTX version Triton emits; a system ptxas may be older)."""
     try:
         from triton.backends.nvidia.compiler import get_ptxas
 
-        found = get_ptxas()
+        try:
+            found = get_ptxas(arch)  # triton >= 3.7 picks the ptxas per architecture
+        except TypeError:
+            found = get_ptxas()
         return found.path if hasattr(found, "path") else found[0]
     except Exception:  # noqa: BLE001 - older/newer triton: fall back to PATH
         return shutil.which("ptxas")
@@ -92,7 +96,6 @@ def main() -> int:
 
     from .triton import infonce_kernels
 
-    ptxas = _ptxas()
     rows, failed = [], False
     for name, dt, cst in _configs():
         fn = getattr(infonce_kernels, name)
@@ -100,7 +103,7 @@ def main() -> int:
         for arch in TARGETS:
             try:
                 compiled = triton.compile(ASTSource(fn, _signature(fn, dt, cst), cst), target=GPUTarget("cuda", arch, 32))
-                regs, spills = _usage(compiled.asm["ptx"], arch, ptxas)
+                regs, spills = _usage(compiled.asm["ptx"], arch, _ptxas(arch))
                 shared = compiled.metadata.shared
                 status = "SPILL" if spills > 0 else "ok"
             except Exception as exc:  # noqa: BLE001 - reported in the table and in the exit status
@@ -112,7 +115,7 @@ def main() -> int:
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     for r in [header] + rows:
         print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
-    print(f"{len(rows)} compiles, {'FAILED' if failed else 'all ok, no spills'} (ptxas: {ptxas})")
+    print(f"{len(rows)} compiles, {'FAILED' if failed else 'all ok, no spills'} (ptxas: {_ptxas(TARGETS[-1])})")
     return 1 if failed else 0
 
 

@@ -26,8 +26,11 @@ from . import (
     HARDNESS_NONE,
     INFONCE_SCHEMA,
     QUERY_TO_QUERY,
+    SIM_ANGLE,
+    SIM_COSINE,
 )
 from .torch_ops import (
+    _swap_halves,
     backward_scaled_grads,
     block_budget_bytes,
     cosent_forward,
@@ -45,7 +48,8 @@ try:
     import triton
     import triton.language as tl
 
-    from ..triton.infonce_kernels import row_lse_kernel, softmax_grad_kernel
+    from ..triton.cosent_kernels import pair_grad_kernel, pair_lse_kernel
+    from ..triton.infonce_kernels import flash_dx_kernel, flash_dy_kernel, row_lse_kernel, softmax_grad_kernel
 
     _IMPORT_ERROR = None
 except Exception as exc:  # noqa: BLE001 - any failure leaves the backend unavailable, with the reason
@@ -77,6 +81,52 @@ def tile_config(n_dim: int, dtype: torch.dtype, interpreted: bool | None = None)
     if interpreted if interpreted is not None else _interpreted():
         return {"BM": 16, "BN": 16, "BK": bk}  # small tiles: the interpreter is slow, odd shapes cross tiles
     return {"BM": 64, "BN": 32 if dtype == torch.float64 else 64, "BK": bk}
+
+
+FLASH_MAX_DIM = 128
+COSENT_TILED_MAX_BATCH = 2048
+
+
+def _forced(var: str, choices: tuple[str, ...]) -> str:
+    value = os.environ.get(var, "auto").strip().lower() or "auto"
+    if value not in ("auto",) + choices:
+        raise ValueError(f"{var} must be one of {('auto',) + choices}, got {value!r}")
+    return value
+
+
+def infonce_strategy(n_dim: int, dtype: torch.dtype) -> str:
+    """``"flash"`` or ``"workspace"`` for the gradient pass (``EMBEDLOSS_TRITON_STRATEGY`` forces one).
+
+    Flash recomputes each logit tile twice more (row-parallel dX, column-parallel dY) but writes nothing B x N;
+    the workspace recomputes it once and moves ``rows x N`` fp32 through HBM three times (store G, read it in
+    ``G Y`` and ``G^T X``). A logit costs 2 D flops against 12 bytes of workspace traffic, so at D <= 128 the
+    recompute is the cheaper side (an H100 does ~60 fp32-tensor-core flops per HBM byte); and the (BM, D) fp32
+    accumulator of a row block fits in registers only while D <= 128. Past that, cuBLAS on the workspace wins.
+    """
+    forced = _forced("EMBEDLOSS_TRITON_STRATEGY", ("flash", "workspace"))
+    if forced != "auto":
+        return forced
+    return "flash" if n_dim <= FLASH_MAX_DIM else "workspace"
+
+
+def flash_config(n_dim: int, dtype: torch.dtype, interpreted: bool | None = None) -> dict:
+    """Flash tiles: BK spans all of D (the dX / dY accumulators hold whole rows). 64x64 logit tiles and a
+    (64, BK) fp32 accumulator stay in registers for BK <= 64; at BK = 128 (or fp64) BN halves to 32."""
+    bk = max(16, triton.next_power_of_2(n_dim))
+    if interpreted if interpreted is not None else _interpreted():
+        return {"BM": 16, "BN": 16, "BK": bk}
+    return {"BM": 64, "BN": 32 if (bk > 64 or dtype == torch.float64) else 64, "BK": bk}
+
+
+def cosent_strategy(batch: int) -> str:
+    """``"tiled"`` (two pairwise kernels, O(B^2) work in 2 launches) or ``"sorted"`` (torch sort + logcumsumexp,
+    O(B log B) in ~15 launches); ``EMBEDLOSS_TRITON_COSENT`` forces one. A pair costs a handful of flops, so the
+    tiled kernels clear B = 2048 (4M pairs) in a few microseconds, below the sorted path's launch overhead;
+    beyond that the quadratic work takes over and the sorted path is the faster one."""
+    forced = _forced("EMBEDLOSS_TRITON_COSENT", ("tiled", "sorted"))
+    if forced != "auto":
+        return forced
+    return "tiled" if batch <= COSENT_TILED_MAX_BATCH else "sorted"
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -148,28 +198,102 @@ def infonce_forward(q: Tensor, a: Tensor, row_start: int, row_count: int, scale:
     grads = {id(qw): dq, id(aw): da}
     inv_rows = 1.0 / row_count
     weight = scale * inv_rows / (1 if joint else len(blocks))
-    width = max(yk.shape[0] for _, _, yk, *_ in blocks)
-    elem = torch.finfo(wd).bits // 8
-    per_block = block_rows if block_rows > 0 else max(1, int(block_budget_bytes() // (elem * width)))
-    per_block = min(per_block, row_count)
-    workspace = torch.empty(per_block * width, dtype=wd, device=q.device)
-    for (name, xk, yk, xw, yw, pen, mask), lse in zip(blocks, lses):
-        n_cols = yk.shape[0]
-        for r0 in range(0, row_count, per_block):
-            n = min(per_block, row_count - r0)
-            g = workspace[: n * n_cols].view(n, n_cols)
-            grid = (triton.cdiv(n, cfg["BM"]), triton.cdiv(n_cols, cfg["BN"]))
-            softmax_grad_kernel[grid](xk, yk, lse[r0:], g, row_start + r0, n, n_cols, xk.shape[1], xk.stride(0),
-                                      yk.stride(0), g.stride(0), bq, scale, alpha, weight,
-                                      scale * inv_rows if name == "qd" else 0.0, PEN_MODE=pen, MASK_MODE=mask,
-                                      ACC=acc, PREC=prec, **cfg)
-            xr = slice(row_start + r0, row_start + r0 + n)
-            grads[id(xw)][xr] += g @ yw
-            grads[id(yw)] += g.T @ xw[xr]
+    if infonce_strategy(q.shape[1], q.dtype) == "flash":
+        fcfg = flash_config(q.shape[1], q.dtype)
+        for (name, xk, yk, xw, yw, pen, mask), lse in zip(blocks, lses):
+            n_cols = yk.shape[0]
+            dx = torch.empty(row_count, xk.shape[1], dtype=wd, device=q.device)
+            dy = torch.empty(n_cols, xk.shape[1], dtype=wd, device=q.device)
+            common = (row_start, row_count, n_cols, xk.shape[1], xk.stride(0), yk.stride(0))
+            consts = (bq, scale, alpha, weight, scale * inv_rows if name == "qd" else 0.0)
+            meta = dict(PEN_MODE=pen, MASK_MODE=mask, ACC=acc, PREC=prec, **fcfg)
+            flash_dx_kernel[(triton.cdiv(row_count, fcfg["BM"]),)](xk, yk, lse, dx, *common, dx.stride(0), *consts,
+                                                                     **meta)
+            flash_dy_kernel[(triton.cdiv(n_cols, fcfg["BN"]),)](xk, yk, lse, dy, *common, dy.stride(0), *consts,
+                                                                  **meta)
+            grads[id(xw)][row_start : row_start + row_count] += dx
+            grads[id(yw)] += dy
+    else:
+        width = max(yk.shape[0] for _, _, yk, *_ in blocks)
+        elem = torch.finfo(wd).bits // 8
+        per_block = block_rows if block_rows > 0 else max(1, int(block_budget_bytes() // (elem * width)))
+        per_block = min(per_block, row_count)
+        workspace = torch.empty(per_block * width, dtype=wd, device=q.device)
+        for (name, xk, yk, xw, yw, pen, mask), lse in zip(blocks, lses):
+            n_cols = yk.shape[0]
+            for r0 in range(0, row_count, per_block):
+                n = min(per_block, row_count - r0)
+                g = workspace[: n * n_cols].view(n, n_cols)
+                grid = (triton.cdiv(n, cfg["BM"]), triton.cdiv(n_cols, cfg["BN"]))
+                softmax_grad_kernel[grid](xk, yk, lse[r0:], g, row_start + r0, n, n_cols, xk.shape[1], xk.stride(0),
+                                          yk.stride(0), g.stride(0), bq, scale, alpha, weight,
+                                          scale * inv_rows if name == "qd" else 0.0, PEN_MODE=pen, MASK_MODE=mask,
+                                          ACC=acc, PREC=prec, **cfg)
+                xr = slice(row_start + r0, row_start + r0 + n)
+                grads[id(xw)][xr] += g @ yw
+                grads[id(yw)] += g.T @ xw[xr]
     if cosine:
         dq = normalize_rows_backward(qw, q_norm, dq)
         da = normalize_rows_backward(aw, a_norm, da)
     return loss, dq.to(out_dtype), da.to(out_dtype)
+
+
+def _pair_similarity(x: Tensor, y: Tensor, similarity: int):
+    """(t-free) pairwise similarity, and a function mapping d loss / d sim back to (d x, d y)."""
+    d = x.shape[1]
+    if similarity == SIM_ANGLE and d % 2:
+        x, y = torch.nn.functional.pad(x, (0, 1)), torch.nn.functional.pad(y, (0, 1))
+    if similarity in (SIM_COSINE, SIM_ANGLE):
+        x, x_norm = normalize_rows(x)
+        y, y_norm = normalize_rows(y)
+    if similarity == SIM_ANGLE:
+        y_rot = y + _swap_halves(y, -1.0)
+        z = (x * y_rot).sum(1)  # cos + sin
+        sim = z.abs()
+    else:
+        sim = (x * y).sum(1)
+
+    def backward(dsim: Tensor) -> tuple[Tensor, Tensor]:
+        if similarity == SIM_ANGLE:
+            dz = (dsim * z.sign())[:, None]
+            dx, dy = dz * y_rot, dz * (x + _swap_halves(x, 1.0))
+        else:
+            dx, dy = dsim[:, None] * y, dsim[:, None] * x
+        if similarity in (SIM_COSINE, SIM_ANGLE):
+            dx = normalize_rows_backward(x, x_norm, dx)[:, :d]
+            dy = normalize_rows_backward(y, y_norm, dy)[:, :d]
+        return dx, dy
+
+    return sim, backward
+
+
+def cosent_tiled(x: Tensor, y: Tensor, labels: Tensor, scale: float, similarity: int, compute_grad: bool):
+    """CoSENT through the pairwise kernels: per-row LSE over lower-labelled pairs, then d loss / d t per row."""
+    wd = work_dtype(x.dtype)
+    sim, backward = _pair_similarity(x.to(wd), y.to(wd), similarity)
+    t = (sim * scale).contiguous()
+    lab = labels.to(device=x.device, dtype=torch.float64).contiguous()
+    n = t.shape[0]
+    acc = _acc(x.dtype)
+    bm = 16 if _interpreted() else 64
+    m = torch.empty_like(t)
+    s = torch.empty_like(t)
+    pair_lse_kernel[(triton.cdiv(n, bm),)](t, lab, m, s, n, BM=bm, BN=bm, ACC=acc)
+    # log(1 + sum_i s_i e^{m_i}): rows without a lower-labelled pair have m = -inf and drop out.
+    loss = torch.logsumexp(torch.cat([t.new_zeros(1), m + s.log()]), 0)
+    if not compute_grad:
+        empty = x.new_empty((0,))
+        return loss, empty, empty
+    dt = torch.empty_like(t)
+    pair_grad_kernel[(triton.cdiv(n, bm),)](t, lab, loss.reshape(1), dt, n, BM=bm, BN=bm, ACC=acc)
+    dx, dy = backward(dt * scale)
+    return loss, dx.to(x.dtype), dy.to(x.dtype)
+
+
+def cosent_dispatch(x: Tensor, y: Tensor, labels: Tensor, scale: float, similarity: int, compute_grad: bool):
+    if cosent_strategy(x.shape[0]) == "tiled":
+        return cosent_tiled(x, y, labels, scale, similarity, compute_grad)
+    return cosent_forward(x, y, labels, scale, similarity, compute_grad)
 
 
 _lib = torch.library.Library("embedloss_triton", "DEF")
@@ -177,7 +301,7 @@ _lib.define("infonce" + INFONCE_SCHEMA)
 _lib.define("cosent" + COSENT_SCHEMA)
 for _key in ("CUDA", "CPU"):  # CPU only runs when why_not allows it (TRITON_INTERPRET=1)
     torch.library.impl("embedloss_triton::infonce", _key, lib=_lib)(infonce_forward)
-    torch.library.impl("embedloss_triton::cosent", _key, lib=_lib)(cosent_forward)
+    torch.library.impl("embedloss_triton::cosent", _key, lib=_lib)(cosent_dispatch)
 
 
 def _loss_and_grads_fake(first: Tensor, second: Tensor, compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:

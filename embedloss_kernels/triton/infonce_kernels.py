@@ -95,3 +95,70 @@ def softmax_grad_kernel(x_ptr, y_ptr, lse_ptr, g_ptr, row_start, row_count, n_co
     g = weight * tl.exp(lg - lse[:, None])
     g = tl.where(cols[None, :] == rows[:, None], g - onehot, g)
     tl.store(g_ptr + local[:, None] * stride_g + cols[None, :], g, mask=row_ok[:, None] & col_ok[None, :])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Flash-style strategy (small D): no workspace; the gradient products are accumulated on chip from recomputed tiles.
+# ------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _grad_tile(x_ptr, y_ptr, lse_ptr, local, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y, bq, scale,
+               boost, weight, onehot, PEN_MODE: tl.constexpr, MASK_MODE: tl.constexpr, BK: tl.constexpr,
+               ACC: tl.constexpr, PREC: tl.constexpr):
+    """``G = weight * exp(L - lse) - onehot * [c == g]`` for one (BM, BN) tile; zero outside the block."""
+    lg = _logit_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y, bq, scale, boost,
+                     PEN_MODE, MASK_MODE, BK, ACC, PREC)
+    lse = tl.load(lse_ptr + local, mask=row_ok, other=0.0)
+    g = weight * tl.exp(lg - lse[:, None])
+    g = tl.where(cols[None, :] == rows[:, None], g - onehot, g)
+    return tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
+
+
+@triton.jit
+def _mm(a, b, ACC: tl.constexpr, PREC: tl.constexpr):
+    """``a @ b`` with fp32/fp64 accumulation; G (``a``) is cast to ``b``'s type for the tensor cores."""
+    if PREC == "upcast":
+        return tl.dot(a.to(ACC), b.to(ACC), out_dtype=ACC)
+    return tl.dot(a.to(b.dtype), b, input_precision=PREC, out_dtype=ACC)
+
+
+@triton.jit
+def flash_dx_kernel(x_ptr, y_ptr, lse_ptr, dx_ptr, row_start, row_count, n_cols, n_dim, stride_x, stride_y,
+                    stride_dx, bq, scale, boost, weight, onehot, PEN_MODE: tl.constexpr, MASK_MODE: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """Row-parallel: ``dX[rows] = G Y`` over every column tile, the (BM, BK >= D) accumulator in registers."""
+    local = tl.program_id(0) * BM + tl.arange(0, BM)
+    row_ok = local < row_count
+    rows = row_start + local
+    ks = tl.arange(0, BK)
+    k_ok = ks < n_dim
+    acc = tl.zeros((BM, BK), dtype=ACC)
+    for c0 in range(0, n_cols, BN):
+        cols = c0 + tl.arange(0, BN)
+        col_ok = cols < n_cols
+        g = _grad_tile(x_ptr, y_ptr, lse_ptr, local, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y, bq,
+                       scale, boost, weight, onehot, PEN_MODE, MASK_MODE, BK, ACC, PREC)
+        yt = tl.load(y_ptr + cols[:, None] * stride_y + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += _mm(g, yt, ACC, PREC)
+    tl.store(dx_ptr + local[:, None] * stride_dx + ks[None, :], acc, mask=row_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def flash_dy_kernel(x_ptr, y_ptr, lse_ptr, dy_ptr, row_start, row_count, n_cols, n_dim, stride_x, stride_y,
+                    stride_dy, bq, scale, boost, weight, onehot, PEN_MODE: tl.constexpr, MASK_MODE: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """Column-parallel: ``dY[cols] = G^T X[rows]`` over every row tile; each program owns its columns, so the loop
+    order swap needs no atomics."""
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    col_ok = cols < n_cols
+    ks = tl.arange(0, BK)
+    k_ok = ks < n_dim
+    acc = tl.zeros((BN, BK), dtype=ACC)
+    for r0 in range(0, row_count, BM):
+        local = r0 + tl.arange(0, BM)
+        row_ok = local < row_count
+        rows = row_start + local
+        g = _grad_tile(x_ptr, y_ptr, lse_ptr, local, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y, bq,
+                       scale, boost, weight, onehot, PEN_MODE, MASK_MODE, BK, ACC, PREC)
+        xt = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += _mm(tl.trans(g), xt, ACC, PREC)
+    tl.store(dy_ptr + cols[:, None] * stride_dy + ks[None, :], acc, mask=col_ok[:, None] & k_ok[None, :])
