@@ -20,25 +20,30 @@ DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "fp64": "fp64"}
 
 
 def _configs():
-    """(kernel name, dtype, constexprs) for every combination the launcher can pick on a GPU."""
+    """(kernel name, dtype, constexprs) for every combination the launchers can pick on a GPU."""
     import torch
     import triton.language as tl
 
-    from .ops.triton_ops import tile_config
+    from .ops.triton_ops import flash_config, tile_config
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
-    for name in ("row_lse_kernel", "softmax_grad_kernel"):
-        for dt in DTYPES:
-            precs = ("tf32", "ieee") if dt == "fp32" else ("ieee",)
-            for n_dim in (16, 32, 64):  # the three BK choices
-                cfg = dict(tile_config(n_dim, torch_dtype[dt], interpreted=False))
-                for prec in precs:
-                    for pen in (0, 1, 2, 3):
-                        for mask in (0, 1, 2):
-                            if pen and mask:  # the penalty only applies to query_to_doc, which is never masked
-                                continue
-                            acc = tl.float64 if dt == "fp64" else tl.float32
-                            yield name, dt, dict(PEN_MODE=pen, MASK_MODE=mask, ACC=acc, PREC=prec, **cfg)
+    # The penalty only applies to query_to_doc, which is never masked: (pen, mask) pairs the launcher passes.
+    pen_mask = [(0, 0), (1, 0), (2, 0), (3, 0), (0, 1), (0, 2)]
+    for dt in DTYPES:
+        acc = tl.float64 if dt == "fp64" else tl.float32
+        precs = ("tf32", "ieee") if dt == "fp32" else ("ieee",)
+        for prec in precs:
+            for name, dims, pick in (("row_lse_kernel", (16, 32, 64), tile_config),
+                                     ("softmax_grad_kernel", (16, 32, 64), tile_config),
+                                     ("flash_dx_kernel", (16, 32, 64, 128), flash_config),
+                                     ("flash_dy_kernel", (16, 32, 64, 128), flash_config)):
+                for n_dim in dims:  # one per BK the launcher can pick
+                    cfg = dict(pick(n_dim, torch_dtype[dt], interpreted=False))
+                    for pen, mask in pen_mask:
+                        yield name, dt, dict(PEN_MODE=pen, MASK_MODE=mask, ACC=acc, PREC=prec, **cfg)
+        if prec == precs[-1]:
+            for name in ("pair_lse_kernel", "pair_grad_kernel"):
+                yield name, dt, dict(BM=64, BN=64, ACC=acc)
 
 
 def _signature(fn, dt: str, constexprs: dict) -> dict:
@@ -47,8 +52,10 @@ def _signature(fn, dt: str, constexprs: dict) -> dict:
     for arg in fn.arg_names:
         if arg in constexprs:
             sig[arg] = "constexpr"
-        elif arg in ("x_ptr", "y_ptr"):
+        elif arg in ("x_ptr", "y_ptr") and not fn.__name__.startswith("pair_"):
             sig[arg] = f"*{dt}"
+        elif arg == "y_ptr":
+            sig[arg] = "*fp64"  # CoSENT labels
         elif arg.endswith("_ptr"):
             sig[arg] = f"*{work}"
         elif arg in ("scale", "boost", "weight", "onehot"):
@@ -94,15 +101,18 @@ def main() -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .triton import infonce_kernels
+    from .triton import cosent_kernels, infonce_kernels
 
     rows, failed = [], False
     for name, dt, cst in _configs():
-        fn = getattr(infonce_kernels, name)
-        config = f"{dt} BM{cst['BM']} BN{cst['BN']} BK{cst['BK']} {cst['PREC']} pen{cst['PEN_MODE']} mask{cst['MASK_MODE']}"
+        fn = getattr(infonce_kernels if hasattr(infonce_kernels, name) else cosent_kernels, name)
+        config = " ".join([dt] + [f"{k}{v}" for k, v in cst.items() if k in ("BM", "BN", "BK")]
+                          + [f"{k.split('_')[0].lower()}{v}" for k, v in cst.items() if k.endswith("_MODE")]
+                          + [cst.get("PREC", "")]).strip()
         for arch in TARGETS:
             try:
-                compiled = triton.compile(ASTSource(fn, _signature(fn, dt, cst), cst), target=GPUTarget("cuda", arch, 32))
+                src = ASTSource(fn, _signature(fn, dt, cst), cst)
+                compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
                 regs, spills = _usage(compiled.asm["ptx"], arch, _ptxas(arch))
                 shared = compiled.metadata.shared
                 status = "SPILL" if spills > 0 else "ok"

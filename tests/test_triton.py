@@ -1,0 +1,217 @@
+"""The triton backend's kernels (through the interpreter on CPU) against the float64 oracle and
+sentence-transformers 6.2: every InfoNCE option under both gradient strategies, CoSENT/AnglE under both paths."""
+
+import warnings
+
+import pytest
+import torch
+from conftest import DEVICE
+
+from embedloss_kernels import _backends, reference
+from embedloss_kernels.ops import DIRECTION_BITS, HARDNESS_CODES, SIM_ANGLE, SIM_COSINE, SIM_DOT
+
+_reason = _backends.why_not("triton", DEVICE)
+if _reason is not None:
+    pytest.skip(f"triton backend unavailable on {DEVICE}: {_reason}", allow_module_level=True)
+
+from embedloss_kernels.ops import triton_ops  # noqa: E402
+
+st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
+st_util = pytest.importorskip("sentence_transformers.util")
+
+ALL_DIRS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+# (batch, dim, n_docs, scale, cosine, directions, partition, hardness, strength, row_start, row_count, block_rows)
+CASES = [
+    (1, 1, 1, 20.0, True, ("query_to_doc",), "joint", None, 0.0, 0, 1, 0),
+    (5, 3, 2, 20.0, True, ("query_to_doc",), "joint", None, 0.0, 0, 5, 0),
+    (7, 17, 3, 7.5, False, ("query_to_doc",), "joint", "in_batch_negatives", 5.0, 0, 7, 3),
+    (6, 24, 3, 50.0, True, ("query_to_doc",), "joint", "hard_negatives", 9.0, 1, 4, 0),
+    (9, 8, 2, 20.0, True, ("query_to_doc", "doc_to_query"), "per_direction", "all_negatives", 0.5, 0, 9, 2),
+    (4, 5, 3, 20.0, True, ("query_to_doc", "query_to_query"), "joint", None, 0.0, 0, 4, 1),
+    (11, 40, 2, 1.0, False, ("query_to_doc", "doc_to_doc"), "joint", "hard_negatives", 5.0, 3, 6, 0),
+    (17, 33, 2, 20.0, True, ALL_DIRS, "joint", "all_negatives", 9.0, 0, 17, 5),
+    (3, 2, 1, 20.0, True, ALL_DIRS, "joint", "in_batch_negatives", 0.5, 2, 1, 0),
+    (20, 16, 1, 100.0, False, ("query_to_doc", "doc_to_query"), "per_direction", None, 0.0, 0, 20, 0),
+]
+
+
+@pytest.fixture(params=["flash", "workspace"])
+def strategy(request, monkeypatch):
+    monkeypatch.setenv("EMBEDLOSS_TRITON_STRATEGY", request.param)
+    return request.param
+
+
+@pytest.fixture(params=["tiled", "sorted"])
+def cosent_path(request, monkeypatch):
+    monkeypatch.setenv("EMBEDLOSS_TRITON_COSENT", request.param)
+    return request.param
+
+
+def columns_for(case, dtype, seed, spread=None):
+    batch, dim, n_docs, _, cosine = case[:5]
+    gen = torch.Generator().manual_seed(seed)
+    spread = spread if spread is not None else (1.0 if cosine else 0.3)
+    return [(torch.randn(batch, dim, generator=gen, dtype=torch.float64) * spread).to(DEVICE, dtype)
+            for _ in range(1 + n_docs)]
+
+
+def ours(case, columns):
+    _, _, _, scale, cosine, dirs, partition, hardness, strength, row_start, row_count, block_rows = case
+    bits = sum(DIRECTION_BITS[d] for d in dirs)
+    q, a = columns[0], torch.cat(columns[1:])
+    return triton_ops.infonce(q, a, row_start, row_count, scale, cosine, bits, partition == "joint",
+                              HARDNESS_CODES[hardness], strength, True, block_rows)[0]
+
+
+def oracle(case, columns):
+    _, _, _, scale, cosine, dirs, partition, hardness, strength, row_start, row_count, _ = case
+    return reference.infonce_reference(columns[0], columns[1:], scale, reference.cos_sim if cosine
+                                       else reference.dot_score, dirs, partition, hardness, strength, row_start,
+                                       row_count)
+
+
+def st_loss(case, columns):
+    _, _, _, scale, cosine, dirs, partition, hardness, strength, row_start, row_count, _ = case
+    assert row_start == 0 and row_count == columns[0].shape[0]  # sentence-transformers averages over all rows
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fn = st_losses.MultipleNegativesRankingLoss(
+            None, scale=scale, similarity_fct=st_util.cos_sim if cosine else st_util.dot_score, directions=dirs,
+            partition_mode=partition, hardness_mode=hardness, hardness_strength=strength)
+    return fn.compute_loss_from_embeddings(columns, None)
+
+
+def loss_and_grads(fn, columns):
+    leaves = [c.detach().clone().requires_grad_() for c in columns]
+    loss = fn(leaves)
+    (loss * 1.5).backward()  # a grad_output other than 1 exercises the backward's scaling
+    return loss.detach().double(), [leaf.grad.double() for leaf in leaves]
+
+
+def rel_err(ours_t, ref, floor=1e-10):
+    diff = (ours_t - ref).norm().item()
+    return 0.0 if diff <= floor else diff / max(ref.norm().item(), 1e-30)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"c{i}" for i in range(len(CASES))])
+def test_infonce_float64_matches_oracle(case, strategy):
+    columns = columns_for(case, torch.float64, seed=len(case) + case[0])
+    ref_loss, ref_grads = loss_and_grads(lambda c: oracle(case, c), columns)
+    loss, grads = loss_and_grads(lambda c: ours(case, c), columns)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=1e-11)
+    for i, (g, ref) in enumerate(zip(grads, ref_grads)):
+        torch.testing.assert_close(g, ref, rtol=1e-9, atol=1e-11, msg=lambda m, i=i: f"column {i}: {m}")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[9] == 0 and c[10] == c[0]], ids=lambda c: f"B{c[0]}D{c[1]}")
+def test_infonce_float32_within_4x_sentence_transformers(case, strategy):
+    columns64 = columns_for(case, torch.float64, seed=7)
+    columns32 = [c.float() for c in columns64]
+    exact, exact_g = loss_and_grads(lambda c: st_loss(case, c), columns64)
+    st32, st32_g = loss_and_grads(lambda c: st_loss(case, c), columns32)
+    loss, grads = loss_and_grads(lambda c: ours(case, c), columns32)
+    assert rel_err(loss, exact) <= 4 * rel_err(st32, exact) + 2e-6
+    for g, g_st, ref in zip(grads, st32_g, exact_g):
+        assert g.dtype == torch.float64 and rel_err(g, ref) <= 4 * rel_err(g_st, ref) + 2e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_infonce_half_inputs(dtype, strategy):
+    case = CASES[7]
+    columns = columns_for(case, dtype, seed=3)
+    ref_loss, ref_grads = loss_and_grads(lambda c: oracle(case, c), [c.double() for c in columns])
+    loss, grads = loss_and_grads(lambda c: ours(case, c), columns)
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    assert rel_err(loss, ref_loss) < tol
+    for g, ref in zip(grads, ref_grads):
+        assert rel_err(g, ref) < 4 * tol
+
+
+def test_zero_vectors_and_large_norm_dot(strategy):
+    case = CASES[7]
+    columns = columns_for(case, torch.float64, seed=5)
+    columns[0][2] = 0.0
+    columns[1][0] = 0.0
+    ref_loss, ref_grads = loss_and_grads(lambda c: oracle(case, c), columns)
+    loss, grads = loss_and_grads(lambda c: ours(case, c), columns)
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=1e-11)
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-9, atol=1e-11)
+    # scale 100 on dot products of norm ~150: logits ~1e6, far past exp's float32 range without the running max.
+    big = CASES[-1]
+    columns = columns_for(big, torch.float64, seed=6, spread=30.0)
+    ref_loss, ref_grads = loss_and_grads(lambda c: oracle(big, c), columns)
+    loss, grads = loss_and_grads(lambda c: ours(big, c), [c.float() for c in columns])
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    assert rel_err(loss, ref_loss) < 1e-4
+
+
+def test_no_grad_returns_empty_gradients(strategy):
+    q, a = torch.randn(5, 9, device=DEVICE), torch.randn(10, 9, device=DEVICE)
+    loss, gq, ga = triton_ops.infonce(q, a, 0, 5, 20.0, True, 1, True, 0, 0.0, False, 0)
+    ref = reference.infonce_reference(q.double(), [a[:5].double(), a[5:].double()])
+    assert gq.numel() == 0 and ga.numel() == 0
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+COSENT_SIMS = [(SIM_COSINE, reference.pairwise_cos_sim, 1.0), (SIM_DOT, reference.pairwise_dot_score, 0.3),
+               (SIM_ANGLE, reference.pairwise_angle_sim, 1.0)]
+
+
+@pytest.mark.parametrize("batch,dim", [(1, 1), (2, 5), (9, 17), (24, 40)])
+@pytest.mark.parametrize("sim,ref_fn,spread", COSENT_SIMS, ids=["cosine", "dot", "angle"])
+def test_cosent_float64_matches_oracle(batch, dim, sim, ref_fn, spread, cosent_path):
+    gen = torch.Generator().manual_seed(batch * 100 + dim)
+    x, y = (torch.randn(batch, dim, generator=gen, dtype=torch.float64).to(DEVICE) * spread for _ in range(2))
+    labels = (torch.randint(0, 4, (batch,), generator=gen).double() / 3).to(DEVICE)  # ties on purpose
+    assert triton_ops.cosent_strategy(batch) == cosent_path
+    ref_loss, ref_grads = loss_and_grads(lambda c: reference.cosent_pairs_reference(*c, labels, 20.0, ref_fn), [x, y])
+    loss, grads = loss_and_grads(lambda c: triton_ops.cosent(*c, labels, 20.0, sim, True)[0], [x, y])
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=1e-11)
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("name,sim", [("CoSENTLoss", SIM_COSINE), ("AnglELoss", SIM_ANGLE)])
+def test_cosent_float32_within_4x_sentence_transformers(name, sim, cosent_path):
+    gen = torch.Generator().manual_seed(11)
+    x64, y64 = (torch.randn(23, 13, generator=gen, dtype=torch.float64).to(DEVICE) for _ in range(2))
+    labels = torch.rand(23, generator=gen).to(DEVICE)
+    st_module = getattr(st_losses, name)(None)
+    exact, exact_g = loss_and_grads(lambda c: st_module.compute_loss_from_embeddings(c, labels), [x64, y64])
+    st32, st32_g = loss_and_grads(lambda c: st_module.compute_loss_from_embeddings(c, labels),
+                                  [x64.float(), y64.float()])
+    loss, grads = loss_and_grads(lambda c: triton_ops.cosent(*c, labels.double(), st_module.scale, sim, True)[0],
+                                 [x64.float(), y64.float()])
+    assert rel_err(loss, exact) <= 4 * rel_err(st32, exact) + 2e-6
+    for g, g_st, ref in zip(grads, st32_g, exact_g):
+        assert rel_err(g, ref) <= 4 * rel_err(g_st, ref) + 2e-6
+
+
+def test_strategy_heuristics_and_bad_env(monkeypatch):
+    monkeypatch.delenv("EMBEDLOSS_TRITON_STRATEGY", raising=False)
+    monkeypatch.delenv("EMBEDLOSS_TRITON_COSENT", raising=False)
+    assert triton_ops.infonce_strategy(128, torch.bfloat16) == "flash"
+    assert triton_ops.infonce_strategy(129, torch.bfloat16) == "workspace"
+    assert triton_ops.cosent_strategy(2048) == "tiled" and triton_ops.cosent_strategy(2049) == "sorted"
+    monkeypatch.setenv("EMBEDLOSS_TRITON_STRATEGY", "fast")
+    with pytest.raises(ValueError, match="EMBEDLOSS_TRITON_STRATEGY.*'fast'"):
+        triton_ops.infonce_strategy(64, torch.float32)
+
+
+def test_why_not_and_backend_selection(monkeypatch):
+    assert _backends.current_backend(DEVICE, "triton") == "triton"
+    if DEVICE.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        assert "TRITON_INTERPRET=1" in triton_ops.why_not(torch.device("cpu"))
+    assert "not meta" in triton_ops.why_not(torch.device("meta"))
+
+
+def test_fake_and_autograd_registration():
+    q, a = torch.randn(4, 6, device=DEVICE), torch.randn(8, 6, device=DEVICE)
+    args = (q, a, 0, 4, 20.0, True, 1, True, 0, 0.0, True, 0)
+    torch.library.opcheck(torch.ops.embedloss_triton.infonce.default, args, test_utils=("test_schema", "test_faketensor"))
+    labels = torch.rand(4, dtype=torch.float64, device=DEVICE)
+    torch.library.opcheck(torch.ops.embedloss_triton.cosent.default, (q, a[:4], labels, 20.0, SIM_COSINE, True),
+                          test_utils=("test_schema", "test_faketensor"))
