@@ -192,8 +192,8 @@ def test_cosent_float32_within_4x_sentence_transformers(name, sim, cosent_path):
 def test_strategy_heuristics_and_bad_env(monkeypatch):
     monkeypatch.delenv("EMBEDLOSS_TRITON_STRATEGY", raising=False)
     monkeypatch.delenv("EMBEDLOSS_TRITON_COSENT", raising=False)
-    assert triton_ops.infonce_strategy(128, torch.bfloat16) == "flash"
-    assert triton_ops.infonce_strategy(129, torch.bfloat16) == "workspace"
+    assert triton_ops.infonce_strategy(64, torch.bfloat16) == "flash"
+    assert triton_ops.infonce_strategy(65, torch.bfloat16) == "workspace"
     assert triton_ops.cosent_strategy(2048) == "tiled" and triton_ops.cosent_strategy(2049) == "sorted"
     monkeypatch.setenv("EMBEDLOSS_TRITON_STRATEGY", "fast")
     with pytest.raises(ValueError, match="EMBEDLOSS_TRITON_STRATEGY.*'fast'"):
@@ -211,7 +211,8 @@ def test_why_not_and_backend_selection(monkeypatch):
 def test_fake_and_autograd_registration():
     q, a = torch.randn(4, 6, device=DEVICE), torch.randn(8, 6, device=DEVICE)
     args = (q, a, 0, 4, 20.0, True, 1, True, 0, 0.0, True, 0)
-    torch.library.opcheck(torch.ops.embedloss_triton.infonce.default, args, test_utils=("test_schema", "test_faketensor"))
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.embedloss_triton.infonce.default, args, test_utils=checks)
     labels = torch.rand(4, dtype=torch.float64, device=DEVICE)
     torch.library.opcheck(torch.ops.embedloss_triton.cosent.default, (q, a[:4], labels, 20.0, SIM_COSINE, True),
                           test_utils=("test_schema", "test_faketensor"))

@@ -70,20 +70,29 @@ def why_not(device: torch.device) -> str | None:
     if device.type == "cuda":
         return None if torch.cuda.is_available() else "torch.cuda.is_available() is False"
     if device.type == "cpu":
-        return None if _interpreted() else "set TRITON_INTERPRET=1 to run the Triton kernels on CPU through the interpreter"
+        if _interpreted():
+            return None
+        return "set TRITON_INTERPRET=1 to run the Triton kernels on CPU through the interpreter"
     return f"the triton backend runs on cuda (or cpu through the interpreter), not {device.type}"
 
 
 def tile_config(n_dim: int, dtype: torch.dtype, interpreted: bool | None = None) -> dict:
-    """Tile shape for a launch. BK covers D in one chunk up to 64 (tl.dot needs >= 16); 64x64 tiles keep fp32
-    accumulators at 32 registers/thread with 4 warps, fp64 halves BN to stay spill-free."""
-    bk = 16 if n_dim <= 16 else 32 if n_dim <= 32 else 64
+    """Tile shape of the LSE / workspace kernels; D is walked in BK chunks (tl.dot needs >= 16).
+
+    Sized by ``python -m embedloss_kernels.compile_check`` (registers and spills per target): 16-bit inputs take
+    64x64 tiles, BK up to 64, 8 warps; fp32 / fp64 (tf32 or plain FMA dots, twice the register bytes per element)
+    take 32x32 tiles with BK up to 32 and 4 warps, the largest that stays spill-free on sm_80 and sm_90.
+    """
+    half = dtype in (torch.float16, torch.bfloat16)
+    bk = 16 if n_dim <= 16 else 32 if (n_dim <= 32 or not half) else 64
     if interpreted if interpreted is not None else _interpreted():
         return {"BM": 16, "BN": 16, "BK": bk}  # small tiles: the interpreter is slow, odd shapes cross tiles
-    return {"BM": 64, "BN": 32 if dtype == torch.float64 else 64, "BK": bk}
+    if half:
+        return {"BM": 64, "BN": 64, "BK": bk, "num_warps": 8}
+    return {"BM": 32, "BN": 32, "BK": bk, "num_warps": 4}
 
 
-FLASH_MAX_DIM = 128
+FLASH_MAX_DIM = 64
 COSENT_TILED_MAX_BATCH = 2048
 
 
@@ -99,9 +108,10 @@ def infonce_strategy(n_dim: int, dtype: torch.dtype) -> str:
 
     Flash recomputes each logit tile twice more (row-parallel dX, column-parallel dY) but writes nothing B x N;
     the workspace recomputes it once and moves ``rows x N`` fp32 through HBM three times (store G, read it in
-    ``G Y`` and ``G^T X``). A logit costs 2 D flops against 12 bytes of workspace traffic, so at D <= 128 the
+    ``G Y`` and ``G^T X``). A logit costs 2 D flops against 12 bytes of workspace traffic, so at small D the
     recompute is the cheaper side (an H100 does ~60 fp32-tensor-core flops per HBM byte); and the (BM, D) fp32
-    accumulator of a row block fits in registers only while D <= 128. Past that, cuBLAS on the workspace wins.
+    accumulator of a row block must fit in registers: compile_check shows D = 128 spilling on sm_80, D <= 64
+    clean. Past that, cuBLAS on the workspace wins.
     """
     forced = _forced("EMBEDLOSS_TRITON_STRATEGY", ("flash", "workspace"))
     if forced != "auto":
@@ -110,12 +120,14 @@ def infonce_strategy(n_dim: int, dtype: torch.dtype) -> str:
 
 
 def flash_config(n_dim: int, dtype: torch.dtype, interpreted: bool | None = None) -> dict:
-    """Flash tiles: BK spans all of D (the dX / dY accumulators hold whole rows). 64x64 logit tiles and a
-    (64, BK) fp32 accumulator stay in registers for BK <= 64; at BK = 128 (or fp64) BN halves to 32."""
+    """Flash tiles: BK spans all of D (the dX / dY accumulators hold whole rows): 64x64 tiles with 8 warps for
+    16-bit inputs, 32x32 with 4 warps for fp32 / fp64 (spill-free on sm_80 and sm_90 per compile_check)."""
     bk = max(16, triton.next_power_of_2(n_dim))
     if interpreted if interpreted is not None else _interpreted():
         return {"BM": 16, "BN": 16, "BK": bk}
-    return {"BM": 64, "BN": 32 if (bk > 64 or dtype == torch.float64) else 64, "BK": bk}
+    if dtype in (torch.float16, torch.bfloat16):
+        return {"BM": 64, "BN": 64, "BK": bk, "num_warps": 8}
+    return {"BM": 32, "BN": 32, "BK": bk, "num_warps": 4}
 
 
 def cosent_strategy(batch: int) -> str:
