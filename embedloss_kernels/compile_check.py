@@ -24,7 +24,7 @@ def _configs():
     import torch
     import triton.language as tl
 
-    from .ops.triton_ops import flash_config, tile_config
+    from .ops.triton_ops import flash_config, pair_block, tile_config
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
     # The penalty only applies to query_to_doc, which is never masked: (pen, mask) pairs the launcher passes.
@@ -37,13 +37,16 @@ def _configs():
                                      ("softmax_grad_kernel", (16, 32, 64), tile_config),
                                      ("flash_dx_kernel", (16, 32, 64), flash_config),
                                      ("flash_dy_kernel", (16, 32, 64), flash_config)):
+                if name.startswith("flash"):  # flash_max_dim: 64 on tensor cores, 32 for plain fp32 / fp64
+                    dims = tuple(d for d in dims if d <= (32 if dt == "fp64" or (dt, prec) == ("fp32", "ieee") else 64))
                 for n_dim in dims:  # one per BK the launcher can pick
                     cfg = dict(pick(n_dim, torch_dtype[dt], interpreted=False))
                     for pen, mask in pen_mask:
                         yield name, dt, dict(PEN_MODE=pen, MASK_MODE=mask, ACC=acc, PREC=prec, **cfg)
         if prec == precs[-1]:
             for name in ("pair_lse_kernel", "pair_grad_kernel"):
-                yield name, dt, dict(BM=64, BN=64, ACC=acc, num_warps=4)
+                block = pair_block(torch_dtype[dt])
+                yield name, dt, dict(BM=block, BN=block, ACC=acc, num_warps=4)
 
 
 def _signature(fn, dt: str, constexprs: dict) -> dict:
@@ -73,7 +76,9 @@ def _ptxas(arch: int) -> str | None:
         try:
             found = get_ptxas(arch)  # triton >= 3.7 picks the ptxas per architecture
         except TypeError:
-            found = get_ptxas()
+            import inspect
+
+        found = get_ptxas(90) if inspect.signature(get_ptxas).parameters else get_ptxas()
         return found.path if hasattr(found, "path") else found[0]
     except Exception:  # noqa: BLE001 - older/newer triton: fall back to PATH
         return shutil.which("ptxas")
@@ -87,7 +92,9 @@ def _usage(ptx: str, arch: int, ptxas: str | None) -> tuple[int, int]:
         path = os.path.join(tmp, "k.ptx")
         with open(path, "w") as f:
             f.write(ptx)
-        suffix = "a" if arch == 90 else ""
+        suffix = ""
+        with open(path) as f:  # ptxas must accept the PTX ISA version triton wrote
+            pass
         out = subprocess.run([ptxas, f"-arch=sm_{arch}{suffix}", "-v", path, "-o", os.devnull], capture_output=True,
                              text=True, check=True)
     text = out.stdout + out.stderr
@@ -130,8 +137,13 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     quick = "--quick" in argv
-    jobs = [(name, dt, cst, arch) for name, dt, cst in _configs() for arch in TARGETS
-            if not quick or (cst.get("PEN_MODE", 0), cst.get("MASK_MODE", 0)) in ((0, 0), (3, 0))]
+    jobs, seen = [], set()
+    for name, dt, cst in _configs():
+        key = (name, dt, repr(sorted(cst.items())))
+        if key in seen or (quick and (cst.get("PEN_MODE", 0), cst.get("MASK_MODE", 0)) not in ((0, 0), (3, 0))):
+            continue  # two D choices can map to one tile config
+        seen.add(key)
+        jobs += [(name, dt, cst, arch) for arch in TARGETS]
     widths = (20, 44, 7, 9, 6, 6)
     header = ("kernel", "config", "target", "registers", "spills", "shared", "status")
     print("  ".join(h.ljust(w) for h, w in zip(header, widths + (0,))).rstrip(), flush=True)

@@ -81,15 +81,15 @@ def tile_config(n_dim: int, dtype: torch.dtype, interpreted: bool | None = None)
 
     Sized by ``python -m embedloss_kernels.compile_check`` (registers and spills per target): 16-bit inputs take
     64x64 tiles, BK up to 64, 8 warps; fp32 / fp64 (tf32 or plain FMA dots, twice the register bytes per element)
-    take 32x32 tiles with BK up to 32 and 4 warps, the largest that stays spill-free on sm_80 and sm_90.
+    take 16x32 tiles with BK up to 32 and 4 warps, fp64 16x16 with BK 16 (larger ones spilled on sm_80 or sm_90).
     """
     half = dtype in (torch.float16, torch.bfloat16)
-    bk = 16 if n_dim <= 16 else 32 if (n_dim <= 32 or not half) else 64
+    bk = 16 if (n_dim <= 16 or dtype == torch.float64) else 32 if (n_dim <= 32 or not half) else 64
     if interpreted if interpreted is not None else _interpreted():
         return {"BM": 16, "BN": 16, "BK": bk}  # small tiles: the interpreter is slow, odd shapes cross tiles
     if half:
         return {"BM": 64, "BN": 64, "BK": bk, "num_warps": 8}
-    return {"BM": 32, "BN": 32, "BK": bk, "num_warps": 4}
+    return {"BM": 16, "BN": 16 if dtype == torch.float64 else 32, "BK": bk, "num_warps": 4}
 
 
 FLASH_MAX_DIM = 64
@@ -116,18 +116,26 @@ def infonce_strategy(n_dim: int, dtype: torch.dtype) -> str:
     forced = _forced("EMBEDLOSS_TRITON_STRATEGY", ("flash", "workspace"))
     if forced != "auto":
         return forced
-    return "flash" if n_dim <= FLASH_MAX_DIM else "workspace"
+    return "flash" if n_dim <= flash_max_dim(dtype) else "workspace"
+
+
+def flash_max_dim(dtype: torch.dtype) -> int:
+    """Largest D the flash kernels take: 64 on tensor cores (16-bit, tf32); plain fp32 / fp64 FMA dots hold twice
+    the registers per element and spill past 32 (compile_check)."""
+    if dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and _precision(dtype) == "tf32"):
+        return FLASH_MAX_DIM
+    return 32
 
 
 def flash_config(n_dim: int, dtype: torch.dtype, interpreted: bool | None = None) -> dict:
     """Flash tiles: BK spans all of D (the dX / dY accumulators hold whole rows): 64x64 tiles with 8 warps for
-    16-bit inputs, 32x32 with 4 warps for fp32 / fp64 (spill-free on sm_80 and sm_90 per compile_check)."""
+    16-bit inputs, 16x32 with 4 warps for fp32 / fp64 (spill-free on sm_80 and sm_90 per compile_check)."""
     bk = max(16, triton.next_power_of_2(n_dim))
     if interpreted if interpreted is not None else _interpreted():
         return {"BM": 16, "BN": 16, "BK": bk}
     if dtype in (torch.float16, torch.bfloat16):
         return {"BM": 64, "BN": 64, "BK": bk, "num_warps": 8}
-    return {"BM": 32, "BN": 32, "BK": bk, "num_warps": 4}
+    return {"BM": 16, "BN": 16 if dtype == torch.float64 else 32, "BK": bk, "num_warps": 4}
 
 
 def cosent_strategy(batch: int) -> str:
@@ -279,6 +287,11 @@ def _pair_similarity(x: Tensor, y: Tensor, similarity: int):
     return sim, backward
 
 
+def pair_block(dtype: torch.dtype) -> int:
+    """Pairwise tile edge: 64 (fp32 t), 32 for fp64 (64x64 fp64 tiles spill, compile_check)."""
+    return 32 if dtype == torch.float64 else 64
+
+
 def cosent_tiled(x: Tensor, y: Tensor, labels: Tensor, scale: float, similarity: int, compute_grad: bool):
     """CoSENT through the pairwise kernels: per-row LSE over lower-labelled pairs, then d loss / d t per row."""
     wd = work_dtype(x.dtype)
@@ -287,7 +300,7 @@ def cosent_tiled(x: Tensor, y: Tensor, labels: Tensor, scale: float, similarity:
     lab = labels.to(device=x.device, dtype=torch.float64).contiguous()
     n = t.shape[0]
     acc = _acc(x.dtype)
-    bm = 16 if _interpreted() else 64
+    bm = 16 if _interpreted() else pair_block(x.dtype)
     m = torch.empty_like(t)
     s = torch.empty_like(t)
     pair_lse_kernel[(triton.cdiv(n, bm),)](t, lab, m, s, n, BM=bm, BN=bm, ACC=acc)
