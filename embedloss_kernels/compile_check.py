@@ -75,10 +75,8 @@ def _ptxas(arch: int) -> str | None:
 
         try:
             found = get_ptxas(arch)  # triton >= 3.7 picks the ptxas per architecture
-        except TypeError:
-            import inspect
-
-        found = get_ptxas(90) if inspect.signature(get_ptxas).parameters else get_ptxas()
+        except TypeError:  # triton 3.6 takes no argument
+            found = get_ptxas()
         return found.path if hasattr(found, "path") else found[0]
     except Exception:  # noqa: BLE001 - older/newer triton: fall back to PATH
         return shutil.which("ptxas")
@@ -92,9 +90,7 @@ def _usage(ptx: str, arch: int, ptxas: str | None) -> tuple[int, int]:
         path = os.path.join(tmp, "k.ptx")
         with open(path, "w") as f:
             f.write(ptx)
-        suffix = ""
-        with open(path) as f:  # ptxas must accept the PTX ISA version triton wrote
-            pass
+        suffix = "a" if arch == 90 else ""  # triton targets sm_90a on Hopper
         out = subprocess.run([ptxas, f"-arch=sm_{arch}{suffix}", "-v", path, "-o", os.devnull], capture_output=True,
                              text=True, check=True)
     text = out.stdout + out.stderr

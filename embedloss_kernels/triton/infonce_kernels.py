@@ -52,8 +52,8 @@ def _logit_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, strid
 
 @triton.jit
 def row_lse_kernel(x_ptr, y_ptr, max_ptr, sum_ptr, pos_ptr, row_start, row_count, n_cols, n_dim, stride_x, stride_y,
-                   bq, scale, boost, PEN_MODE: tl.constexpr, MASK_MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                   BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+                   bq, scale, boost, PEN_MODE: tl.constexpr, MASK_MODE: tl.constexpr, BM: tl.constexpr,
+                   BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """Per local row: running max and sum of ``exp(L - max)`` over every column tile (the max is subtracted
     before exponentiating, so scale 100 on large-norm dot products cannot overflow). Also stores the logit at column
     ``g`` (the positive, read off the same tile so that a lone column gives an exact zero loss)."""
