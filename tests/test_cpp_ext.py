@@ -84,6 +84,17 @@ def test_infonce_matches_oracle(bq, k, d, directions, joint, hardness):
         torch.testing.assert_close(ga.double(), ref_ga, **tol)
 
 
+@pytest.mark.parametrize("joint", [True, False])
+def test_zero_norm_row_is_clamped_like_f_normalize(joint):
+    q, a = rand(6, 9, seed=24), rand(12, 9, seed=25)
+    q[2] = 0.0  # its norm clamps at EPS: cosine 0 with everything, gradient g / EPS without the radial part
+    a[7] = 0.0
+    dirs = QUERY_TO_DOC | DOC_TO_QUERY
+    out = ops().infonce(q, a, 0, 6, 20.0, True, dirs, joint, HARDNESS_NONE, 0.0, True, 2)
+    for x, y in zip(out, oracle(q, a, 0, 6, 20.0, True, dirs, joint, HARDNESS_NONE, 0.0)):
+        torch.testing.assert_close(x, y)
+
+
 def test_block_size_and_no_grad_paths():
     q, a = rand(37, 19, seed=3), rand(74, 19, seed=4)
     base = ops().infonce(q, a, 0, 37, 20.0, True, QUERY_TO_DOC, True, HARDNESS_NONE, 0.0, True, 0)

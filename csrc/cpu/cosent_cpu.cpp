@@ -24,7 +24,7 @@ double log_add_exp(double u, double v) {
   return m + std::log1p(std::exp(-std::abs(u - v)));
 }
 
-// [y_re - y_im, y_im + y_re] when sign = -1 ... written out: the d/dx (sign=-1) or d/dy (sign=+1) factor of AnglE's z.
+// [re + sign im, im - sign re]: AnglE's dz/dx from y (sign = -1) or dz/dy from x (sign = +1).
 at::Tensor angle_partner(const at::Tensor& v, double sign) {
   auto halves = v.chunk(2, 1);
   const at::Tensor& re = halves[0];

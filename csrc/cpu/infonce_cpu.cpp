@@ -18,8 +18,6 @@
 // logit buffers (R x width, a few MiB) and accumulates into its own dA (and dQ when a block writes every row of it),
 // summed at the end: extra memory O(threads (R width + C D)), never B x C.
 #include <ATen/Parallel.h>
-#include <c10/core/InferenceMode.h>
-#include <ATen/core/LegacyTypeDispatch.h>
 
 #include <algorithm>
 #include <cmath>
