@@ -6,9 +6,9 @@ import warnings
 
 import pytest
 import torch
+from tiny_model import make_tiny_sentence_transformer, sentences
 
 import embedloss_kernels as ek
-from tiny_model import make_tiny_sentence_transformer, sentences
 
 st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
 pytest.importorskip("transformers")
@@ -129,8 +129,8 @@ def test_matryoshka_wrapping_matches_sentence_transformers(tiny_model):
     feats = features(model, 2, batch=8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        st_loss = st_losses.MatryoshkaLoss(model, st_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=3),
-                                           matryoshka_dims=[32, 16, 8])
+        st_cached = st_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=3)
+        st_loss = st_losses.MatryoshkaLoss(model, st_cached, matryoshka_dims=[32, 16, 8])
         ours = st_losses.MatryoshkaLoss(model, ek.CachedMultipleNegativesRankingLoss(model, mini_batch_size=3),
                                         matryoshka_dims=[32, 16, 8])
     ref_loss, ref_grads = run(st_loss, model, feats)
@@ -208,8 +208,10 @@ def _cached_gather_worker(rank, world, init_file, model_dir, out_dir):
         results = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            st_loss = st_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=2, gather_across_devices=True,
-                                                                   hardness_mode="all_negatives", hardness_strength=3.0)
+            st_loss = st_losses.CachedMultipleNegativesRankingLoss(
+                model, mini_batch_size=2, gather_across_devices=True, hardness_mode="all_negatives",
+                hardness_strength=3.0,
+            )
         ours = ek.CachedMultipleNegativesRankingLoss(model, mini_batch_size=2, gather_across_devices=True,
                                                      hardness_mode="all_negatives", hardness_strength=3.0)
         for name, loss_fn in (("st", st_loss), ("ours", ours)):

@@ -250,7 +250,8 @@ def test_gather_across_devices_matches_st_and_world_oracle(world, unequal_sizes,
     errors = [res["error"] for res in results]
     assert all(e is not None and "same embedding dim" in e for e in errors), errors
     nan_errors = [res.get("nan_error") for res in results]
-    assert "NaN or Inf" in nan_errors[0] and all("rank(s) [0] failed validation" in e for e in nan_errors[1:]), nan_errors
+    assert "NaN or Inf" in nan_errors[0], nan_errors
+    assert all("rank(s) [0] failed validation" in e for e in nan_errors[1:]), nan_errors
     assert len(set(errors)) == 1 and f"rank 0: {DIM}" in errors[0] and f"rank 1: {DIM - 1}" in errors[0]
 
 
