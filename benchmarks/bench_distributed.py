@@ -18,37 +18,18 @@ import argparse
 import datetime
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
 
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> int:
-    """Current RSS in bytes after resetting the peak; falls back to ru_maxrss (then growth is only an upper bound
-    of what the step adds over the process's earlier peak)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status_kib("VmRSS") * 1024
-    except (OSError, TypeError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from throughput import _peak_bytes, _reset_peak_rss  # noqa: E402  (one peak-RSS method for every benchmark)
 
 
 def _peak() -> int:
-    hwm = _status_kib("VmHWM")
-    return hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    import torch
+
+    return _peak_bytes(torch.device("cpu"))
 
 
 def _worker(rank, world, init_file, out_file, provider, batch, dim, negatives):
@@ -72,7 +53,7 @@ def _worker(rank, world, init_file, out_file, provider, batch, dim, negatives):
     small = [c[:8].detach().clone().requires_grad_(True) for c in cols]
     loss_fn.compute_loss_from_embeddings(small, None).backward()
     dist.barrier()
-    base = _reset_peak()
+    base = _reset_peak_rss()
     t0 = time.perf_counter()
     loss = loss_fn.compute_loss_from_embeddings(cols, None)
     loss.backward()

@@ -12,9 +12,8 @@ from __future__ import annotations
 import logging
 
 import torch
-from torch import Tensor
 
-from .torch_ops import work_dtype
+from .torch_ops import register_fakes
 
 _log = logging.getLogger("embedloss_kernels")
 
@@ -46,20 +45,7 @@ def why_not(device: torch.device) -> str | None:
 
 if _IMPORT_ERROR is None:
 
-    def _loss_and_grads_fake(first: Tensor, second: Tensor, compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-        loss = first.new_empty((), dtype=work_dtype(first.dtype))
-        if not compute_grad:
-            return loss, first.new_empty((0,)), first.new_empty((0,))
-        return loss, torch.empty_like(first), torch.empty_like(second)
-
-    @torch.library.register_fake("embedloss_cpp::infonce")
-    def _infonce_fake(q, a, row_start, row_count, scale, cosine, directions, joint, hardness_mode,
-                      hardness_strength, compute_grad, block_rows):
-        return _loss_and_grads_fake(q, a, compute_grad)
-
-    @torch.library.register_fake("embedloss_cpp::cosent")
-    def _cosent_fake(x, y, labels, scale, similarity, compute_grad):
-        return _loss_and_grads_fake(x, y, compute_grad)
+    register_fakes("embedloss_cpp")
 
     @torch.library.register_fake("embedloss_cpp::scaled_grads")
     def _scaled_grads_fake(grad_loss, grad_first, grad_second):

@@ -280,15 +280,22 @@ def _loss_and_grads_fake(first: Tensor, second: Tensor, compute_grad: bool) -> t
     return loss, torch.empty_like(first), torch.empty_like(second)
 
 
-@torch.library.register_fake("embedloss_torch::infonce", lib=_lib)
-def _infonce_fake(q, a, row_start, row_count, scale, cosine, directions, joint, hardness_mode, hardness_strength,
-                  compute_grad, block_rows):
-    return _loss_and_grads_fake(q, a, compute_grad)
+def register_fakes(namespace: str, lib=None) -> None:
+    """Fake (meta) implementations of ``<namespace>::infonce`` and ``<namespace>::cosent``: every backend's ops
+    share the contract's output shapes, so torch.compile traces any of them without a graph break."""
+
+    def infonce_fake(q, a, row_start, row_count, scale, cosine, directions, joint, hardness_mode, hardness_strength,
+                     compute_grad, block_rows):
+        return _loss_and_grads_fake(q, a, compute_grad)
+
+    def cosent_fake(x, y, labels, scale, similarity, compute_grad):
+        return _loss_and_grads_fake(x, y, compute_grad)
+
+    torch.library.register_fake(f"{namespace}::infonce", infonce_fake, lib=lib)
+    torch.library.register_fake(f"{namespace}::cosent", cosent_fake, lib=lib)
 
 
-@torch.library.register_fake("embedloss_torch::cosent", lib=_lib)
-def _cosent_fake(x, y, labels, scale, similarity, compute_grad):
-    return _loss_and_grads_fake(x, y, compute_grad)
+register_fakes("embedloss_torch", _lib)
 
 
 def setup_saved_grads(ctx, inputs, output) -> None:

@@ -36,6 +36,7 @@ from .torch_ops import (
     cosent_forward,
     normalize_rows,
     normalize_rows_backward,
+    register_fakes,
     setup_saved_grads,
     work_dtype,
 )
@@ -329,24 +330,7 @@ for _key in ("CUDA", "CPU"):  # CPU only runs when why_not allows it (TRITON_INT
     torch.library.impl("embedloss_triton::cosent", _key, lib=_lib)(cosent_dispatch)
 
 
-def _loss_and_grads_fake(first: Tensor, second: Tensor, compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    loss = first.new_empty((), dtype=work_dtype(first.dtype))
-    if not compute_grad:
-        return loss, first.new_empty((0,)), first.new_empty((0,))
-    return loss, torch.empty_like(first), torch.empty_like(second)
-
-
-@torch.library.register_fake("embedloss_triton::infonce", lib=_lib)
-def _infonce_fake(q, a, row_start, row_count, scale, cosine, directions, joint, hardness_mode, hardness_strength,
-                  compute_grad, block_rows):
-    return _loss_and_grads_fake(q, a, compute_grad)
-
-
-@torch.library.register_fake("embedloss_triton::cosent", lib=_lib)
-def _cosent_fake(x, y, labels, scale, similarity, compute_grad):
-    return _loss_and_grads_fake(x, y, compute_grad)
-
-
+register_fakes("embedloss_triton", _lib)
 torch.library.register_autograd("embedloss_triton::infonce", backward_scaled_grads, setup_context=setup_saved_grads,
                                 lib=_lib)
 torch.library.register_autograd("embedloss_triton::cosent", backward_scaled_grads, setup_context=setup_saved_grads,
