@@ -66,6 +66,94 @@ def _auto_block_rows(columns: int, elem: int) -> int:
     return max(1, int(block_budget_bytes() // (4 * elem * max(columns, 1))))
 
 
+def direction_logits(
+    q_rows: Tensor,
+    p_rows: Tensor | None,
+    q_cols: Tensor,
+    a_cols: Tensor,
+    scale: float,
+    directions: int,
+    hardness_mode: int,
+    alpha: float,
+    own_start: int | None,
+) -> tuple[dict[str, Tensor], Tensor | None]:
+    """The logit blocks of a block of anchor rows against one set of columns: the loss maths of one row block,
+    shared by :func:`infonce_forward` (every column at once) and the ring schedule (one rank's columns at a time).
+
+    ``q_rows`` (n, D): the anchors' queries; ``p_rows`` (n, D): their positives (needed for doc_to_query /
+    doc_to_doc only); ``q_cols`` (m, D): query columns; ``a_cols`` (K*m, D): their docs ``[P; N_1; ...]``, doc ``c``
+    of query column ``j`` at row ``j + c*m``. ``own_start``: the column of the first anchor's own query when the
+    anchors' own columns are among these (anchor ``i`` owns query column ``own_start + i`` and docs
+    ``own_start + i + c*m``), ``None`` when they are not (a foreign block: nothing is masked; in_batch_negatives and
+    all_negatives boost every query_to_doc column, hard_negatives none).
+
+    Returns the blocks ``{"qd", "qq", "dq", "dd"}`` (those selected; computed in place on the matmul outputs, no
+    other (n, columns) buffer) and the positive logits ``s * sim(q_i, p_i)`` (``None`` for a foreign block).
+    """
+    n, m = q_rows.shape[0], q_cols.shape[0]
+    n_cols = a_cols.shape[0] // m
+    device = q_rows.device
+    ar = torch.arange(n, device=device)
+    own = None if own_start is None else ar + own_start  # column of each anchor's own query == its positive
+    logits = {"qd": q_rows @ a_cols.T}  # (n, K*m)
+    positive = None if own is None else logits["qd"][ar, own] * scale
+    if alpha > 0 and own is None:
+        logits["qd"].mul_(scale if hardness_mode == HARDNESS_HARD else scale + alpha)
+    elif alpha > 0:
+        own_cols = own[:, None] + m * torch.arange(n_cols, device=device)  # (n, K) own docs
+        if hardness_mode == HARDNESS_HARD:
+            hard = own_cols[:, 1:]
+            boosted = logits["qd"][ar[:, None], hard] * (scale + alpha)
+            logits["qd"].mul_(scale)
+            logits["qd"][ar[:, None], hard] = boosted
+        else:
+            keep = own_cols if hardness_mode == HARDNESS_IN_BATCH else own_cols[:, :1]
+            assert hardness_mode in (HARDNESS_IN_BATCH, HARDNESS_ALL)
+            plain = logits["qd"][ar[:, None], keep] * scale
+            logits["qd"].mul_(scale + alpha)
+            logits["qd"][ar[:, None], keep] = plain
+    else:
+        logits["qd"].mul_(scale)
+    if directions & QUERY_TO_QUERY:
+        logits["qq"] = (q_rows @ q_cols.T).mul_(scale)
+        if own is not None:
+            logits["qq"][ar, own] = float("-inf")
+    if directions & DOC_TO_QUERY:
+        logits["dq"] = (p_rows @ q_cols.T).mul_(scale)
+    if directions & DOC_TO_DOC:
+        logits["dd"] = (p_rows @ a_cols.T).mul_(scale)
+        if own is not None:
+            logits["dd"][ar[:, None], own[:, None] + m * torch.arange(n_cols, device=device)] = float("-inf")
+    return logits, positive
+
+
+def accumulate_block_grads(
+    g: dict[str, Tensor],
+    q_rows: Tensor,
+    p_rows: Tensor | None,
+    q_cols: Tensor,
+    a_cols: Tensor,
+    dq_rows: Tensor,
+    dp_rows: Tensor,
+    dq_cols: Tensor,
+    da_cols: Tensor,
+) -> None:
+    """The matmuls of one row block: ``g`` holds d loss / d sim per block of :func:`direction_logits` (same keys and
+    shapes); adds the anchors' gradients to ``dq_rows`` / ``dp_rows`` and the columns' to ``dq_cols`` / ``da_cols``
+    (which may be the same storage as the row gradients)."""
+    dq_rows += g["qd"] @ a_cols
+    da_cols += g["qd"].T @ q_rows
+    if "qq" in g:
+        dq_rows += g["qq"] @ q_cols
+        dq_cols += g["qq"].T @ q_rows
+    if "dq" in g:
+        dp_rows += g["dq"] @ q_cols
+        dq_cols += g["dq"].T @ p_rows
+    if "dd" in g:
+        dp_rows += g["dd"] @ a_cols
+        da_cols += g["dd"].T @ p_rows
+
+
 def infonce_forward(
     q: Tensor,
     a: Tensor,
@@ -93,11 +181,13 @@ def infonce_forward(
         G = (softmax - onehot(positive)) / row_count;  d sim = s * G  (the penalty is stop-gradient)
         dQ_g += s G_qd A + s G_qq Q;  dA += s G_qd^T Q_g + s G_dd^T P_g;  dP_g += s G_dq Q + s G_dd A;
         dQ += s G_qq^T Q_g + s G_dq^T P_g
+
+    The logit blocks are :func:`direction_logits` and the matmuls :func:`accumulate_block_grads`, shared with the
+    ring schedule (``embedloss_kernels.ring``).
     """
     out_dtype = q.dtype
     wd = work_dtype(q.dtype)
     bq = q.shape[0]
-    n_cols = a.shape[0] // bq
     qf, af = q.to(wd), a.to(wd)
     if cosine:
         qf, q_norm = normalize_rows(qf)
@@ -123,33 +213,7 @@ def infonce_forward(
         q_blk = qf[r0:r1]
         p_blk = af[r0:r1] if (use_dq or use_dd) else None
 
-        # -- logits, in place on the matmul outputs --
-        logits = {"qd": q_blk @ af.T}  # (n, C)
-        pos_sim = logits["qd"][ar, own].clone()
-        if alpha > 0:
-            own_cols = own[:, None] + bq * torch.arange(n_cols, device=q.device)  # (n, K) own docs
-            if hardness_mode == HARDNESS_HARD:
-                hard = own_cols[:, 1:]
-                boosted = logits["qd"][ar[:, None], hard] * (scale + alpha)
-                logits["qd"].mul_(scale)
-                logits["qd"][ar[:, None], hard] = boosted
-            else:
-                keep = own_cols if hardness_mode == HARDNESS_IN_BATCH else own_cols[:, :1]
-                assert hardness_mode in (HARDNESS_IN_BATCH, HARDNESS_ALL)
-                plain = logits["qd"][ar[:, None], keep] * scale
-                logits["qd"].mul_(scale + alpha)
-                logits["qd"][ar[:, None], keep] = plain
-        else:
-            logits["qd"].mul_(scale)
-        positive = pos_sim * scale
-        if use_qq:
-            logits["qq"] = (q_blk @ qf.T).mul_(scale)
-            logits["qq"][ar, own] = float("-inf")
-        if use_dq:
-            logits["dq"] = (p_blk @ qf.T).mul_(scale)
-        if use_dd:
-            logits["dd"] = (p_blk @ af.T).mul_(scale)
-            logits["dd"][ar[:, None], own[:, None] + bq * torch.arange(n_cols, device=q.device)] = float("-inf")
+        logits, positive = direction_logits(q_blk, p_blk, qf, af, scale, directions, hardness_mode, alpha, r0)
 
         # -- exact row LSE; the blocks become exp(L - max) in place, reused as the softmax numerators --
         if joint:
@@ -173,18 +237,7 @@ def infonce_forward(
         for key, blk in logits.items():
             blk.mul_((weight / sums[key])[:, None])
         logits["qd"][ar, own] -= scale * inv_rows
-        g_qd = logits["qd"]
-        dq[r0:r1] += g_qd @ af
-        da += g_qd.T @ q_blk
-        if use_qq:
-            dq[r0:r1] += logits["qq"] @ qf
-            dq += logits["qq"].T @ q_blk
-        if use_dq:
-            da[r0:r1] += logits["dq"] @ qf
-            dq += logits["dq"].T @ p_blk
-        if use_dd:
-            da[r0:r1] += logits["dd"] @ af
-            da += logits["dd"].T @ p_blk
+        accumulate_block_grads(logits, q_blk, p_blk, qf, af, dq[r0:r1], da[r0:r1], dq, da)
 
     loss = loss_sum * inv_rows
     if not compute_grad:
