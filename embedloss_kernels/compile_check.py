@@ -40,7 +40,8 @@ def _configs():
                 if name.startswith("flash"):  # flash_max_dim: 64 on tensor cores, 32 for plain fp32 / fp64
                     dims = tuple(d for d in dims if d <= (32 if dt == "fp64" or (dt, prec) == ("fp32", "ieee") else 64))
                 for n_dim in dims:  # one per BK the launcher can pick
-                    cfg = dict(pick(n_dim, torch_dtype[dt], interpreted=False))
+                    extra = {"precision": prec} if pick is flash_config else {}
+                    cfg = dict(pick(n_dim, torch_dtype[dt], interpreted=False, **extra))
                     for pen, mask in pen_mask:
                         yield name, dt, dict(PEN_MODE=pen, MASK_MODE=mask, ACC=acc, PREC=prec, **cfg)
         if prec == precs[-1]:
@@ -59,6 +60,8 @@ def _signature(fn, dt: str, constexprs: dict) -> dict:
             sig[arg] = f"*{dt}"
         elif arg == "y_ptr":
             sig[arg] = "*fp64"  # CoSENT labels
+        elif arg == "owner_ptr":
+            sig[arg] = "*i32"  # column -> query index
         elif arg.endswith("_ptr"):
             sig[arg] = f"*{work}"
         elif arg in ("scale", "boost", "weight", "onehot"):

@@ -128,15 +128,18 @@ def flash_max_dim(dtype: torch.dtype) -> int:
     return 32
 
 
-def flash_config(n_dim: int, dtype: torch.dtype, interpreted: bool | None = None) -> dict:
+def flash_config(n_dim: int, dtype: torch.dtype, interpreted: bool | None = None,
+                 precision: str | None = None) -> dict:
     """Flash tiles: BK spans all of D (the dX / dY accumulators hold whole rows): 64x64 tiles with 8 warps for
-    16-bit inputs, 16x32 with 4 warps for fp32 / fp64 (spill-free on sm_80 and sm_90 per compile_check)."""
+    16-bit inputs, 16x32 with 4 warps for tf32, 16x16 for plain-FMA fp32 ("ieee") and fp64 (16x32 spilled in the
+    column-parallel dY kernel on sm_90 once the own-docs test was in the tile; compile_check)."""
     bk = max(16, triton.next_power_of_2(n_dim))
     if interpreted if interpreted is not None else _interpreted():
         return {"BM": 16, "BN": 16, "BK": bk}
     if dtype in (torch.float16, torch.bfloat16):
         return {"BM": 64, "BN": 64, "BK": bk, "num_warps": 8}
-    return {"BM": 16, "BN": 16 if dtype == torch.float64 else 32, "BK": bk, "num_warps": 4}
+    fma = dtype == torch.float64 or (precision or _precision(dtype)) == "ieee"
+    return {"BM": 16, "BN": 16 if fma else 32, "BK": bk, "num_warps": 4}
 
 
 def cosent_strategy(batch: int) -> str:
@@ -162,13 +165,13 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _block_lse(x, y, row_start, row_count, bq, scale, boost, pen, mask, cfg, acc, prec, wd):
+def _block_lse(x, y, row_start, row_count, owner, scale, boost, pen, mask, cfg, acc, prec, wd):
     m = torch.empty(row_count, dtype=wd, device=x.device)
     s = torch.empty_like(m)
     p = torch.empty_like(m)
     grid = (triton.cdiv(row_count, cfg["BM"]),)
-    row_lse_kernel[grid](x, y, m, s, p, row_start, row_count, y.shape[0], x.shape[1], x.stride(0), y.stride(0), bq,
-                         scale, boost, PEN_MODE=pen, MASK_MODE=mask, ACC=acc, PREC=prec, **cfg)
+    row_lse_kernel[grid](x, y, m, s, p, row_start, row_count, y.shape[0], x.shape[1], x.stride(0), y.stride(0),
+                         owner, scale, boost, PEN_MODE=pen, MASK_MODE=mask, ACC=acc, PREC=prec, **cfg)
     return m, s, p
 
 
@@ -197,7 +200,8 @@ def infonce_forward(q: Tensor, a: Tensor, row_start: int, row_count: int, scale:
     if directions & DOC_TO_DOC:
         blocks.append(("dd", ak, ak, aw, aw, 0, MASK_OWN_DOCS))
 
-    stats = [_block_lse(xk, yk, row_start, row_count, bq, scale, alpha, pen, mask, cfg, acc, prec, wd)
+    owner = torch.arange(ak.shape[0], device=q.device, dtype=torch.int32) % bq  # column -> its query (int32)
+    stats = [_block_lse(xk, yk, row_start, row_count, owner, scale, alpha, pen, mask, cfg, acc, prec, wd)
              for _, xk, yk, _, _, pen, mask in blocks]
     if joint:
         row_max = torch.stack([m for m, _, _ in stats]).amax(0)
@@ -226,7 +230,7 @@ def infonce_forward(q: Tensor, a: Tensor, row_start: int, row_count: int, scale:
             dx = torch.empty(row_count, xk.shape[1], dtype=wd, device=q.device)
             dy = torch.empty(n_cols, xk.shape[1], dtype=wd, device=q.device)
             common = (row_start, row_count, n_cols, xk.shape[1], xk.stride(0), yk.stride(0))
-            consts = (bq, scale, alpha, weight, scale * inv_rows if name == "qd" else 0.0)
+            consts = (owner, scale, alpha, weight, scale * inv_rows if name == "qd" else 0.0)
             meta = dict(PEN_MODE=pen, MASK_MODE=mask, ACC=acc, PREC=prec, **fcfg)
             flash_dx_kernel[(triton.cdiv(row_count, fcfg["BM"]),)](xk, yk, lse, dx, *common, dx.stride(0), *consts,
                                                                      **meta)
@@ -247,7 +251,7 @@ def infonce_forward(q: Tensor, a: Tensor, row_start: int, row_count: int, scale:
                 g = workspace[: n * n_cols].view(n, n_cols)
                 grid = (triton.cdiv(n, cfg["BM"]), triton.cdiv(n_cols, cfg["BN"]))
                 softmax_grad_kernel[grid](xk, yk, lse[r0:], g, row_start + r0, n, n_cols, xk.shape[1], xk.stride(0),
-                                          yk.stride(0), g.stride(0), bq, scale, alpha, weight,
+                                          yk.stride(0), g.stride(0), owner, scale, alpha, weight,
                                           scale * inv_rows if name == "qd" else 0.0, PEN_MODE=pen, MASK_MODE=mask,
                                           ACC=acc, PREC=prec, **cfg)
                 xr = slice(row_start + r0, row_start + r0 + n)

@@ -5,9 +5,10 @@ penalized columns), with its masks, never stored whole.
 * :func:`softmax_grad_kernel`: recomputes a row block's tiles and writes ``G = w * exp(L - lse) - onehot`` into a
   bounded (rows x columns) workspace; the launcher turns it into ``dX = G Y`` and ``dY = G^T X`` with matmuls.
 
-Column ``c`` of a block belongs to query ``c % bq``. ``PEN_MODE``: 0 none, 1 boost columns of other queries
-(in-batch), 2 boost own hard negatives (``c % bq == g``, ``c != g``), 3 boost all but the positive ``c == g``.
-``MASK_MODE``: 0 none, 1 mask ``c == g`` (query_to_query), 2 mask ``c % bq == g`` (doc_to_doc).
+Column ``c`` of a block belongs to query ``owner[c] = c % bq`` (``owner_ptr``: an int32 vector the launcher
+builds). ``PEN_MODE``: 0 none, 1 boost columns of other queries (in-batch), 2 boost own hard negatives
+(``owner[c] == g``, ``c != g``), 3 boost all but the positive ``c == g``. ``MASK_MODE``: 0 none, 1 mask
+``c == g`` (query_to_query), 2 mask ``owner[c] == g`` (doc_to_doc).
 """
 
 import triton
@@ -15,7 +16,15 @@ import triton.language as tl
 
 
 @triton.jit
-def _logit_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y, bq, scale, boost,
+def _own(owner_ptr, rows, cols, col_ok):
+    """(BM, BN): column ``c`` is one of row ``g``'s own docs (``c % bq == g``). The owner index is read from a
+    precomputed int32 vector: an integer modulo by a runtime divisor in the tile costs registers (it spilled)."""
+    owner = tl.load(owner_ptr + cols, mask=col_ok, other=-1)
+    return owner[None, :] == rows[:, None]
+
+
+@triton.jit
+def _logit_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y, owner_ptr, scale, boost,
                 PEN_MODE: tl.constexpr, MASK_MODE: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
                 PREC: tl.constexpr):
     """The (BM, BN) tile of logits, masked entries at -inf; D is walked in BK chunks padded with zeros."""
@@ -31,12 +40,11 @@ def _logit_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, strid
             acc += tl.dot(xt.to(ACC), tl.trans(yt.to(ACC)), out_dtype=ACC)
         else:
             acc += tl.dot(xt, tl.trans(yt), input_precision=PREC, out_dtype=ACC)
-    own = (cols[None, :] % bq) == rows[:, None]
     pos = cols[None, :] == rows[:, None]
     if PEN_MODE == 1:
-        coef = tl.where(own, scale, scale + boost)
+        coef = tl.where(_own(owner_ptr, rows, cols, col_ok), scale, scale + boost)
     elif PEN_MODE == 2:
-        coef = tl.where(own & (~pos), scale + boost, scale)
+        coef = tl.where(_own(owner_ptr, rows, cols, col_ok) & (~pos), scale + boost, scale)
     elif PEN_MODE == 3:
         coef = tl.where(pos, scale, scale + boost)
     else:
@@ -46,13 +54,13 @@ def _logit_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, strid
     if MASK_MODE == 1:
         valid = valid & (~pos)
     elif MASK_MODE == 2:
-        valid = valid & (~own)
+        valid = valid & (~_own(owner_ptr, rows, cols, col_ok))
     return tl.where(valid, logits, float("-inf"))
 
 
 @triton.jit
 def row_lse_kernel(x_ptr, y_ptr, max_ptr, sum_ptr, pos_ptr, row_start, row_count, n_cols, n_dim, stride_x, stride_y,
-                   bq, scale, boost, PEN_MODE: tl.constexpr, MASK_MODE: tl.constexpr, BM: tl.constexpr,
+                   owner_ptr, scale, boost, PEN_MODE: tl.constexpr, MASK_MODE: tl.constexpr, BM: tl.constexpr,
                    BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """Per local row: running max and sum of ``exp(L - max)`` over every column tile (the max is subtracted
     before exponentiating, so scale 100 on large-norm dot products cannot overflow). Also stores the logit at column
@@ -66,7 +74,7 @@ def row_lse_kernel(x_ptr, y_ptr, max_ptr, sum_ptr, pos_ptr, row_start, row_count
     for c0 in range(0, n_cols, BN):
         cols = c0 + tl.arange(0, BN)
         col_ok = cols < n_cols
-        lg = _logit_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y, bq, scale, boost,
+        lg = _logit_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y, owner_ptr, scale, boost,
                          PEN_MODE, MASK_MODE, BK, ACC, PREC)
         m_new = tl.maximum(m, tl.max(lg, axis=1))
         safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a fully masked tile so far: keep exp finite
@@ -80,16 +88,16 @@ def row_lse_kernel(x_ptr, y_ptr, max_ptr, sum_ptr, pos_ptr, row_start, row_count
 
 @triton.jit
 def softmax_grad_kernel(x_ptr, y_ptr, lse_ptr, g_ptr, row_start, row_count, n_cols, n_dim, stride_x, stride_y,
-                        stride_g, bq, scale, boost, weight, onehot, PEN_MODE: tl.constexpr, MASK_MODE: tl.constexpr,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
-                        PREC: tl.constexpr):
+                        stride_g, owner_ptr, scale, boost, weight, onehot, PEN_MODE: tl.constexpr,
+                        MASK_MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                        ACC: tl.constexpr, PREC: tl.constexpr):
     """``G[i, c] = weight * exp(L[i, c] - lse[i]) - onehot * [c == g_i]`` for one tile of the row block."""
     local = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     row_ok = local < row_count
     col_ok = cols < n_cols
     rows = row_start + local
-    lg = _logit_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y, bq, scale, boost,
+    lg = _logit_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y, owner_ptr, scale, boost,
                      PEN_MODE, MASK_MODE, BK, ACC, PREC)
     lse = tl.load(lse_ptr + local, mask=row_ok, other=0.0)
     g = weight * tl.exp(lg - lse[:, None])
@@ -101,11 +109,11 @@ def softmax_grad_kernel(x_ptr, y_ptr, lse_ptr, g_ptr, row_start, row_count, n_co
 # Flash-style strategy (small D): no workspace; the gradient products are accumulated on chip from recomputed tiles.
 # ------------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _grad_tile(x_ptr, y_ptr, lse_ptr, local, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y, bq, scale,
+def _grad_tile(x_ptr, y_ptr, lse_ptr, local, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y, owner_ptr, scale,
                boost, weight, onehot, PEN_MODE: tl.constexpr, MASK_MODE: tl.constexpr, BK: tl.constexpr,
                ACC: tl.constexpr, PREC: tl.constexpr):
     """``G = weight * exp(L - lse) - onehot * [c == g]`` for one (BM, BN) tile; zero outside the block."""
-    lg = _logit_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y, bq, scale, boost,
+    lg = _logit_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y, owner_ptr, scale, boost,
                      PEN_MODE, MASK_MODE, BK, ACC, PREC)
     lse = tl.load(lse_ptr + local, mask=row_ok, other=0.0)
     g = weight * tl.exp(lg - lse[:, None])
@@ -123,7 +131,7 @@ def _mm(a, b, ACC: tl.constexpr, PREC: tl.constexpr):
 
 @triton.jit
 def flash_dx_kernel(x_ptr, y_ptr, lse_ptr, dx_ptr, row_start, row_count, n_cols, n_dim, stride_x, stride_y,
-                    stride_dx, bq, scale, boost, weight, onehot, PEN_MODE: tl.constexpr, MASK_MODE: tl.constexpr,
+                    stride_dx, owner_ptr, scale, boost, weight, onehot, PEN_MODE: tl.constexpr, MASK_MODE: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """Row-parallel: ``dX[rows] = G Y`` over every column tile, the (BM, BK >= D) accumulator in registers."""
     local = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -135,7 +143,7 @@ def flash_dx_kernel(x_ptr, y_ptr, lse_ptr, dx_ptr, row_start, row_count, n_cols,
     for c0 in range(0, n_cols, BN):
         cols = c0 + tl.arange(0, BN)
         col_ok = cols < n_cols
-        g = _grad_tile(x_ptr, y_ptr, lse_ptr, local, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y, bq,
+        g = _grad_tile(x_ptr, y_ptr, lse_ptr, local, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y, owner_ptr,
                        scale, boost, weight, onehot, PEN_MODE, MASK_MODE, BK, ACC, PREC)
         yt = tl.load(y_ptr + cols[:, None] * stride_y + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc += _mm(g, yt, ACC, PREC)
@@ -144,7 +152,7 @@ def flash_dx_kernel(x_ptr, y_ptr, lse_ptr, dx_ptr, row_start, row_count, n_cols,
 
 @triton.jit
 def flash_dy_kernel(x_ptr, y_ptr, lse_ptr, dy_ptr, row_start, row_count, n_cols, n_dim, stride_x, stride_y,
-                    stride_dy, bq, scale, boost, weight, onehot, PEN_MODE: tl.constexpr, MASK_MODE: tl.constexpr,
+                    stride_dy, owner_ptr, scale, boost, weight, onehot, PEN_MODE: tl.constexpr, MASK_MODE: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """Column-parallel: ``dY[cols] = G^T X[rows]`` over every row tile; each program owns its columns, so the loop
     order swap needs no atomics."""
@@ -157,7 +165,7 @@ def flash_dy_kernel(x_ptr, y_ptr, lse_ptr, dy_ptr, row_start, row_count, n_cols,
         local = r0 + tl.arange(0, BM)
         row_ok = local < row_count
         rows = row_start + local
-        g = _grad_tile(x_ptr, y_ptr, lse_ptr, local, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y, bq,
+        g = _grad_tile(x_ptr, y_ptr, lse_ptr, local, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y, owner_ptr,
                        scale, boost, weight, onehot, PEN_MODE, MASK_MODE, BK, ACC, PREC)
         xt = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         acc += _mm(tl.trans(g), xt, ACC, PREC)
