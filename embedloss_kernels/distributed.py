@@ -1,6 +1,12 @@
 """gather_across_devices: this rank's rows against every rank's columns over torch.distributed.
 
-Each rank all-gathers its ``C = 1 + K`` local columns (queries, positives, negatives) straight into the op's
+Two schedules compute the same loss and gradients: ``"gather"`` (the default) and ``"ring"``. Pick one with
+``infonce_across_devices(..., schedule="ring")``; the drop-in losses (``MultipleNegativesRankingLoss``, the symmetric
+and the cached ones), which keep sentence-transformers' constructor signature, read the environment variable
+``EMBEDLOSS_DISTRIBUTED_SCHEDULE`` (``gather`` by default, or ``ring``; any other value raises a ``ValueError``).
+Every rank must use the same schedule (checked with the shapes, so a mismatch raises on every rank).
+
+**gather.** Each rank all-gathers its ``C = 1 + K`` local columns (queries, positives, negatives) straight into the op's
 layout (every rank's queries, and the candidate pool ``[P; N_1; ...]``), one collective per column, and runs the
 fused op on its own anchor rows (``row_start`` = the number of rows on lower ranks) against every gathered column.
 The op returns the gradients of the gathered tensors; the gather's backward sums them back onto their owning
@@ -10,20 +16,49 @@ matrix.
 
 Ranks may hold different local batch sizes: columns are padded to the largest one for the collective and the
 padding rows are dropped before the op, so they are never scored.
+
+**ring** (``embedloss_kernels.ring``): no rank ever holds the world's columns. Each rank's column block travels round
+the ring while the current one is computed on: a forward pass of per-row log-sum-exp statistics, then, in backward,
+a second circle carrying each block's column-gradient accumulator back to its owner. Memory per rank: a few local
+blocks instead of ``2 W`` of them; communication ``(3W - 2)`` block hops instead of ``2 (W - 1)``, overlapped with
+compute. It uses the ``torch`` backend's maths whatever ``backend`` says, and covers cosine and dot similarity; any
+other ``similarity_fct`` runs the gather schedule (with a warning).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import functional
+from . import functional, ring
 
-_META_FIELDS = 4  # rows, dim, columns, dtype code: gathered before the embeddings so every rank checks the same
+_META_FIELDS = 5  # rows, dim, columns, dtype code, schedule: gathered before the embeddings, every rank checks them
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+SCHEDULES = ("gather", "ring")
+SCHEDULE_ENV = "EMBEDLOSS_DISTRIBUTED_SCHEDULE"
+
+
+def schedule_from_env() -> str:
+    """The schedule named by ``EMBEDLOSS_DISTRIBUTED_SCHEDULE`` (``"gather"`` when unset or empty)."""
+    raw = os.environ.get(SCHEDULE_ENV, "")
+    value = raw.strip().lower() or "gather"
+    if value not in SCHEDULES:
+        raise ValueError(f"{SCHEDULE_ENV} must be one of {', '.join(map(repr, SCHEDULES))} (or unset for 'gather'); "
+                         f"got {raw!r}")
+    return value
+
+
+def resolve_schedule(schedule: str | None) -> str:
+    """``schedule`` checked, or the environment's when ``None``."""
+    if schedule is None:
+        return schedule_from_env()
+    if not isinstance(schedule, str) or schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(map(repr, SCHEDULES))}, got {schedule!r}")
+    return schedule
 
 
 def is_distributed() -> bool:
@@ -50,12 +85,13 @@ def _reduce_scatter_flat(out: Tensor, inp: Tensor, group) -> None:
         out.copy_(full.view(-1, *out.shape)[rank])
 
 
-def gather_metadata(columns: Sequence[Tensor], group=None) -> list[tuple[int, int, int, int]]:
-    """(rows, dim, columns, dtype code) of every rank, after one small all-gather; raises the same ValueError on
-    every rank when the ranks disagree on dim, column count or dtype (so no rank waits on a collective forever)."""
+def gather_metadata(columns: Sequence[Tensor], group=None, schedule: str = "gather") -> list[tuple[int, ...]]:
+    """(rows, dim, columns, dtype code, schedule code) of every rank, after one small all-gather; raises the same
+    ValueError on every rank when the ranks disagree on dim, column count, dtype or schedule (so no rank waits on a
+    collective forever)."""
     first = columns[0]
-    meta = torch.tensor([first.shape[0], first.shape[1], len(columns), _DTYPE_CODES.get(first.dtype, 0)],
-                        dtype=torch.int64, device=first.device)
+    meta = torch.tensor([first.shape[0], first.shape[1], len(columns), _DTYPE_CODES.get(first.dtype, 0),
+                         SCHEDULES.index(schedule)], dtype=torch.int64, device=first.device)
     world = dist.get_world_size(group)
     out = torch.empty(world * _META_FIELDS, dtype=torch.int64, device=first.device)
     _all_gather_flat(out, meta, group)
@@ -67,6 +103,11 @@ def gather_metadata(columns: Sequence[Tensor], group=None) -> list[tuple[int, in
                 f"gather_across_devices: every rank must pass embeddings with the same {name}; got "
                 + ", ".join(f"rank {i}: {v}" for i, v in enumerate(values))
             )
+    if len({r[4] for r in rows}) > 1:
+        raise ValueError(
+            f"gather_across_devices: every rank must use the same schedule ({SCHEDULE_ENV} / schedule=); got "
+            + ", ".join(f"rank {i}: {SCHEDULES[r[4]]!r}" for i, r in enumerate(rows))
+        )
     if any(r[0] == 0 for r in rows):
         raise ValueError(
             "gather_across_devices: every rank must hold at least one row; got local batch sizes "
@@ -158,20 +199,36 @@ def _agree_on_validation(check: Callable[[], None], device: torch.device, group)
 
 
 def infonce_across_devices(
-    queries: Tensor, docs: Sequence[Tensor], *, group=None, check: Callable[[], None] | None = None, **options
+    queries: Tensor,
+    docs: Sequence[Tensor],
+    *,
+    group=None,
+    check: Callable[[], None] | None = None,
+    schedule: str | None = "gather",
+    **options,
 ) -> Tensor:
-    """MNRL of this rank's rows against all gathered columns; a no-op (with a warning) when not distributed.
+    """MNRL of this rank's rows against all ranks' columns; a no-op (with a warning) when not distributed.
 
     The returned loss is the mean over this rank's rows; its gradients reach every rank's embeddings (as with
     sentence-transformers' ``all_gather_with_grad``), so DDP's gradient averaging yields the world-batch loss.
     ``check`` validates this rank's input; under a process group every rank learns whether any rank failed.
+    ``schedule``: ``"gather"`` (all-gather the columns, reduce-scatter their gradients), ``"ring"`` (pass column
+    blocks round the ring, :mod:`embedloss_kernels.ring`; cosine and dot similarity, any other similarity runs
+    the gather schedule), or ``None``: ``EMBEDLOSS_DISTRIBUTED_SCHEDULE`` (how the drop-in losses choose). A bad
+    value raises ``ValueError`` (on every rank when ``check`` is given, as part of the agreed validation).
     """
-    if check is not None:
-        if is_distributed():
-            device = queries.device if isinstance(queries, Tensor) else torch.device("cpu")
-            _agree_on_validation(check, device, group)
-        else:
+    chosen: list[str] = []
+
+    def validate() -> None:
+        chosen.append(resolve_schedule(schedule))
+        if check is not None:
             check()
+
+    if is_distributed() and check is not None:
+        device = queries.device if isinstance(queries, Tensor) else torch.device("cpu")
+        _agree_on_validation(validate, device, group)
+    else:
+        validate()
     if not is_distributed():
         functional.warn_once(
             "gather-not-distributed",
@@ -179,8 +236,23 @@ def infonce_across_devices(
             "This is expected on one device; set gather_across_devices=False to remove this warning.",
         )
         return functional.infonce_from_columns(queries, docs, **options)
-    q_all, a_all, row_start, row_count = gather_columns([queries, *docs], group)
-    if functional.resolve_similarity(options.get("similarity", "cosine")) is not None:
+    kind = functional.resolve_similarity(options.get("similarity", "cosine"))
+    use_ring = chosen[0] == "ring" and kind is not None
+    if chosen[0] == "ring" and not use_ring:
+        functional.warn_once(
+            "ring-unfused-similarity",
+            "the ring schedule covers cosine and dot similarity only; this similarity_fct runs the gather schedule.",
+        )
+    columns = [queries, *docs]
+    meta = gather_metadata(columns, group, "ring" if use_ring else "gather")
+    sizes = tuple(r[0] for r in meta)
+    if use_ring:
+        opts = {k: v for k, v in options.items() if k not in ("similarity", "backend")}
+        return ring.infonce_ring(columns, sizes, group, cosine=kind == "cosine", **opts)
+    rank = dist.get_rank(group)
+    q_all, a_all = _GatherColumns.apply(sizes, group, *columns)
+    row_start, row_count = sum(sizes[:rank]), sizes[rank]
+    if kind is not None:
         # the fused op takes the candidate pool [P; N_1; ...] as one (K * rows, D) tensor, as gathered
         doc_columns = [a_all]
     else:

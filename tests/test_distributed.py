@@ -1,8 +1,8 @@
 """gather_across_devices over a real gloo process group (2 and 3 CPU processes on loopback).
 
-One spawn per world size runs every option combination; the workers save losses and local gradients to files and
-the parent compares them with sentence-transformers' ``all_gather_with_grad`` path (run in the same workers) and
-with the float64 oracle on the whole world batch in one process.
+One spawn per world size runs every option combination through both schedules (gather and ring); the workers save
+losses and local gradients to files and the parent compares them with sentence-transformers' ``all_gather_with_grad``
+path (run in the same workers) and with the float64 oracle on the whole world batch in one process.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from embedloss_kernels import _backends, distributed, functional, reference
-from embedloss_kernels.losses import MultipleNegativesRankingLoss
+from embedloss_kernels import _backends, distributed, functional, reference, ring
+from embedloss_kernels.losses import MultipleNegativesRankingLoss, MultipleNegativesSymmetricRankingLoss
 
 st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
 st_util = pytest.importorskip("sentence_transformers.util")
@@ -69,14 +69,101 @@ def _st_sim(name):
     return {"cosine": st_util.cos_sim, "dot": st_util.dot_score}.get(name, name)
 
 
-def _ours(cols, c, backend):
+def _ours(cols, c, backend, schedule="gather"):
     loss = distributed.infonce_across_devices(
         cols[0], cols[1:], scale=c["scale"], similarity=c["similarity"], directions=c["directions"],
         partition_mode=c["partition_mode"], hardness_mode=c["hardness_mode"],
         hardness_strength=c["hardness_strength"], backend=backend, block_rows=c.get("block_rows", 0),
+        schedule=schedule,
     )
     loss.backward()
     return loss.detach(), [t.grad.clone() for t in cols]
+
+
+def _module(cls, cols, c):
+    extra = {} if cls is MultipleNegativesSymmetricRankingLoss else dict(
+        directions=c["directions"], partition_mode=c["partition_mode"], hardness_mode=c["hardness_mode"],
+        hardness_strength=c["hardness_strength"])
+    mod = cls(None, scale=c["scale"], similarity_fct=_st_sim(c["similarity"]), gather_across_devices=True, **extra)
+    loss = mod.compute_loss_from_embeddings(cols, None)
+    loss.backward()
+    return loss.detach(), [t.grad.clone() for t in cols]
+
+
+class _Recorder:
+    """Counts the ring's entry, its shifts per tag and the sizes of the all-gathers, by wrapping them."""
+
+    def __init__(self):
+        self.ring_calls, self.shifts, self.gathered = 0, [], []
+
+    def __enter__(self):
+        self.saved = ring.infonce_ring, ring._shift, distributed._all_gather_flat
+
+        def infonce_ring(*args, **kwargs):
+            self.ring_calls += 1
+            return self.saved[0](*args, **kwargs)
+
+        def shift(send, recv, ring_, tag):
+            self.shifts.append(tag)
+            return self.saved[1](send, recv, ring_, tag)
+
+        def gather(out, inp, group):
+            self.gathered.append(out.numel())
+            return self.saved[2](out, inp, group)
+
+        ring.infonce_ring, ring._shift, distributed._all_gather_flat = infonce_ring, shift, gather
+        return self
+
+    def __exit__(self, *exc):
+        ring.infonce_ring, ring._shift, distributed._all_gather_flat = self.saved
+
+
+def _ring_checks(rank, world, b, combo_list, backend):
+    """The ring through the environment variable and the drop-in modules, its communication pattern, its errors."""
+    out = {}
+    env = distributed.SCHEDULE_ENV
+    c = dict(combo_list[-1], hardness_mode="in_batch_negatives", hardness_strength=0.7, negatives=1)
+    cols_world = world_columns(21, b * world, 3)
+    os.environ[env] = "ring"
+    try:
+        with _Recorder() as rec:
+            out["env_mnrl"] = _module(MultipleNegativesRankingLoss, local_slice(cols_world, [b] * world, rank), c)
+            out["env_sym"] = _module(MultipleNegativesSymmetricRankingLoss, local_slice(cols_world, [b] * world, rank),
+                                     c)
+        out["env_ring_calls"], out["env_shifts"], out["env_gathered"] = rec.ring_calls, rec.shifts, rec.gathered
+        # a similarity the ring does not cover: the gather schedule, same numbers as ST
+        with _Recorder() as rec:
+            out["env_custom"] = _module(MultipleNegativesRankingLoss, local_slice(cols_world, [b] * world, rank),
+                                        dict(c, similarity=custom_sim, scale=3.0))
+        out["custom_ring_calls"] = rec.ring_calls
+        for bad in ("rings", "RING " if rank == 0 else "gather"):  # a typo everywhere; then ranks that disagree
+            os.environ[env] = bad
+            try:
+                _module(MultipleNegativesRankingLoss, local_slice(cols_world, [b] * world, rank), c)
+            except ValueError as exc:
+                out.setdefault("env_errors", []).append(str(exc))
+            dist.barrier()
+    finally:
+        del os.environ[env]
+    with _Recorder() as rec:  # unset: the gather schedule
+        out["env_unset"] = _module(MultipleNegativesRankingLoss, local_slice(cols_world, [b] * world, rank), c)
+    out["unset_ring_calls"], out["unset_gathered"] = rec.ring_calls, rec.gathered
+    # without grad: the forward pass alone, the same loss
+    with torch.no_grad():
+        cols = local_slice(cols_world, [b] * world, rank)
+        out["no_grad"] = distributed.infonce_across_devices(
+            cols[0], cols[1:], scale=c["scale"], similarity=c["similarity"], directions=c["directions"],
+            partition_mode=c["partition_mode"], hardness_mode=c["hardness_mode"],
+            hardness_strength=c["hardness_strength"], schedule="ring",
+        )
+    # float32: ring and gather agree to float32 round-off
+    cols32 = [t.float() for t in cols_world]
+    out["fp32"] = [_ours(local_slice(cols32, [b] * world, rank), c, backend, s) for s in ("ring", "gather")]
+    try:
+        distributed.infonce_across_devices(*local_slice(cols_world, [b] * world, rank)[:2], schedule="Ring")
+    except ValueError as exc:
+        out["kw_error"] = str(exc)
+    return out
 
 
 def _st(cols, c):
@@ -104,8 +191,10 @@ def _worker(rank, world, init_file, out_dir, backends_, combo_list, unequal_size
             entry = {"ours": {}}
             for name in backends_:
                 entry["ours"][name] = _ours(local_slice(cols_world, sizes, rank), c, name)
+            entry["ring"] = _ours(local_slice(cols_world, sizes, rank), c, backends_[0], "ring")
             entry["st"] = _st(local_slice(cols_world, sizes, rank), c)
             res["equal"].append(entry)
+        res["ring"] = _ring_checks(rank, world, b, combo_list, backends_[0])
         # the drop-in module (gather_across_devices=True) with a non-fused similarity, against ST's
         c = dict(combo_list[0], similarity=custom_sim, scale=3.0, negatives=1)
         cols_world = world_columns(7, b * world, 3)
@@ -133,6 +222,11 @@ def _worker(rank, world, init_file, out_dir, backends_, combo_list, unequal_size
         c = dict(combo_list[-1])
         cols_world = world_columns(11, sum(unequal_sizes), 2 + c["negatives"])
         res["unequal"] = _ours(local_slice(cols_world, unequal_sizes, rank), c, backends_[0])
+        # the ring with unequal sizes: every option combination (padding rows travel, are never scored)
+        res["unequal_ring"] = []
+        for c in combo_list:
+            cols_world = world_columns(c["seed"] + 500, sum(unequal_sizes), 2 + c["negatives"])
+            res["unequal_ring"].append(_ours(local_slice(cols_world, unequal_sizes, rank), c, backends_[0], "ring"))
         # ranks disagreeing on the embedding dim: the same ValueError on every rank, no hang
         dim = DIM if rank == 0 else DIM - 1
         cols = [t.requires_grad_(True) for t in world_columns(rank, 3, 2, dim)]
@@ -218,8 +312,8 @@ def test_gather_across_devices_matches_st_and_world_oracle(world, unequal_sizes,
             st_loss, st_grads = res["equal"][i]["st"]
             msg = f"combo {c}, rank {rank}"
             torch.testing.assert_close(st_loss, ref_losses[rank], rtol=RTOL, atol=ATOL, msg=lambda m: f"{msg}: {m}")
-            for name in backends_:
-                loss, grads = res["equal"][i]["ours"][name]
+            for name in [*backends_, "ring"]:
+                loss, grads = res["equal"][i]["ours"][name] if name != "ring" else res["equal"][i]["ring"]
                 assert loss.dtype == torch.float64
                 torch.testing.assert_close(loss, st_loss, rtol=RTOL, atol=ATOL,
                                            msg=lambda m: f"{name} {msg}: loss {m}")
@@ -246,6 +340,18 @@ def test_gather_across_devices_matches_st_and_world_oracle(world, unequal_sizes,
         torch.testing.assert_close(loss, ref_losses[rank], rtol=RTOL, atol=ATOL)
         for g, rg in zip(grads, _local(ref_grads, list(unequal_sizes), rank)):
             torch.testing.assert_close(g, rg, rtol=RTOL, atol=ATOL)
+    # the ring with unequal local batch sizes, every combination, against the oracle
+    for i, c in enumerate(combo_list):
+        ref_losses, ref_grads = _oracle(world_columns(c["seed"] + 500, sum(unequal_sizes), 2 + c["negatives"]), c,
+                                        list(unequal_sizes))
+        for rank, res in enumerate(results):
+            loss, grads = res["unequal_ring"][i]
+            msg = f"ring, sizes {unequal_sizes}, combo {c}, rank {rank}"
+            assert grads[0].shape[0] == unequal_sizes[rank]
+            torch.testing.assert_close(loss, ref_losses[rank], rtol=RTOL, atol=ATOL, msg=lambda m: f"{msg}: {m}")
+            for g, rg in zip(grads, _local(ref_grads, list(unequal_sizes), rank)):
+                torch.testing.assert_close(g, rg, rtol=RTOL, atol=ATOL, msg=lambda m: f"{msg}: {m}")
+    _check_ring_extras(world, b, results)
     # mismatched embedding dims: every rank raised the same clear ValueError
     errors = [res["error"] for res in results]
     assert all(e is not None and "same embedding dim" in e for e in errors), errors
@@ -253,6 +359,46 @@ def test_gather_across_devices_matches_st_and_world_oracle(world, unequal_sizes,
     assert "NaN or Inf" in nan_errors[0], nan_errors
     assert all("rank(s) [0] failed validation" in e for e in nan_errors[1:]), nan_errors
     assert len(set(errors)) == 1 and f"rank 0: {DIM}" in errors[0] and f"rank 1: {DIM - 1}" in errors[0]
+
+
+def _check_ring_extras(world, b, results):
+    c = dict(combos()[-1], hardness_mode="in_batch_negatives", hardness_strength=0.7, negatives=1)
+    sizes = [b] * world
+    ref_losses, ref_grads = _oracle(world_columns(21, b * world, 3), c, sizes)
+    sym = dict(c, directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction", hardness_mode=None,
+               hardness_strength=0.0)
+    sym_losses, sym_grads = _oracle(world_columns(21, b * world, 3), sym, sizes)
+    custom = dict(c, similarity=custom_sim, scale=3.0)
+    custom_losses, custom_grads = _oracle(world_columns(21, b * world, 3), custom, sizes)
+    for rank, res in enumerate(results):
+        r = res["ring"]
+        for key, (want_losses, want_grads) in (("env_mnrl", (ref_losses, ref_grads)), ("env_unset", (ref_losses,
+                                               ref_grads)), ("env_sym", (sym_losses, sym_grads)),
+                                               ("env_custom", (custom_losses, custom_grads))):
+            loss, grads = r[key]
+            torch.testing.assert_close(loss, want_losses[rank], rtol=RTOL, atol=ATOL, msg=lambda m: f"{key}: {m}")
+            for g, rg in zip(grads, _local(want_grads, sizes, rank)):
+                torch.testing.assert_close(g, rg, rtol=RTOL, atol=ATOL, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(r["no_grad"], ref_losses[rank], rtol=RTOL, atol=ATOL)
+        # the environment variable chose the ring for both modules, and nothing the unfused or unset cases
+        assert r["env_ring_calls"] == 2 and r["custom_ring_calls"] == 0 and r["unset_ring_calls"] == 0
+        # per ring loss: (W-1) column shifts forward, (W-1) column + W accumulator shifts backward; the only
+        # all-gather is the metadata (5 integers per rank), where the gather schedule gathers every column
+        per_call = [ring._TAG_COLUMNS] * (world - 1) + ([ring._TAG_COLUMNS, ring._TAG_GRADS] * (world - 1)
+                                                        + [ring._TAG_GRADS])
+        assert sorted(r["env_shifts"]) == sorted(per_call * 2), r["env_shifts"]
+        assert r["env_gathered"] == [5 * world] * 2, r["env_gathered"]
+        assert max(r["unset_gathered"]) >= b * world * DIM, r["unset_gathered"]
+        (ring_loss, ring_grads), (gather_loss, gather_grads) = r["fp32"]
+        assert ring_loss.dtype == torch.float32 and ring_grads[0].dtype == torch.float32
+        torch.testing.assert_close(ring_loss, gather_loss, rtol=1e-5, atol=1e-6)
+        for g, gg in zip(ring_grads, gather_grads):
+            torch.testing.assert_close(g, gg, rtol=1e-4, atol=1e-6)
+        typo, disagree = r["env_errors"]
+        assert "EMBEDLOSS_DISTRIBUTED_SCHEDULE" in typo and "'gather', 'ring'" in typo and "'rings'" in typo, typo
+        assert "same schedule" in disagree and "rank 0: 'ring'" in disagree and "rank 1: 'gather'" in disagree
+        assert "schedule must be one of 'gather', 'ring', got 'Ring'" in r["kw_error"], r["kw_error"]
+    assert len({res["ring"]["env_errors"][1] for res in results}) == 1  # the same message on every rank
 
 
 def test_not_initialized_is_local_with_one_warning(caplog):

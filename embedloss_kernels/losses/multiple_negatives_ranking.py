@@ -144,9 +144,11 @@ class MultipleNegativesRankingLoss(nn.Module):
             hardness_strength=self.hardness_strength,
         )
         if self.gather_across_devices:
-            # Validated inside, so that a bad input on one rank stops every rank instead of hanging the others.
+            # Validated inside, so that a bad input on one rank stops every rank instead of hanging the others;
+            # schedule=None: EMBEDLOSS_DISTRIBUTED_SCHEDULE ("gather" or "ring"), read on every call.
             return distributed.infonce_across_devices(
-                embeddings[0], embeddings[1:], check=lambda: check_embeddings(embeddings, names), **options
+                embeddings[0], embeddings[1:], check=lambda: check_embeddings(embeddings, names), schedule=None,
+                **options,
             )
         check_embeddings(embeddings, names)
         return functional.infonce_from_columns(embeddings[0], embeddings[1:], **options)
