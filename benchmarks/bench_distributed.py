@@ -1,12 +1,17 @@
-"""gather_across_devices on CPU: per-rank peak extra memory of one forward+backward, ours vs sentence-transformers.
+"""gather_across_devices on CPU: per-rank peak extra memory and time of one forward+backward, ours (gather and/or
+ring schedule) vs sentence-transformers.
 
 Every (provider, local batch) runs in fresh processes: ``world`` gloo ranks on loopback, one thread each. Each
 rank allocates its local columns, resets its peak RSS (Linux ``clear_refs``), runs the loss forward+backward with
 gather_across_devices=True, and reports the peak RSS growth (VmHWM - VmRSS before the step; ``ru_maxrss`` where
 ``clear_refs`` is unavailable) and the wall time. Also printed: the bytes of the gathered world columns and their
-gradients, the floor both providers share, and the local x world logits that only sentence-transformers keeps.
+gradients (what the gather schedule holds), the local x world logits that only sentence-transformers keeps, and the
+bytes each rank sends per step (gather: 2 (W-1) blocks of B x C x D; ring: 3W - 2 blocks, in the working precision).
+Our losses pick the schedule from ``EMBEDLOSS_DISTRIBUTED_SCHEDULE``, set here per provider. Writes
+``--out``/distributed.json and distributed.png (time and memory against the local batch).
 
     python benchmarks/bench_distributed.py [--world 2] [--batches 512 1024 2048 4096] [--dim 256] [--negatives 0]
+        [--schedule gather|ring|both]
 
 RSS is what the allocator holds, not what tensors need: repeated runs of the same row vary by up to ~30% for ours
 (freed blocks kept in glibc arenas); the table reports the largest rank of one run.
@@ -21,9 +26,13 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from throughput import _peak_bytes, _reset_peak_rss  # noqa: E402  (one peak-RSS method for every benchmark)
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from throughput import _peak_bytes, _reset_peak_rss, environment  # noqa: E402  (one peak-RSS method everywhere)
+
+SCHEDULE_ENV = "EMBEDLOSS_DISTRIBUTED_SCHEDULE"
 
 
 def _peak() -> int:
@@ -42,7 +51,8 @@ def _worker(rank, world, init_file, out_file, provider, batch, dim, negatives):
     logging.getLogger("sentence_transformers").setLevel(logging.ERROR)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=300))
-    if provider == "ours":
+    if provider.startswith("ours"):
+        os.environ[SCHEDULE_ENV] = provider.partition("-")[2] or "gather"
         from embedloss_kernels.losses import MultipleNegativesRankingLoss
     else:
         from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
@@ -79,39 +89,88 @@ def run_one(provider, world, batch, dim, negatives) -> list[dict]:
         return results
 
 
+def comm_bytes(provider: str, world: int, batch: int, cols: int, dim: int, elem: int = 4) -> int:
+    """Bytes one rank sends per forward+backward (fp32 inputs; the ring moves blocks in the working precision)."""
+    block = batch * cols * dim * elem
+    return (3 * world - 2) * block if provider == "ours-ring" else 2 * (world - 1) * block
+
+
+def plot(rows, env, args, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, provider in enumerate(dict.fromkeys(r["provider"] for r in rows)):
+        pts = sorted((r["local_batch"], r["seconds"], r["extra_bytes"] / 2**20) for r in rows
+                     if r["provider"] == provider)
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider, color=f"C{i}")
+        axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=provider, color=f"C{i}")
+    for ax, title in zip(axes, ("step time (s)", "peak extra memory per rank (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("local batch size")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"gather_across_devices, {args.world} gloo ranks, D={args.dim}, fp32, {env['device']}, "
+                 f"commit {env['commit']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--batches", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--negatives", type=int, default=0)
-    parser.add_argument("--providers", nargs="+", default=["ours", "sentence_transformers"])
+    parser.add_argument("--schedule", choices=["gather", "ring", "both"], default="gather",
+                        help="our schedule(s) to measure (EMBEDLOSS_DISTRIBUTED_SCHEDULE)")
+    parser.add_argument("--providers", nargs="+", choices=["ours", "sentence_transformers"],
+                        default=["ours", "sentence_transformers"])
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--out", type=Path, default=HERE / "out")
     args = parser.parse_args()
 
+    schedules = ["gather", "ring"] if args.schedule == "both" else [args.schedule]
+    providers = []
+    for p in args.providers:
+        providers += [f"ours-{s}" for s in schedules] if p == "ours" else [p]
     mib = 2**20
     cols = 2 + args.negatives
-    print(f"world={args.world} gloo ranks on CPU, dim={args.dim}, float32, {cols} columns, one thread per rank")
+    env = environment()
+    print(f"world={args.world} gloo ranks on {env['device']}, dim={args.dim}, float32, {cols} columns, one thread "
+          f"per rank | torch {env['torch']} | sentence-transformers {env['sentence_transformers']} | commit "
+          f"{env['commit']}")
     print("| provider | local B | world B | gathered cols + grads (MiB) | ST logits B x K*W*B (MiB) "
-          "| peak extra per rank (MiB) | step (s) | loss rank 0 |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| sent per rank (MiB) | peak extra per rank (MiB) | step (s) | loss rank 0 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for batch in args.batches:
         world_rows = batch * args.world
         columns_bytes = 2 * world_rows * cols * args.dim * 4
         logits_bytes = batch * (cols - 1) * world_rows * 4
-        for provider in args.providers:
+        for provider in providers:
             res = run_one(provider, args.world, batch, args.dim, args.negatives)
             extra = max(r["extra_bytes"] for r in res)
             secs = max(r["seconds"] for r in res)
+            sent = comm_bytes(provider, args.world, batch, cols, args.dim)
             rows.append(dict(provider=provider, local_batch=batch, world_batch=world_rows, extra_bytes=extra,
                              seconds=secs, loss=res[0]["loss"], columns_bytes=columns_bytes,
-                             logits_bytes=logits_bytes))
+                             logits_bytes=logits_bytes, sent_bytes=sent))
             print(f"| {provider} | {batch} | {world_rows} | {columns_bytes / mib:.1f} | {logits_bytes / mib:.1f} "
-                  f"| {extra / mib:.1f} | {secs:.2f} | {res[0]['loss']:.6f} |", flush=True)
+                  f"| {sent / mib:.1f} | {extra / mib:.1f} | {secs:.2f} | {res[0]['loss']:.6f} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "distributed.json").write_text(json.dumps({"environment": env, "args": vars(args) | {
+        "out": str(args.out)}, "results": rows}, indent=1))
+    plot(rows, env, args, args.out / "distributed.png")
+    print(f"\nwrote {args.out / 'distributed.json'} and distributed.png")
     return 0
 
 
