@@ -82,7 +82,9 @@ class MultipleNegativesRankingLoss(nn.Module):
             similarity_fct: cosine (default; ``sentence_transformers.util.cos_sim`` is recognised) or dot product
                 (``util.dot_score``) run fused; any other callable runs the plain computation, with a warning.
             gather_across_devices: gather embeddings over torch.distributed ranks: each rank scores its own
-                rows against every rank's columns (a no-op, with a warning, when not distributed).
+                rows against every rank's columns (a no-op, with a warning, when not distributed). The schedule
+                comes from ``EMBEDLOSS_DISTRIBUTED_SCHEDULE`` (``gather``, the default, or ``ring``; see
+                :mod:`embedloss_kernels.distributed`).
             directions: any of ``"query_to_doc"`` (required), ``"query_to_query"``, ``"doc_to_query"``,
                 ``"doc_to_doc"``.
             partition_mode: ``"joint"`` (one softmax over all directions) or ``"per_direction"`` (one per
