@@ -21,10 +21,12 @@ share into a fresh buffer while the partial sum from ``l - 1`` is in flight, add
 after a full circle the sum reaches its owner (one extra hop), which adds its row gradients and maps them through the
 cosine normalization backward.
 
-Per rank and step, with ``s`` bytes per element of the working precision (float32 for 16-bit inputs, float64 for
-float64): forward ``(W - 1)`` hops of ``C * B_max * D * s``, backward ``(W - 1)`` column hops plus ``W`` accumulator
-hops: ``(3W - 2) * C * B_max * D * s`` in all (the gather schedule moves ``2 (W - 1)`` such blocks, in the input
-dtype). Column memory is a few blocks (own, in flight, accumulators) instead of ``2 W`` of them.
+Blocks travel in the input dtype: float32 / float64 blocks normalized by their owner; 16-bit blocks raw, each rank
+upcasting and normalizing a visiting block as the fused op does with gathered columns. Gradient accumulators travel
+in the working precision (float32 for 16-bit inputs). Per rank and step, with blocks of ``C * B_max * D`` elements,
+``s`` bytes per input element and ``s'`` per working one: forward ``(W - 1)`` block hops, backward ``(W - 1)`` block
+hops and ``W`` accumulator hops, ``(2W - 2) s + W s'`` per block element in all (the gather schedule:
+``(2W - 2) s``). Column memory is a few blocks (own, in flight, accumulators) instead of ``2 W`` of them.
 """
 
 from __future__ import annotations
@@ -79,6 +81,27 @@ def _views(buf: Tensor, rows: int, bmax: int, docs: int) -> tuple[Tensor, Tensor
     return buf[:rows], buf[bmax : bmax + docs * rows]
 
 
+def _working(buf: Tensor, rows: int, bmax: int, docs: int, cosine: bool, wd: torch.dtype, *, owner: bool,
+             scratch: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """A transfer block as the maths takes it, and (``owner``, cosine) the norms of its rows.
+
+    A block in the working precision travels normalized: its owner normalizes it here, in place, once; the other
+    ranks use it as it comes. A 16-bit block travels as the raw input (half the bytes): every rank upcasts it (into
+    ``scratch`` when given) and normalizes it, which is exactly what the fused op does with gathered columns.
+    """
+    if buf.dtype == wd and not owner:
+        return buf, None, None
+    work = buf if buf.dtype == wd else (buf.to(wd) if scratch is None else scratch.copy_(buf))
+    if not cosine:
+        return work, work.new_empty(0), work.new_empty(0)
+    norms = []
+    for view in _views(work, rows, bmax, docs):
+        normalized, norm = torch_ops.normalize_rows(view)
+        view.copy_(normalized)
+        norms.append(norm)
+    return work, norms[0], norms[1]
+
+
 def _shift(send: Tensor, recv: Tensor, ring: _Ring, tag: int) -> list:
     """Post ``send -> rank + 1`` and ``recv <- rank - 1`` together; returns the requests to wait on."""
     nxt, prv = (ring.rank + 1) % ring.world, (ring.rank - 1) % ring.world
@@ -104,18 +127,14 @@ class _RingInfoNCE(torch.autograd.Function):
         docs = len(columns) - 1
         bmax, world = max(ring.sizes), ring.world
         wd = torch_ops.work_dtype(columns[0].dtype)
-        own = columns[0].new_zeros((1 + docs) * bmax, d, dtype=wd)
+        send_own = columns[0].new_zeros((1 + docs) * bmax, d)
+        q_send, a_send = _views(send_own, b, bmax, docs)
+        q_send.copy_(columns[0])
+        torch.cat(list(columns[1:]), dim=0, out=a_send)
+        own, q_norm, a_norm = _working(send_own, b, bmax, docs, ring.cosine, wd, owner=True)
+        if own is send_own:
+            send_own = None  # the working block is what travels
         q_own, a_own = _views(own, b, bmax, docs)
-        q_in = columns[0].to(wd)
-        a_in = torch.cat([c.to(wd) for c in columns[1:]], dim=0)
-        if ring.cosine:
-            q_in, q_norm = torch_ops.normalize_rows(q_in)
-            a_in, a_norm = torch_ops.normalize_rows(a_in)
-        else:
-            q_norm = a_norm = own.new_empty(0)
-        q_own.copy_(q_in)
-        a_own.copy_(a_in)
-        del q_in, a_in
         p_own = a_own[:b]
         need_p = bool(ring.directions & (DIRECTION_BITS["doc_to_query"] | DIRECTION_BITS["doc_to_doc"]))
         chunk = ring.rows_per_chunk(docs, torch.finfo(wd).bits // 8)
@@ -126,16 +145,21 @@ class _RingInfoNCE(torch.autograd.Function):
         row_sum = own.new_zeros((n_stats, b))
         positive = own.new_empty(b)
         bufs: list[Tensor] = []
-        cur = own
+        cur = own if send_own is None else send_own
+        scratch = None  # the working copy of a visiting 16-bit block
         for t in range(world):
             owner = (ring.rank - t) % world
             reqs = []
             if t < world - 1:
                 if len(bufs) < 2:
-                    bufs.append(torch.empty_like(own))
+                    bufs.append(torch.empty_like(cur))
                 nxt = bufs[t % 2]
                 reqs = _shift(cur, nxt, ring, _TAG_COLUMNS)
-            q_cols, a_cols = _views(cur, ring.sizes[owner], bmax, docs)
+            work = own
+            if t > 0:
+                work = scratch = _working(cur, ring.sizes[owner], bmax, docs, ring.cosine, wd, owner=False,
+                                          scratch=scratch)[0]
+            q_cols, a_cols = _views(work, ring.sizes[owner], bmax, docs)
             for i0 in range(0, b, chunk):
                 i1 = min(i0 + chunk, b)
                 logits, pos = torch_ops.direction_logits(
@@ -163,7 +187,7 @@ class _RingInfoNCE(torch.autograd.Function):
         loss = ((lse.mean(0) - positive).sum() / b).to(wd)
         ctx.ring, ctx.dims = ring, (b, d, docs)
         ctx.in_dtype = columns[0].dtype
-        ctx.save_for_backward(own, q_norm, a_norm, lse)
+        ctx.save_for_backward(own, send_own, q_norm, a_norm, lse)
         return loss
 
     @staticmethod
@@ -175,7 +199,7 @@ class _RingInfoNCE(torch.autograd.Function):
             )
         ring: _Ring = ctx.ring
         b, d, docs = ctx.dims
-        own, q_norm, a_norm, lse = ctx.saved_tensors
+        own, send_own, q_norm, a_norm, lse = ctx.saved_tensors
         bmax, world = max(ring.sizes), ring.world
         q_own, a_own = _views(own, b, bmax, docs)
         p_own = a_own[:b]
@@ -191,22 +215,27 @@ class _RingInfoNCE(torch.autograd.Function):
         accs: list[Tensor] = []
         acc_in = torch.empty_like(own) if world > 1 else None
         acc_reqs: list = []
-        cur = own
+        cur = own if send_own is None else send_own
+        scratch = None  # the working copy of a visiting 16-bit block
         for t in range(world):
             owner = (ring.rank - t) % world
             rows = ring.sizes[owner]
             col_reqs = []
             if t < world - 1:
                 if len(bufs) < 2:
-                    bufs.append(torch.empty_like(own))
+                    bufs.append(torch.empty_like(cur))
                 nxt = bufs[t % 2]
                 col_reqs = _shift(cur, nxt, ring, _TAG_COLUMNS)
+            work = own
+            if t > 0:
+                work = scratch = _working(cur, rows, bmax, docs, ring.cosine, own.dtype, owner=False,
+                                          scratch=scratch)[0]
             if len(accs) < 2:
                 accs.append(torch.zeros_like(own))
             acc = accs[t % 2]  # its send (two steps ago) was waited on at the end of the last step
             if t >= 2:
                 acc.zero_()
-            q_cols, a_cols = _views(cur, rows, bmax, docs)
+            q_cols, a_cols = _views(work, rows, bmax, docs)
             dq_cols, da_cols = _views(acc, rows, bmax, docs)
             for i0 in range(0, b, chunk):
                 i1 = min(i0 + chunk, b)

@@ -94,7 +94,7 @@ class _Recorder:
     """Counts the ring's entry, its shifts per tag and the sizes of the all-gathers, by wrapping them."""
 
     def __init__(self):
-        self.ring_calls, self.shifts, self.gathered = 0, [], []
+        self.ring_calls, self.shifts, self.dtypes, self.gathered = 0, [], set(), []
 
     def __enter__(self):
         self.saved = ring.infonce_ring, ring._shift, distributed._all_gather_flat
@@ -105,6 +105,7 @@ class _Recorder:
 
         def shift(send, recv, ring_, tag):
             self.shifts.append(tag)
+            self.dtypes.add((tag, send.dtype))
             return self.saved[1](send, recv, ring_, tag)
 
         def gather(out, inp, group):
@@ -159,6 +160,14 @@ def _ring_checks(rank, world, b, combo_list, backend):
     # float32: ring and gather agree to float32 round-off
     cols32 = [t.float() for t in cols_world]
     out["fp32"] = [_ours(local_slice(cols32, [b] * world, rank), c, backend, s) for s in ("ring", "gather")]
+    # bfloat16 (cosine): blocks travel as raw bf16, accumulators as float32; every rank normalizes in float32 as
+    # the fused op does, so ring and gather still agree to float32 round-off in the loss
+    c16 = dict(c, similarity="cosine", scale=20.0)
+    cols16 = [t.bfloat16() for t in cols_world]
+    with _Recorder() as rec:
+        ring16 = _ours(local_slice(cols16, [b] * world, rank), c16, backend, "ring")
+    out["bf16"] = [ring16, _ours(local_slice(cols16, [b] * world, rank), c16, backend, "gather")]
+    out["bf16_dtypes"] = rec.dtypes
     try:
         distributed.infonce_across_devices(*local_slice(cols_world, [b] * world, rank)[:2], schedule="Ring")
     except ValueError as exc:
@@ -370,6 +379,8 @@ def _check_ring_extras(world, b, results):
     sym_losses, sym_grads = _oracle(world_columns(21, b * world, 3), sym, sizes)
     custom = dict(c, similarity=custom_sim, scale=3.0)
     custom_losses, custom_grads = _oracle(world_columns(21, b * world, 3), custom, sizes)
+    bf16_losses, bf16_grads = _oracle([t.bfloat16().double() for t in world_columns(21, b * world, 3)],
+                                      dict(c, similarity="cosine", scale=20.0), sizes)
     for rank, res in enumerate(results):
         r = res["ring"]
         for key, (want_losses, want_grads) in (("env_mnrl", (ref_losses, ref_grads)), ("env_unset", (ref_losses,
@@ -394,6 +405,15 @@ def _check_ring_extras(world, b, results):
         torch.testing.assert_close(ring_loss, gather_loss, rtol=1e-5, atol=1e-6)
         for g, gg in zip(ring_grads, gather_grads):
             torch.testing.assert_close(g, gg, rtol=1e-4, atol=1e-6)
+        (ring_loss, ring_grads), (gather_loss, _) = r["bf16"]
+        assert ring_loss.dtype == torch.float32 and ring_grads[0].dtype == torch.bfloat16
+        torch.testing.assert_close(ring_loss, gather_loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ring_loss.double(), bf16_losses[rank], rtol=1e-5, atol=1e-6)
+        # the ring sums column gradients in float32 and rounds once to bf16 (the gather schedule reduce-scatters
+        # bf16 partial sums, a few roundings more): within one bf16 rounding of the float64 oracle
+        for g, rg in zip(ring_grads, _local(bf16_grads, sizes, rank)):
+            torch.testing.assert_close(g.double(), rg, rtol=2**-8, atol=1e-6)
+        assert r["bf16_dtypes"] == {(ring._TAG_COLUMNS, torch.bfloat16), (ring._TAG_GRADS, torch.float32)}
         typo, disagree = r["env_errors"]
         assert "EMBEDLOSS_DISTRIBUTED_SCHEDULE" in typo and "'gather', 'ring'" in typo and "'rings'" in typo, typo
         assert "same schedule" in disagree and "rank 0: 'ring'" in disagree and "rank 1: 'gather'" in disagree
@@ -414,3 +434,19 @@ def test_not_initialized_is_local_with_one_warning(caplog):
     torch.testing.assert_close(first, expected, rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(second, expected, rtol=RTOL, atol=ATOL)
     assert sum("not initialized" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_ring_with_one_rank_matches_oracle(tmp_path):
+    """A process group of one rank: the ring has no hop, the block's accumulator is already complete."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init1'}", rank=0, world_size=1)
+    try:
+        for c in combos()[::7]:
+            cols_world = world_columns(c["seed"], 6, 2 + c["negatives"])
+            cols = local_slice(cols_world, [6], 0)
+            loss, grads = _ours(cols, c, "torch", "ring")
+            ref_losses, ref_grads = _oracle(cols_world, c, [6])
+            torch.testing.assert_close(loss, ref_losses[0], rtol=RTOL, atol=ATOL, msg=lambda m: f"{c}: {m}")
+            for g, rg in zip(grads, ref_grads):
+                torch.testing.assert_close(g, rg, rtol=RTOL, atol=ATOL, msg=lambda m: f"{c}: {m}")
+    finally:
+        dist.destroy_process_group()
