@@ -6,7 +6,7 @@ rank allocates its local columns, resets its peak RSS (Linux ``clear_refs``), ru
 gather_across_devices=True, and reports the peak RSS growth (VmHWM - VmRSS before the step; ``ru_maxrss`` where
 ``clear_refs`` is unavailable) and the wall time. Also printed: the bytes of the gathered world columns and their
 gradients (what the gather schedule holds), the local x world logits that only sentence-transformers keeps, and the
-bytes each rank sends per step (gather: 2 (W-1) blocks of B x C x D; ring: 3W - 2 blocks, in the working precision).
+bytes each rank sends per step (gather: 2 (W-1) blocks of B x C x D; ring: those plus W gradient accumulators).
 Our losses pick the schedule from ``EMBEDLOSS_DISTRIBUTED_SCHEDULE``, set here per provider. Writes
 ``--out``/distributed.json and distributed.png (time and memory against the local batch).
 
@@ -89,10 +89,13 @@ def run_one(provider, world, batch, dim, negatives) -> list[dict]:
         return results
 
 
-def comm_bytes(provider: str, world: int, batch: int, cols: int, dim: int, elem: int = 4) -> int:
-    """Bytes one rank sends per forward+backward (fp32 inputs; the ring moves blocks in the working precision)."""
-    block = batch * cols * dim * elem
-    return (3 * world - 2) * block if provider == "ours-ring" else 2 * (world - 1) * block
+def comm_bytes(provider: str, world: int, batch: int, cols: int, dim: int, elem: int = 4, work_elem: int = 4) -> int:
+    """Bytes one rank sends per forward+backward: gather (and sentence-transformers) 2 (W-1) blocks of the input
+    dtype; ring 2 (W-1) blocks of the input dtype plus W gradient accumulators of the working precision."""
+    block = batch * cols * dim
+    if provider == "ours-ring":
+        return (2 * (world - 1) * elem + world * work_elem) * block
+    return 2 * (world - 1) * elem * block
 
 
 def plot(rows, env, args, path: Path) -> None:
