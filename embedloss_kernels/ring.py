@@ -11,7 +11,8 @@ Pass 1 (forward): for the local anchor rows against each visiting block, the log
 from :func:`~embedloss_kernels.ops.torch_ops.direction_logits` (the same maths as the fused op; the rank's own block
 carries the masks, the positives and the "own" columns of the hardness modes, a foreign block none of them), folded
 into running per-row max / sum-exp (one per row in ``joint`` mode, one per direction in ``per_direction`` mode).
-Saved for backward: the local normalized block, its norms and the per-row log-sum-exps, ``O(B_l)``.
+Saved for backward: the local normalized block, its norms and the per-row log-sum-exps, ``O(B_l)`` (for 16-bit
+inputs also the raw 16-bit block, which is what travels).
 
 Pass 2 (autograd backward, so each rank's ``grad_output`` scales its own contributions): the blocks go round again,
 each rank recomputing its logits with the visiting block, ``G = (softmax - onehot) * s / B_l * grad_output`` per
