@@ -14,25 +14,38 @@
 // dX_hat / n_X and dY_hat / n_Y: the accumulators hold d/dv_hat / ||v||, and the normalization's backward turns
 // that into d/dv = acc - v <v, acc> / ||v||^2.
 //
-// Blocks are spread over threads with at::parallel_for; each thread multiplies with single-threaded BLAS into its own
-// logit buffers (R x width, a few MiB) and accumulates into its own dA (and dQ when a block writes every row of it),
-// summed at the end: extra memory O(threads (R width + C D)), never B x C.
+// One block of rows at a time: its products run in ATen's multi-threaded BLAS, the fused row pass (scale, hardness,
+// masks, LSE, softmax - onehot, in place on the logits, in cache-sized rows) over at::parallel_for, then the gradient
+// products accumulate straight into dQ and dA. Extra memory: one block of logits (EMBEDLOSS_BLOCK_MIB) plus dQ and
+// dA, never B x C.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
 
 #include "kernels.h"
 
+// The row pass is vectorized loops; the extension is compiled for baseline x86-64 (SSE2), so its per-row entry points
+// are cloned for AVX-512 and AVX2 (GCC target_clones, picked once at load time by the CPU's features) and every
+// helper they call is force-inlined into each clone.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define EMBEDLOSS_INLINE inline __attribute__((always_inline))
+#define EMBEDLOSS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define EMBEDLOSS_INLINE inline
+#define EMBEDLOSS_CLONES
+#endif
+
 namespace embedloss {
 namespace {
 
 // exp(x) in float, branch-free so the loop vectorizes (Cephes-style: 2^n * poly(r), |r| <= ln2 / 2, ~1 ulp).
 // Arguments are shifted logits (<= 0 up to rounding); below -87 the result is 0, as for masked (-inf) cells.
-inline float exp_approx(float x) {
+EMBEDLOSS_INLINE float exp_approx(float x) {
   const float xc = std::min(std::max(x, -87.0f), 88.0f);
   const float fn = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
   const float r = (xc - fn * 0.693359375f) + fn * 2.12194440e-4f;
@@ -54,7 +67,7 @@ template <typename T>
 T exp_shift_sum(T* __restrict__ x, int64_t n, T m);
 
 template <>
-float exp_shift_sum<float>(float* __restrict__ x, int64_t n, float m) {
+EMBEDLOSS_INLINE float exp_shift_sum<float>(float* __restrict__ x, int64_t n, float m) {
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < n; ++j) {
@@ -66,7 +79,7 @@ float exp_shift_sum<float>(float* __restrict__ x, int64_t n, float m) {
 }
 
 template <>
-double exp_shift_sum<double>(double* __restrict__ x, int64_t n, double m) {
+EMBEDLOSS_INLINE double exp_shift_sum<double>(double* __restrict__ x, int64_t n, double m) {
   double sum = 0.0;
   for (int64_t j = 0; j < n; ++j) {
     const double e = std::exp(x[j] - m);
@@ -77,21 +90,21 @@ double exp_shift_sum<double>(double* __restrict__ x, int64_t n, double m) {
 }
 
 template <typename T>
-void scale_row(T* __restrict__ x, int64_t n, T s) {
+EMBEDLOSS_INLINE void scale_row(T* __restrict__ x, int64_t n, T s) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) x[j] *= s;
 }
 
 // x[j] *= f * col[j] (col may be null: x[j] *= f).
 template <typename T>
-void scale_row_cols(T* __restrict__ x, int64_t n, T f, const T* __restrict__ col) {
+EMBEDLOSS_INLINE void scale_row_cols(T* __restrict__ x, int64_t n, T f, const T* __restrict__ col) {
   if (col == nullptr) return scale_row(x, n, f);
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) x[j] *= f * col[j];
 }
 
 template <typename T>
-T row_max(const T* __restrict__ x, int64_t n) {
+EMBEDLOSS_INLINE T row_max(const T* __restrict__ x, int64_t n) {
   T m = -std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) m = std::max(m, x[j]);
@@ -106,30 +119,125 @@ struct InfonceArgs {
   at::Tensor nq, na, inv_nq, inv_na;  // max(||row||, eps) of q and a and its inverse under cosine, else undefined
 };
 
-// One thread's share of blocks [block_begin, block_end): logits, LSE, loss and (optionally) gradient accumulation.
+// Rows [begin, end) of one block: scale, hardness, masks, the exact LSE and (with the gradient) the logits turned
+// into H in place; per-row losses go to row_loss. Force-inlined into the per-ISA clones below.
 template <typename T>
-double infonce_blocks(const InfonceArgs& p, const at::Tensor& qf, const at::Tensor& af, at::Tensor& dq_acc,
-                      at::Tensor& da_acc, int64_t block_begin, int64_t block_end) {
-  const auto opts = qf.options();
-  const int64_t R = p.rows_per_block, C = p.cols, Bq = p.bq, K = p.n_docs;
+EMBEDLOSS_INLINE void row_range(const InfonceArgs& p, int64_t r0, int64_t begin, int64_t end, T* qd, T* qq, T* dq,
+                                T* dd, double* row_loss, T* own_sim) {
+  const int64_t C = p.cols, Bq = p.bq, K = p.n_docs;
   const T s = static_cast<T>(p.scale);
   const T s_hard = static_cast<T>(p.scale + p.alpha);
   const T neg_inf = -std::numeric_limits<T>::infinity();
   const int n_blocks = 1 + p.use_qq + p.use_dq + p.use_dd;
   const T inv_rows = static_cast<T>(1.0 / static_cast<double>(p.row_count));
   const T weight = s * inv_rows / static_cast<T>(p.joint ? 1 : n_blocks);
+  const T* inv_nq = p.inv_nq.defined() ? p.inv_nq.data_ptr<T>() : nullptr;
+  const T* inv_na = p.inv_na.defined() ? p.inv_na.data_ptr<T>() : nullptr;
 
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t g = r0 + i;
+    T* x_qd = qd + i * C;
+    T* x_qq = p.use_qq ? qq + i * Bq : nullptr;
+    T* x_dq = p.use_dq ? dq + i * Bq : nullptr;
+    T* x_dd = p.use_dd ? dd + i * C : nullptr;
+
+    const T r_q = inv_nq ? inv_nq[g] : T(1);  // row factors: the anchor is q_g (qd, qq) or p_g (dq, dd)
+    const T r_p = inv_na ? inv_na[g] : T(1);
+    for (int64_t c = 0; c < K; ++c) own_sim[c] = x_qd[g + c * Bq] * r_q * (inv_na ? inv_na[g + c * Bq] : T(1));
+    const T positive = own_sim[0] * s;
+    switch (p.hardness_mode) {
+      case kHardnessHard:  // only the query's own hard negatives are boosted
+        scale_row_cols(x_qd, C, s * r_q, inv_na);
+        for (int64_t c = 1; c < K; ++c) x_qd[g + c * Bq] = own_sim[c] * s_hard;
+        break;
+      case kHardnessInBatch:  // every column except the query's own docs
+        scale_row_cols(x_qd, C, s_hard * r_q, inv_na);
+        for (int64_t c = 0; c < K; ++c) x_qd[g + c * Bq] = own_sim[c] * s;
+        break;
+      case kHardnessAll:  // every column except the query's own positive
+        scale_row_cols(x_qd, C, s_hard * r_q, inv_na);
+        x_qd[g] = positive;
+        break;
+      default:
+        scale_row_cols(x_qd, C, s * r_q, inv_na);
+    }
+    if (p.use_qq) {
+      scale_row_cols(x_qq, Bq, s * r_q, inv_nq);
+      x_qq[g] = neg_inf;
+    }
+    if (p.use_dq) scale_row_cols(x_dq, Bq, s * r_p, inv_nq);
+    if (p.use_dd) {
+      scale_row_cols(x_dd, C, s * r_p, inv_na);
+      for (int64_t c = 0; c < K; ++c) x_dd[g + c * Bq] = neg_inf;
+    }
+
+    T m_qd = row_max(x_qd, C);
+    T m_qq = p.use_qq ? row_max(x_qq, Bq) : neg_inf;
+    T m_dq = p.use_dq ? row_max(x_dq, Bq) : neg_inf;
+    T m_dd = p.use_dd ? row_max(x_dd, C) : neg_inf;
+    if (p.joint) m_qd = m_qq = m_dq = m_dd = std::max(std::max(m_qd, m_qq), std::max(m_dq, m_dd));
+    T sum_qd = exp_shift_sum(x_qd, C, m_qd);
+    T sum_qq = p.use_qq ? exp_shift_sum(x_qq, Bq, m_qq) : T(0);
+    T sum_dq = p.use_dq ? exp_shift_sum(x_dq, Bq, m_dq) : T(0);
+    T sum_dd = p.use_dd ? exp_shift_sum(x_dd, C, m_dd) : T(0);
+    double lse;
+    if (p.joint) {
+      const T total = sum_qd + sum_qq + sum_dq + sum_dd;
+      lse = static_cast<double>(m_qd) + std::log(static_cast<double>(total));
+      sum_qd = sum_qq = sum_dq = sum_dd = total;
+    } else {
+      lse = static_cast<double>(m_qd) + std::log(static_cast<double>(sum_qd));
+      if (p.use_qq) lse += static_cast<double>(m_qq) + std::log(static_cast<double>(sum_qq));
+      if (p.use_dq) lse += static_cast<double>(m_dq) + std::log(static_cast<double>(sum_dq));
+      if (p.use_dd) lse += static_cast<double>(m_dd) + std::log(static_cast<double>(sum_dd));
+      lse /= n_blocks;
+    }
+    row_loss[i] = lse - static_cast<double>(positive);
+    if (!p.compute_grad) continue;
+
+    // H = diag(r) (softmax - onehot) s / row_count diag(c)
+    scale_row_cols(x_qd, C, weight / sum_qd * r_q, inv_na);
+    x_qd[g] -= s * inv_rows * r_q * (inv_na ? inv_na[g] : T(1));
+    if (p.use_qq) scale_row_cols(x_qq, Bq, weight / sum_qq * r_q, inv_nq);
+    if (p.use_dq) scale_row_cols(x_dq, Bq, weight / sum_dq * r_p, inv_nq);
+    if (p.use_dd) scale_row_cols(x_dd, C, weight / sum_dd * r_p, inv_na);
+  }
+}
+
+EMBEDLOSS_CLONES void row_range_isa(const InfonceArgs& p, int64_t r0, int64_t begin, int64_t end, float* qd,
+                                    float* qq, float* dq, float* dd, double* row_loss, float* own_sim) {
+  row_range<float>(p, r0, begin, end, qd, qq, dq, dd, row_loss, own_sim);
+}
+
+EMBEDLOSS_CLONES void row_range_isa(const InfonceArgs& p, int64_t r0, int64_t begin, int64_t end, double* qd,
+                                    double* qq, double* dq, double* dd, double* row_loss, double* own_sim) {
+  row_range<double>(p, r0, begin, end, qd, qq, dq, dd, row_loss, own_sim);
+}
+
+// The row pass of one block: its n rows are independent, spread over threads.
+template <typename T>
+void infonce_row_pass(const InfonceArgs& p, int64_t r0, int64_t n, T* qd, T* qq, T* dq, T* dd, double* row_loss) {
+  at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
+    std::vector<T> own_sim(p.n_docs);
+    row_range_isa(p, r0, begin, end, qd, qq, dq, dd, row_loss, own_sim.data());
+  });
+}
+
+// Every block in turn: its products (ATen's multi-threaded BLAS), the parallel row pass, then the gradient products
+// straight into dq / da. Returns the sum of the row losses (summed in row order: deterministic for any thread count).
+template <typename T>
+double infonce_blocks(const InfonceArgs& p, const at::Tensor& qf, const at::Tensor& af, at::Tensor& dq,
+                      at::Tensor& da) {
+  const auto opts = qf.options();
+  const int64_t R = p.rows_per_block, C = p.cols, Bq = p.bq;
   at::Tensor l_qd = at::empty({R, C}, opts);
   at::Tensor l_qq = p.use_qq ? at::empty({R, Bq}, opts) : at::Tensor();
   at::Tensor l_dq = p.use_dq ? at::empty({R, Bq}, opts) : at::Tensor();
   at::Tensor l_dd = p.use_dd ? at::empty({R, C}, opts) : at::Tensor();
-  std::vector<T> own_sim(K);
+  std::vector<double> row_loss(R);
   double loss_sum = 0.0;
-  const T* inv_nq = p.inv_nq.defined() ? p.inv_nq.data_ptr<T>() : nullptr;
-  const T* inv_na = p.inv_na.defined() ? p.inv_na.data_ptr<T>() : nullptr;
 
-  for (int64_t blk = block_begin; blk < block_end; ++blk) {
-    const int64_t r0 = p.row_start + blk * R;
+  for (int64_t r0 = p.row_start; r0 < p.row_start + p.row_count; r0 += R) {
     const int64_t n = std::min(R, p.row_start + p.row_count - r0);
     const at::Tensor q_blk = qf.narrow(0, r0, n);
     const at::Tensor p_blk = af.narrow(0, r0, n);
@@ -144,93 +252,28 @@ double infonce_blocks(const InfonceArgs& p, const at::Tensor& qf, const at::Tens
     if (p.use_dq) at::mm_out(g_dq, p_blk, qf.t());
     if (p.use_dd) at::mm_out(g_dd, p_blk, af.t());
 
-    // -- per row: scale, hardness, masks, exact LSE, then the logits become G in place --
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t g = r0 + i;
-      T* x_qd = g_qd.data_ptr<T>() + i * C;
-      T* x_qq = p.use_qq ? g_qq.data_ptr<T>() + i * Bq : nullptr;
-      T* x_dq = p.use_dq ? g_dq.data_ptr<T>() + i * Bq : nullptr;
-      T* x_dd = p.use_dd ? g_dd.data_ptr<T>() + i * C : nullptr;
-
-      const T r_q = inv_nq ? inv_nq[g] : T(1);  // row factors: the anchor is q_g (qd, qq) or p_g (dq, dd)
-      const T r_p = inv_na ? inv_na[g] : T(1);
-      for (int64_t c = 0; c < K; ++c) own_sim[c] = x_qd[g + c * Bq] * r_q * (inv_na ? inv_na[g + c * Bq] : T(1));
-      const T positive = own_sim[0] * s;
-      switch (p.hardness_mode) {
-        case kHardnessHard:  // only the query's own hard negatives are boosted
-          scale_row_cols(x_qd, C, s * r_q, inv_na);
-          for (int64_t c = 1; c < K; ++c) x_qd[g + c * Bq] = own_sim[c] * s_hard;
-          break;
-        case kHardnessInBatch:  // every column except the query's own docs
-          scale_row_cols(x_qd, C, s_hard * r_q, inv_na);
-          for (int64_t c = 0; c < K; ++c) x_qd[g + c * Bq] = own_sim[c] * s;
-          break;
-        case kHardnessAll:  // every column except the query's own positive
-          scale_row_cols(x_qd, C, s_hard * r_q, inv_na);
-          x_qd[g] = positive;
-          break;
-        default:
-          scale_row_cols(x_qd, C, s * r_q, inv_na);
-      }
-      if (p.use_qq) {
-        scale_row_cols(x_qq, Bq, s * r_q, inv_nq);
-        x_qq[g] = neg_inf;
-      }
-      if (p.use_dq) scale_row_cols(x_dq, Bq, s * r_p, inv_nq);
-      if (p.use_dd) {
-        scale_row_cols(x_dd, C, s * r_p, inv_na);
-        for (int64_t c = 0; c < K; ++c) x_dd[g + c * Bq] = neg_inf;
-      }
-
-      T m_qd = row_max(x_qd, C);
-      T m_qq = p.use_qq ? row_max(x_qq, Bq) : neg_inf;
-      T m_dq = p.use_dq ? row_max(x_dq, Bq) : neg_inf;
-      T m_dd = p.use_dd ? row_max(x_dd, C) : neg_inf;
-      if (p.joint) m_qd = m_qq = m_dq = m_dd = std::max(std::max(m_qd, m_qq), std::max(m_dq, m_dd));
-      T sum_qd = exp_shift_sum(x_qd, C, m_qd);
-      T sum_qq = p.use_qq ? exp_shift_sum(x_qq, Bq, m_qq) : T(0);
-      T sum_dq = p.use_dq ? exp_shift_sum(x_dq, Bq, m_dq) : T(0);
-      T sum_dd = p.use_dd ? exp_shift_sum(x_dd, C, m_dd) : T(0);
-      double lse;
-      if (p.joint) {
-        const T total = sum_qd + sum_qq + sum_dq + sum_dd;
-        lse = static_cast<double>(m_qd) + std::log(static_cast<double>(total));
-        sum_qd = sum_qq = sum_dq = sum_dd = total;
-      } else {
-        lse = static_cast<double>(m_qd) + std::log(static_cast<double>(sum_qd));
-        if (p.use_qq) lse += static_cast<double>(m_qq) + std::log(static_cast<double>(sum_qq));
-        if (p.use_dq) lse += static_cast<double>(m_dq) + std::log(static_cast<double>(sum_dq));
-        if (p.use_dd) lse += static_cast<double>(m_dd) + std::log(static_cast<double>(sum_dd));
-        lse /= n_blocks;
-      }
-      loss_sum += lse - static_cast<double>(positive);
-      if (!p.compute_grad) continue;
-
-      // H = diag(r) (softmax - onehot) s / row_count diag(c)
-      scale_row_cols(x_qd, C, weight / sum_qd * r_q, inv_na);
-      x_qd[g] -= s * inv_rows * r_q * (inv_na ? inv_na[g] : T(1));
-      if (p.use_qq) scale_row_cols(x_qq, Bq, weight / sum_qq * r_q, inv_nq);
-      if (p.use_dq) scale_row_cols(x_dq, Bq, weight / sum_dq * r_p, inv_nq);
-      if (p.use_dd) scale_row_cols(x_dd, C, weight / sum_dd * r_p, inv_na);
-    }
+    infonce_row_pass<T>(p, r0, n, g_qd.data_ptr<T>(), p.use_qq ? g_qq.data_ptr<T>() : nullptr,
+                        p.use_dq ? g_dq.data_ptr<T>() : nullptr, p.use_dd ? g_dd.data_ptr<T>() : nullptr,
+                        row_loss.data());
+    for (int64_t i = 0; i < n; ++i) loss_sum += row_loss[i];
     if (!p.compute_grad) continue;
 
-    // -- the gradient products, into this thread's accumulators --
-    at::Tensor dq_rows = dq_acc.narrow(0, r0, n);
-    at::Tensor dp_rows = da_acc.narrow(0, r0, n);
+    // -- the gradient products --
+    at::Tensor dq_rows = dq.narrow(0, r0, n);
+    at::Tensor dp_rows = da.narrow(0, r0, n);
     dq_rows.addmm_(g_qd, af);
-    da_acc.addmm_(g_qd.t(), q_blk);
+    da.addmm_(g_qd.t(), q_blk);
     if (p.use_qq) {
       dq_rows.addmm_(g_qq, qf);
-      dq_acc.addmm_(g_qq.t(), q_blk);
+      dq.addmm_(g_qq.t(), q_blk);
     }
     if (p.use_dq) {
       dp_rows.addmm_(g_dq, qf);
-      dq_acc.addmm_(g_dq.t(), p_blk);
+      dq.addmm_(g_dq.t(), p_blk);
     }
     if (p.use_dd) {
       dp_rows.addmm_(g_dd, af);
-      da_acc.addmm_(g_dd.t(), p_blk);
+      da.addmm_(g_dd.t(), p_blk);
     }
   }
   return loss_sum;
@@ -261,14 +304,19 @@ void scaled_normalize_backward_(const at::Tensor& v, const at::Tensor& norm, at:
   });
 }
 
-// Rows per block: the thread's logit buffers (R x width) stay near 4 MiB, R a multiple of 8 for the BLAS, and every
-// thread gets at least one block.
-int64_t auto_block_rows(int64_t width, int64_t elem, int64_t row_count, int64_t threads) {
-  constexpr int64_t kBudget = 4 << 20;
-  int64_t rows = kBudget / std::max<int64_t>(width * elem, 1);
-  rows = std::max<int64_t>(8, std::min<int64_t>(256, rows / 8 * 8));
-  const int64_t share = (row_count + threads - 1) / threads;
-  return std::max<int64_t>(1, std::min(rows, share));
+// Rows per block: the block's logits (R x width) fill the EMBEDLOSS_BLOCK_MIB budget (32 MiB by default, as the torch
+// backend), R a multiple of 8 for the BLAS. Large blocks keep the rank-R updates of dA efficient (each block streams
+// dA once); the products run multi-threaded inside ATen's BLAS.
+int64_t auto_block_rows(int64_t width, int64_t elem, int64_t row_count) {
+  double mib = 32.0;
+  if (const char* env = std::getenv("EMBEDLOSS_BLOCK_MIB")) {
+    char* end = nullptr;
+    const double v = std::strtod(env, &end);
+    if (end != env && v > 0) mib = v;
+  }
+  int64_t rows = static_cast<int64_t>(mib * (1 << 20)) / std::max<int64_t>(width * elem, 1);
+  rows = rows >= 16 ? rows / 8 * 8 : std::max<int64_t>(rows, 1);
+  return std::max<int64_t>(1, std::min(rows, row_count));
 }
 
 }  // namespace
@@ -330,55 +378,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_cpu(
     p.inv_na = p.na.reciprocal();
   }
   const int64_t width = p.cols * (1 + p.use_dd) + bq * (p.use_qq + p.use_dq);
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   p.rows_per_block = block_rows > 0 ? std::min(block_rows, row_count)
-                                    : auto_block_rows(width, at::elementSize(work), row_count, threads);
-  const int64_t n_blocks = (row_count + p.rows_per_block - 1) / p.rows_per_block;
+                                    : auto_block_rows(width, at::elementSize(work), row_count);
 
-  // Thread 0 accumulates straight into the result; others into their own buffers, created on first use. dQ is only
-  // per-thread when some block writes rows outside its own (query_to_query, doc_to_query).
-  const bool shared_dq = !(p.use_qq || p.use_dq);
   at::Tensor dq = compute_grad ? at::zeros_like(qf) : at::Tensor();
   at::Tensor da = compute_grad ? at::zeros_like(af) : at::Tensor();
-  std::vector<at::Tensor> dq_parts(threads), da_parts(threads);
-  std::vector<double> loss_parts(threads, 0.0);
-  at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
-    const int64_t tid = at::get_thread_num();
-    // Worker threads do not inherit the caller's dispatch state: keep the kernel's own ops below autograd.
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    at::Tensor dq_acc, da_acc;
-    if (compute_grad) {
-      if (tid == 0 || shared_dq) {
-        dq_acc = dq;
-      } else {
-        if (!dq_parts[tid].defined()) dq_parts[tid] = at::zeros_like(qf);
-        dq_acc = dq_parts[tid];
-      }
-      if (tid == 0) {
-        da_acc = da;
-      } else {
-        if (!da_parts[tid].defined()) da_parts[tid] = at::zeros_like(af);
-        da_acc = da_parts[tid];
-      }
-    }
-    AT_DISPATCH_FLOATING_TYPES(qf.scalar_type(), "embedloss_infonce_cpu", [&] {
-      loss_parts[tid] += infonce_blocks<scalar_t>(p, qf, af, dq_acc, da_acc, begin, end);
-    });
-  });
-
   double loss_sum = 0.0;
-  for (double part : loss_parts) loss_sum += part;
+  AT_DISPATCH_FLOATING_TYPES(qf.scalar_type(), "embedloss_infonce_cpu", [&] {
+    loss_sum = infonce_blocks<scalar_t>(p, qf, af, dq, da);
+  });
   at::Tensor loss = at::scalar_tensor(loss_sum / static_cast<double>(row_count), q.options().dtype(work));
   if (!compute_grad) {
     // Two distinct tensors: outputs of an op must not alias each other.
     return {loss, at::empty({0}, q.options()), at::empty({0}, q.options())};
   }
-  for (int64_t t = 1; t < threads; ++t) {
-    if (dq_parts[t].defined()) dq.add_(dq_parts[t]);
-    if (da_parts[t].defined()) da.add_(da_parts[t]);
-  }
-  dq_parts.clear();
-  da_parts.clear();
   if (cosine) {
     AT_DISPATCH_FLOATING_TYPES(qf.scalar_type(), "embedloss_infonce_normalize_backward", [&] {
       scaled_normalize_backward_<scalar_t>(qf, p.nq, dq);
