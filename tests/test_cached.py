@@ -6,9 +6,10 @@ import warnings
 
 import pytest
 import torch
-from tiny_model import make_tiny_sentence_transformer, sentences
+from tiny_model import WORDS, make_tiny_sentence_transformer, sentences
 
 import embedloss_kernels as ek
+from embedloss_kernels.losses.cached_multiple_negatives_ranking import length_sorted
 
 st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
 pytest.importorskip("transformers")
@@ -28,8 +29,15 @@ def tiny_model(tmp_path_factory):
     return make_tiny_sentence_transformer(tmp_path_factory.mktemp("tiny_bert_cached"))
 
 
+def mixed_sentences(n: int, seed: int, shortest: int = 1, longest: int = 12) -> list[str]:
+    """Sentences of random lengths: the cached loss then sorts rows by token count before mini-batching."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(shortest, longest + 1, (n,), generator=gen).tolist()
+    return [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (k,), generator=gen).tolist()) for k in lengths]
+
+
 def features(model, n_cols, batch, seed=0):
-    return [model.preprocess(sentences(batch, seed + 7 * c, length=4 + c)) for c in range(n_cols)]
+    return [model.preprocess(mixed_sentences(batch, seed + 7 * c)) for c in range(n_cols)]
 
 
 def grads_of(model):
@@ -69,7 +77,7 @@ def test_eval_mode_equals_plain_mnrl(tiny_model, options, n_cols):
 def test_train_mode_replays_dropout_masks(tiny_model):
     """With dropout on, the cached gradients equal a non-cached computation that uses the same dropout masks:
     (a) one mini-batch per column against plain per-column forwards after the same seed; (b) small mini-batches
-    against sentence-transformers' own cached loss, which replays the same RNG states."""
+    in row order against sentence-transformers' own cached loss, which replays the same RNG states."""
     model = copy.deepcopy(tiny_model).train()
     feats = features(model, 3, batch=10, seed=5)
 
@@ -81,7 +89,8 @@ def test_train_mode_replays_dropout_masks(tiny_model):
     ref_loss, ref_grads = plain.detach(), grads_of(model)
 
     torch.manual_seed(123)
-    loss, grads = run(ek.CachedMultipleNegativesRankingLoss(model, mini_batch_size=64), model, feats)
+    loss, grads = run(ek.CachedMultipleNegativesRankingLoss(model, mini_batch_size=64, sort_by_length=False), model,
+                      feats)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     assert_grads_close(grads, ref_grads)
 
@@ -91,9 +100,72 @@ def test_train_mode_replays_dropout_masks(tiny_model):
     torch.manual_seed(7)
     st_loss, st_grads = run(st_cached, model, feats)
     torch.manual_seed(7)
-    loss, grads = run(ek.CachedMultipleNegativesRankingLoss(model, mini_batch_size=4), model, feats)
+    loss, grads = run(ek.CachedMultipleNegativesRankingLoss(model, mini_batch_size=4, sort_by_length=False), model,
+                      feats)
     torch.testing.assert_close(loss, st_loss, rtol=1e-5, atol=1e-6)
     assert_grads_close(grads, st_grads)
+
+
+def test_train_mode_length_sorted_minibatches_replay_their_masks(tiny_model):
+    """Length-sorted mini-batches in train mode: the gradients equal a non-cached computation that embeds the same
+    sorted mini-batches with grad, in the same order after the same seed (so the same dropout masks), restores the
+    row order and takes plain MNRL."""
+    from sentence_transformers.base.losses.gradcache import _create_minibatch, _minibatch_ranges
+
+    model = copy.deepcopy(tiny_model).train()
+    feats = features(model, 3, batch=11, seed=9)
+    torch.manual_seed(321)
+    model.zero_grad()
+    columns = []
+    for feature in feats:
+        ordered, inverse = length_sorted(feature)
+        assert inverse is not None  # mixed lengths: the rows really are reordered
+        parts = [model(_create_minibatch(ordered, b, e))["sentence_embedding"]
+                 for b, e in _minibatch_ranges(ordered, 4)]
+        columns.append(torch.cat(parts).index_select(0, inverse))
+    ref = ek.MultipleNegativesRankingLoss(model).compute_loss_from_embeddings(columns, None)
+    ref.backward()
+    ref_loss, ref_grads = ref.detach(), grads_of(model)
+
+    torch.manual_seed(321)
+    loss, grads = run(ek.CachedMultipleNegativesRankingLoss(model, mini_batch_size=4), model, feats)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close(grads, ref_grads)
+
+
+def test_length_sorting_embeds_less_padding_and_keeps_inputs(tiny_model):
+    model = copy.deepcopy(tiny_model).eval()
+    feats = [model.preprocess(mixed_sentences(48, seed, longest=30)) for seed in (4, 5)]
+    snapshot = [{k: v.clone() if torch.is_tensor(v) else v for k, v in f.items()} for f in feats]
+    widths = []
+    handle = model[0].register_forward_pre_hook(lambda mod, args: widths.append(tuple(args[0]["input_ids"].shape)))
+    try:
+        results = {}
+        for sort in (False, True):
+            widths.clear()
+            loss_fn = ek.CachedMultipleNegativesRankingLoss(model, mini_batch_size=4, sort_by_length=sort)
+            results[sort] = run(loss_fn, model, feats)
+            results[sort] += (sum(r * w for r, w in widths),)
+    finally:
+        handle.remove()
+    assert results[True][2] < 0.8 * results[False][2]  # embedded token slots (rows x padded width), both passes
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
+    assert_grads_close(results[True][1], results[False][1])
+    for f, snap in zip(feats, snapshot):  # the caller's features are untouched
+        assert f.keys() == snap.keys()
+        assert all(torch.equal(f[k], snap[k]) if torch.is_tensor(f[k]) else f[k] == snap[k] for k in f)
+
+    ordered, inverse = length_sorted(feats[0])
+    lengths = ordered["attention_mask"].sum(1)
+    assert bool((lengths[1:] >= lengths[:-1]).all())
+    assert all(torch.equal(ordered[k].index_select(0, inverse), v) for k, v in feats[0].items() if torch.is_tensor(v))
+    same_length = model.preprocess(sentences(6, 3))
+    assert length_sorted(same_length)[1] is None  # already in order: nothing to do
+    # left padding: the mixin keeps it, so reordering would save nothing
+    left = {k: v.flip(1) if torch.is_tensor(v) else v for k, v in feats[0].items()}
+    assert length_sorted(left)[1] is None
+    with pytest.raises(TypeError, match="sort_by_length must be a bool"):
+        ek.CachedMultipleNegativesRankingLoss(model, sort_by_length="yes")
 
 
 def test_symmetric_and_config(tiny_model):

@@ -10,6 +10,14 @@ with ``uses_gradient_cache``) behave identically. What this module replaces is s
 an autograd graph over ``mini_batch_size`` x N score chunks; here it is one fused op call on the whole batch whose
 backward only scales the gradients computed in its forward pass. Importing this module imports
 sentence-transformers (a model is needed anyway).
+
+Length-sorted mini-batches (``sort_by_length=True``, the default): before step 1 each column's rows are ordered by
+token count, so every mini-batch holds sequences of similar length and the mixin's per-mini-batch trim of trailing
+padding removes most of it; the embeddings are put back in the caller's row order before the loss (an index_select
+whose backward routes the cached gradients to the sorted mini-batches). Each row is embedded on its own, so the
+loss and gradients are unchanged (eval mode, up to round-off); in train mode the dropout masks are drawn per sorted
+mini-batch and replayed exactly in step 3. On a batch of mixed lengths this skips the padding that
+sentence-transformers' cached loss (and plain MNRL, which pads a column to its longest row) computes.
 """
 
 from __future__ import annotations
@@ -50,6 +58,36 @@ _HYPERPARAMETERS = (
 )
 
 
+# Padded text inputs only: every tensor is indexed by row first. Flattened (``cu_seq_lens_q``) and image inputs have
+# tensors indexed by token or image, and keep their order.
+_UNSORTABLE_KEYS = ("cu_seq_lens_q", "pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw")
+
+
+def length_sorted(feature: dict[str, Any]) -> tuple[dict[str, Any], Tensor | None]:
+    """``feature`` with its rows ordered by token count (a new dict; the caller's tensors are not modified) and the
+    inverse permutation that restores the caller's order; ``(feature, None)`` when sorting cannot help or apply
+    (no 2-D attention mask, left padding, non-row-indexed tensors, rows already in order)."""
+    mask = feature.get("attention_mask")
+    if not isinstance(mask, Tensor) or mask.ndim != 2 or mask.shape[0] < 2 or mask.shape[1] == 0:
+        return feature, None
+    if any(key in feature for key in _UNSORTABLE_KEYS):
+        return feature, None
+    rows = mask.shape[0]
+    if any(isinstance(v, Tensor) and (v.ndim == 0 or v.shape[0] != rows) for v in feature.values()):
+        return feature, None
+    lengths = mask.sum(dim=1)
+    if bool((mask[:, -1] != 0).all()) and bool((lengths < mask.shape[1]).any()):
+        return feature, None  # left padding: the mixin keeps leading padding, so sorting would save nothing
+    order = torch.sort(lengths, stable=True).indices
+    if bool((order == torch.arange(rows, device=order.device)).all()):
+        return feature, None
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(rows, device=order.device)
+    ordered = {key: value.index_select(0, order.to(value.device)) if isinstance(value, Tensor) else value
+               for key, value in feature.items()}
+    return ordered, inverse
+
+
 class CachedMultipleNegativesRankingLoss(CachedLossMixin, nn.Module):
     def __init__(
         self,
@@ -64,6 +102,8 @@ class CachedMultipleNegativesRankingLoss(CachedLossMixin, nn.Module):
         show_progress_bar: bool = False,
         hardness_mode: str | None = None,
         hardness_strength: float = 0.0,
+        *,
+        sort_by_length: bool = True,
     ) -> None:
         """MultipleNegativesRankingLoss with a gradient cache, for batches far beyond what the encoder's activations
         allow: only one mini-batch of activations is alive at a time, and the loss step is one fused call.
@@ -79,6 +119,10 @@ class CachedMultipleNegativesRankingLoss(CachedLossMixin, nn.Module):
             mini_batch_num_tokens: if set, mini-batches are cut by token count instead (sentence-transformers'
                 rule).
             show_progress_bar: tqdm bars for both embedding passes.
+            sort_by_length: (keyword only, not in sentence-transformers) form the mini-batches from rows sorted by
+                token count, so little padding is embedded; results are unchanged. Applies to padded text inputs
+                with right padding; other inputs keep their order. ``False`` forms mini-batches in row order, as
+                sentence-transformers does (then train-mode dropout masks match its cached loss draw for draw).
 
         Requirements:
             (anchor, positive) pairs or (anchor, positive, negative_1, ..., negative_n) tuples; a model whose
@@ -109,7 +153,11 @@ class CachedMultipleNegativesRankingLoss(CachedLossMixin, nn.Module):
         if mini_batch_size <= 0:
             raise ValueError(f"mini_batch_size must be a positive integer, got {mini_batch_size}")
         _validate_mini_batch_num_tokens(mini_batch_num_tokens)
+        if not isinstance(sort_by_length, bool):
+            raise TypeError(f"sort_by_length must be a bool, got {type(sort_by_length).__name__}")
         self.model = model
+        self.sort_by_length = sort_by_length
+        self._row_orders: list[Tensor | None] | None = None
         # The wrapped loss validates and owns the hyperparameters and computes step 2.
         self.loss = MultipleNegativesRankingLoss(
             None,
@@ -142,6 +190,9 @@ class CachedMultipleNegativesRankingLoss(CachedLossMixin, nn.Module):
         """Step 2: the loss over the whole batch from the cached mini-batch embeddings, in one fused call; with
         ``with_backward`` the gradients land on ``reps`` (the cache) and the returned loss is detached."""
         columns = [torch.cat(column) for column in reps]
+        if self._row_orders is not None:  # length-sorted mini-batches: back to the caller's row order
+            columns = [col if inv is None else col.index_select(0, inv.to(col.device))
+                       for col, inv in zip(columns, self._row_orders)]
         loss = self.loss.compute_loss_from_embeddings(columns, labels)
         if with_backward:
             loss.backward()
@@ -152,7 +203,14 @@ class CachedMultipleNegativesRankingLoss(CachedLossMixin, nn.Module):
         sentence_features = list(sentence_features)
         if len(sentence_features) < 2:
             raise ValueError(f"Expected at least 2 inputs, got {len(sentence_features)}")
-        return self.forward_cached(sentence_features, labels)
+        if not self.sort_by_length:
+            return self.forward_cached(sentence_features, labels)
+        sorted_features, inverses = zip(*(length_sorted(feature) for feature in sentence_features))
+        self._row_orders = list(inverses)
+        try:
+            return self.forward_cached(list(sorted_features), labels)
+        finally:
+            self._row_orders = None
 
     def get_config_dict(self) -> dict[str, Any]:
         config = self.loss.get_config_dict()
@@ -183,6 +241,8 @@ class CachedMultipleNegativesSymmetricRankingLoss(CachedMultipleNegativesRanking
         mini_batch_num_tokens: int | None = None,
         gather_across_devices: bool = False,
         show_progress_bar: bool = False,
+        *,
+        sort_by_length: bool = True,
     ) -> None:
         """The symmetric loss (query_to_doc and doc_to_query, one softmax each, averaged) with a gradient cache;
         a drop-in for ``sentence_transformers.losses.CachedMultipleNegativesSymmetricRankingLoss``.
@@ -199,4 +259,5 @@ class CachedMultipleNegativesSymmetricRankingLoss(CachedMultipleNegativesRanking
             directions=("query_to_doc", "doc_to_query"),
             partition_mode="per_direction",
             show_progress_bar=show_progress_bar,
+            sort_by_length=sort_by_length,
         )
