@@ -121,12 +121,37 @@ def _wait(reqs: list) -> None:
         req.wait()
 
 
+def _visiting_blocks(ring: _Ring, own: Tensor, send_own: Tensor | None, docs: int, wd: torch.dtype):
+    """One circle of the ring: yields ``(t, rows, block)`` for the block of rank ``rank - t`` (``t = 0``: this rank's
+    own, in the working precision), as the maths takes it. The next block's transfer is posted before each yield and
+    waited on after the caller's step, so it overlaps that step; two receive buffers alternate."""
+    bmax, world = max(ring.sizes), ring.world
+    cur = own if send_own is None else send_own
+    bufs: list[Tensor] = []
+    scratch = None  # the working copy of a visiting 16-bit block
+    for t in range(world):
+        rows = ring.sizes[(ring.rank - t) % world]
+        reqs = []
+        if t < world - 1:
+            if len(bufs) < 2:
+                bufs.append(torch.empty_like(cur))
+            nxt = bufs[t % 2]
+            reqs = _shift(cur, nxt, ring, _TAG_COLUMNS)
+        work = own
+        if t > 0:
+            work = scratch = _working(cur, rows, bmax, docs, ring.cosine, wd, owner=False, scratch=scratch)[0]
+        yield t, rows, work
+        _wait(reqs)
+        if t < world - 1:
+            cur = nxt
+
+
 class _RingInfoNCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ring: _Ring, *columns: Tensor) -> Tensor:
         b, d = columns[0].shape
         docs = len(columns) - 1
-        bmax, world = max(ring.sizes), ring.world
+        bmax = max(ring.sizes)
         wd = torch_ops.work_dtype(columns[0].dtype)
         send_own = columns[0].new_zeros((1 + docs) * bmax, d)
         q_send, a_send = _views(send_own, b, bmax, docs)
@@ -145,22 +170,8 @@ class _RingInfoNCE(torch.autograd.Function):
         row_max = own.new_full((n_stats, b), float("-inf"))
         row_sum = own.new_zeros((n_stats, b))
         positive = own.new_empty(b)
-        bufs: list[Tensor] = []
-        cur = own if send_own is None else send_own
-        scratch = None  # the working copy of a visiting 16-bit block
-        for t in range(world):
-            owner = (ring.rank - t) % world
-            reqs = []
-            if t < world - 1:
-                if len(bufs) < 2:
-                    bufs.append(torch.empty_like(cur))
-                nxt = bufs[t % 2]
-                reqs = _shift(cur, nxt, ring, _TAG_COLUMNS)
-            work = own
-            if t > 0:
-                work = scratch = _working(cur, ring.sizes[owner], bmax, docs, ring.cosine, wd, owner=False,
-                                          scratch=scratch)[0]
-            q_cols, a_cols = _views(work, ring.sizes[owner], bmax, docs)
+        for t, rows, work in _visiting_blocks(ring, own, send_own, docs, wd):
+            q_cols, a_cols = _views(work, rows, bmax, docs)
             for i0 in range(0, b, chunk):
                 i1 = min(i0 + chunk, b)
                 logits, pos = torch_ops.direction_logits(
@@ -181,9 +192,6 @@ class _RingInfoNCE(torch.autograd.Function):
                     row_sum[s, i0:i1] += blk.sub_(new_max[s, :, None]).exp_().sum(1)
                 row_max[:, i0:i1] = new_max
                 del logits, blocks
-            _wait(reqs)
-            if t < world - 1:
-                cur = nxt
         lse = row_max + row_sum.log()  # (n_stats, b)
         loss = ((lse.mean(0) - positive).sum() / b).to(wd)
         ctx.ring, ctx.dims = ring, (b, d, docs)
@@ -212,25 +220,10 @@ class _RingInfoNCE(torch.autograd.Function):
 
         dq_rows = torch.zeros_like(q_own)
         da_rows = torch.zeros_like(a_own)  # the anchors' positives are its first b rows
-        bufs: list[Tensor] = []
         accs: list[Tensor] = []
         acc_in = torch.empty_like(own) if world > 1 else None
         acc_reqs: list = []
-        cur = own if send_own is None else send_own
-        scratch = None  # the working copy of a visiting 16-bit block
-        for t in range(world):
-            owner = (ring.rank - t) % world
-            rows = ring.sizes[owner]
-            col_reqs = []
-            if t < world - 1:
-                if len(bufs) < 2:
-                    bufs.append(torch.empty_like(cur))
-                nxt = bufs[t % 2]
-                col_reqs = _shift(cur, nxt, ring, _TAG_COLUMNS)
-            work = own
-            if t > 0:
-                work = scratch = _working(cur, rows, bmax, docs, ring.cosine, own.dtype, owner=False,
-                                          scratch=scratch)[0]
+        for t, rows, work in _visiting_blocks(ring, own, send_own, docs, own.dtype):
             if len(accs) < 2:
                 accs.append(torch.zeros_like(own))
             acc = accs[t % 2]  # its send (two steps ago) was waited on at the end of the last step
@@ -258,9 +251,6 @@ class _RingInfoNCE(torch.autograd.Function):
                     _wait(acc_reqs)
                     acc += acc_in
                 acc_reqs = _shift(acc, acc_in, ring, _TAG_GRADS)
-            _wait(col_reqs)
-            if t < world - 1:
-                cur = nxt
         if world > 1:
             _wait(acc_reqs)  # acc_in: every rank's contributions to this rank's columns
             total = acc_in
