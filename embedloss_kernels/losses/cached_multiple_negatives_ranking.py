@@ -12,11 +12,11 @@ backward only scales the gradients computed in its forward pass. Importing this 
 sentence-transformers (a model is needed anyway).
 
 Length-sorted mini-batches (``sort_by_length=True``, the default): before step 1 each column's rows are ordered by
-token count, so every mini-batch holds sequences of similar length and the mixin's per-mini-batch trim of trailing
-padding removes most of it; the embeddings are put back in the caller's row order before the loss (an index_select
-whose backward routes the cached gradients to the sorted mini-batches). Each row is embedded on its own, so the
-loss and gradients are unchanged (eval mode, up to round-off); in train mode the dropout masks are drawn per sorted
-mini-batch and replayed exactly in step 3. On a batch of mixed lengths this skips the padding that
+token count (longest first), so every mini-batch holds sequences of similar length and the mixin's per-mini-batch
+trim of trailing padding removes most of it; the embeddings are put back in the caller's row order before the loss
+(an index_select whose backward routes the cached gradients to the sorted mini-batches). Each row is embedded on its
+own, so the loss and gradients are unchanged (eval mode, up to round-off); in train mode the dropout masks are drawn
+per sorted mini-batch and replayed exactly in step 3. On a batch of mixed lengths this skips the padding that
 sentence-transformers' cached loss (and plain MNRL, which pads a column to its longest row) computes.
 """
 
@@ -78,7 +78,9 @@ def length_sorted(feature: dict[str, Any]) -> tuple[dict[str, Any], Tensor | Non
     lengths = mask.sum(dim=1)
     if bool((mask[:, -1] != 0).all()) and bool((lengths < mask.shape[1]).any()):
         return feature, None  # left padding: the mixin keeps leading padding, so sorting would save nothing
-    order = torch.sort(lengths, stable=True).indices
+    # longest first: the first mini-batch allocates the largest activations and every later one fits in what it
+    # freed (ascending widths made the allocator's footprint grow with each mini-batch)
+    order = torch.sort(lengths, descending=True, stable=True).indices
     if bool((order == torch.arange(rows, device=order.device)).all()):
         return feature, None
     inverse = torch.empty_like(order)
