@@ -4,6 +4,7 @@ plain PyTorch reference and the three bare matmuls the loss cannot avoid, over a
     python benchmarks/throughput.py                       # default CPU sweep, < 3 minutes on 2 cores
     python benchmarks/throughput.py --batch-sizes 8192 --losses mnrl --repeats 5
     python benchmarks/throughput.py --mode cached         # gradient cache with a real encoder (bench_cached.py)
+    python benchmarks/throughput.py --mode cached --lengths mixed   # ... on (query, passage) pairs of mixed length
 
 Every measurement runs in a fresh process (``--worker``): peak extra memory is the growth of the process's peak
 RSS over one forward+backward after the inputs exist (CPU), or ``max_memory_allocated`` above the inputs (CUDA).
@@ -313,6 +314,16 @@ def write_outputs(rows: list[dict], env: dict, out: Path, stem: str) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    mode = argparse.ArgumentParser(add_help=False)
+    mode.add_argument("--mode", choices=["losses", "cached"], default="losses")
+    known, rest = mode.parse_known_args(argv)
+    if known.mode == "cached":  # every other option is bench_cached's (--lengths mixed, --batch-sizes, ...)
+        sys.path.insert(0, str(HERE))
+        from bench_cached import main as cached_main
+
+        return cached_main(rest)
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=["losses", "cached"], default="losses")
     parser.add_argument("--losses", nargs="+", choices=["mnrl", "cosent"], default=["mnrl", "cosent"])
@@ -335,12 +346,6 @@ def main(argv=None) -> int:
     if args.worker:
         print(json.dumps(run_worker(json.loads(args.worker))))
         return 0
-    if args.mode == "cached":
-        sys.path.insert(0, str(HERE))
-        from bench_cached import main as cached_main
-
-        return cached_main([])
-
     import torch
     from tqdm import tqdm
 
