@@ -31,8 +31,8 @@
 
 // The row pass is vectorized loops; the extension is compiled for baseline x86-64 (SSE2), so its per-row entry points
 // are cloned for AVX-512 and AVX2 (GCC target_clones, picked once at load time by the CPU's features) and every
-// helper they call is force-inlined into each clone.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// helper they call is force-inlined into each clone. Clones need GNU ifunc (glibc); elsewhere one baseline build.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
 #define EMBEDLOSS_INLINE inline __attribute__((always_inline))
 #define EMBEDLOSS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
