@@ -14,6 +14,7 @@ from torch import Tensor
 from . import _backends, reference
 from ._validate import check_directions, check_embeddings, check_hardness, check_labels, check_scale
 from .ops import DIRECTION_BITS, HARDNESS_CODES, SIM_ANGLE, SIM_COSINE, SIM_DOT
+from .ops.torch_ops import block_budget_bytes
 
 logger = logging.getLogger("embedloss_kernels")
 _warned: set[str] = set()
@@ -108,6 +109,8 @@ def infonce_from_columns(
             queries, docs, scale, similarity, directions, partition_mode, hardness_mode, hardness_strength,
             row_start, row_count,
         )
+    if block_rows == 0:
+        block_budget_bytes()  # the automatic block size reads EMBEDLOSS_BLOCK_MIB: a bad value fails here, clearly
     bits = 0
     for name in directions:
         bits |= DIRECTION_BITS[name]

@@ -121,6 +121,23 @@ def test_bad_similarity_and_block_rows():
         MNRL(*cols(2), block_rows=-1)
 
 
+@pytest.mark.parametrize("value", ["abc", "0", "-4", "nan", "inf"])
+def test_bad_block_budget_env(monkeypatch, backend, value):
+    """EMBEDLOSS_BLOCK_MIB sizes every backend's automatic row blocks: a bad value is one clear error, on every
+    backend, before any kernel; an explicit block_rows does not read it."""
+    monkeypatch.setenv("EMBEDLOSS_BLOCK_MIB", value)
+    with pytest.raises(ValueError, match=f"EMBEDLOSS_BLOCK_MIB must be a positive number of MiB, got '{value}'"):
+        MNRL(*cols(2), backend=backend)
+    assert torch.isfinite(MNRL(*cols(2), backend=backend, block_rows=2))
+
+
+def test_block_budget_env_sizes_the_blocks(monkeypatch, backend):
+    monkeypatch.setenv("EMBEDLOSS_BLOCK_MIB", "0.0001")  # a few rows per block: same loss as the default blocks
+    small = MNRL(*cols(2, batch=9), backend=backend)
+    monkeypatch.delenv("EMBEDLOSS_BLOCK_MIB")
+    torch.testing.assert_close(small, MNRL(*cols(2, batch=9), backend=backend))
+
+
 def test_model_none_forward_is_clear():
     with pytest.raises(ValueError, match="model=None"):
         ek.MultipleNegativesRankingLoss(None)([{"input_ids": torch.ones(2, 3)}] * 2, None)

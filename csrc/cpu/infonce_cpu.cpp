@@ -310,11 +310,14 @@ void scaled_normalize_backward_(const at::Tensor& v, const at::Tensor& norm, at:
 // cores: 8 MiB of logits (R=128) runs as fast as 16 or 32 MiB, and keeps peak extra memory under 0.05x
 // sentence-transformers'.
 int64_t auto_block_rows(int64_t width, int64_t elem, int64_t row_count) {
-  double mib = 32.0;
+  double mib = 32.0;  // the Python layer validates EMBEDLOSS_BLOCK_MIB (torch_ops.block_budget_bytes) before the op
   if (const char* env = std::getenv("EMBEDLOSS_BLOCK_MIB")) {
     char* end = nullptr;
     const double v = std::strtod(env, &end);
-    if (end != env && v > 0) mib = v;
+    if (end != env) {
+      TORCH_CHECK(v > 0 && std::isfinite(v), "EMBEDLOSS_BLOCK_MIB must be a positive number of MiB, got '", env, "'");
+      mib = v;
+    }
   }
   int64_t rows = static_cast<int64_t>(mib * (1 << 20) / 4) / std::max<int64_t>(width * elem, 1);
   rows = rows >= 16 ? rows / 8 * 8 : std::max<int64_t>(rows, 1);

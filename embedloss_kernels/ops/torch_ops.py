@@ -40,8 +40,18 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def block_budget_bytes() -> float:
-    """Memory for one row block's logits (``EMBEDLOSS_BLOCK_MIB``, default 32 MiB)."""
-    return float(os.environ.get("EMBEDLOSS_BLOCK_MIB", DEFAULT_BLOCK_MIB)) * 2**20
+    """Memory for one row block's logits (``EMBEDLOSS_BLOCK_MIB``, default 32 MiB); a value that is not a positive
+    number raises ``ValueError`` naming the variable (every backend's automatic block size reads it)."""
+    raw = os.environ.get("EMBEDLOSS_BLOCK_MIB", "").strip()
+    if not raw:
+        return DEFAULT_BLOCK_MIB * 2**20
+    try:
+        mib = float(raw)
+    except ValueError:
+        mib = float("nan")
+    if not mib > 0 or mib == float("inf"):
+        raise ValueError(f"EMBEDLOSS_BLOCK_MIB must be a positive number of MiB, got {raw!r}")
+    return mib * 2**20
 
 
 def normalize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
