@@ -1,12 +1,13 @@
 """The gradient-cached losses: equal to the plain loss (eval), same dropout replay (train), trainer, Matryoshka,
-model card, bad input."""
+model card, bad input. The model and its inputs live on conftest's DEVICE; the gloo test runs on CPU on purpose."""
 
 import copy
 import warnings
 
 import pytest
 import torch
-from tiny_model import WORDS, make_tiny_sentence_transformer, sentences
+from conftest import DEVICE
+from tiny_model import WORDS, make_tiny_sentence_transformer, on_device, sentences
 
 import embedloss_kernels as ek
 from embedloss_kernels.losses.cached_multiple_negatives_ranking import length_sorted
@@ -37,7 +38,7 @@ def mixed_sentences(n: int, seed: int, shortest: int = 1, longest: int = 12) -> 
 
 
 def features(model, n_cols, batch, seed=0):
-    return [model.preprocess(mixed_sentences(batch, seed + 7 * c)) for c in range(n_cols)]
+    return [on_device(model.preprocess(mixed_sentences(batch, seed + 7 * c)), model.device) for c in range(n_cols)]
 
 
 def grads_of(model):
@@ -135,7 +136,7 @@ def test_train_mode_length_sorted_minibatches_replay_their_masks(tiny_model):
 
 def test_length_sorting_embeds_less_padding_and_keeps_inputs(tiny_model):
     model = copy.deepcopy(tiny_model).eval()
-    feats = [model.preprocess(mixed_sentences(48, seed, longest=30)) for seed in (4, 5)]
+    feats = [on_device(model.preprocess(mixed_sentences(48, seed, longest=30))) for seed in (4, 5)]
     snapshot = [{k: v.clone() if torch.is_tensor(v) else v for k, v in f.items()} for f in feats]
     widths = []
     handle = model[0].register_forward_pre_hook(lambda mod, args: widths.append(tuple(args[0]["input_ids"].shape)))
@@ -159,7 +160,7 @@ def test_length_sorting_embeds_less_padding_and_keeps_inputs(tiny_model):
     lengths = ordered["attention_mask"].sum(1)
     assert bool((lengths[1:] <= lengths[:-1]).all())  # longest first
     assert all(torch.equal(ordered[k].index_select(0, inverse), v) for k, v in feats[0].items() if torch.is_tensor(v))
-    same_length = model.preprocess(sentences(6, 3))
+    same_length = on_device(model.preprocess(sentences(6, 3)))
     assert length_sorted(same_length)[1] is None  # already in order: nothing to do
     # left padding: the mixin keeps it, so reordering would save nothing
     left = {k: v.flip(1) if torch.is_tensor(v) else v for k, v in feats[0].items()}
@@ -221,7 +222,7 @@ def test_trainer_with_cached_loss(tiny_model, tmp_path, bf16):
     loss = ek.CachedMultipleNegativesRankingLoss(model, mini_batch_size=4, show_progress_bar=False)
     args = SentenceTransformerTrainingArguments(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=12, num_train_epochs=1, report_to=[],
-        save_strategy="no", use_cpu=True, learning_rate=1e-3, bf16=bf16,
+        save_strategy="no", use_cpu=DEVICE.type == "cpu", learning_rate=1e-3, bf16=bf16,
     )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = SentenceTransformerTrainer(model=model, args=args, train_dataset=train, loss=loss).train()
@@ -254,7 +255,7 @@ def test_bad_input(tiny_model):
         ek.CachedMultipleNegativesRankingLoss(None)
     with pytest.raises(ValueError, match="Expected at least 2 inputs"):
         ek.CachedMultipleNegativesRankingLoss(model)(features(model, 1, batch=4), None)
-    mismatched = [model.preprocess(sentences(6, 1)), model.preprocess(sentences(5, 2))]
+    mismatched = [on_device(model.preprocess(sentences(6, 1))), on_device(model.preprocess(sentences(5, 2)))]
     with pytest.raises(ValueError, match="batch size 5"):
         ek.CachedMultipleNegativesRankingLoss(model, mini_batch_size=4)(mismatched, None)
 
@@ -264,12 +265,13 @@ def test_bad_input(tiny_model):
 
     tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    static = SentenceTransformer(modules=[StaticEmbedding(tok, embedding_dim=8)], device="cpu")
+    static = SentenceTransformer(modules=[StaticEmbedding(tok, embedding_dim=8)], device=str(DEVICE))
     with pytest.raises(ValueError, match="StaticEmbedding"):
         ek.CachedMultipleNegativesRankingLoss(static)
 
 
 def _cached_gather_worker(rank, world, init_file, model_dir, out_dir):
+    # gloo is a CPU process group: this test runs on CPU on purpose, whatever DEVICE is.
     import torch.distributed as dist
     from sentence_transformers import SentenceTransformer
 

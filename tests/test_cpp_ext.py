@@ -1,5 +1,7 @@
 """The C++ extension (``cpp`` backend): op registration (opcheck), float64 gradcheck, torch.compile, double
-backward, odd shapes and every option against the float64 oracle, thread-count independence."""
+backward, odd shapes and every option against the float64 oracle, thread-count independence.
+
+The cpp backend runs on CPU only: these tests build CPU tensors on purpose, on a CUDA machine too."""
 
 from __future__ import annotations
 

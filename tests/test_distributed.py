@@ -3,6 +3,9 @@
 One spawn per world size runs every option combination through both schedules (gather and ring); the workers save
 losses and local gradients to files and the parent compares them with sentence-transformers' ``all_gather_with_grad``
 path (run in the same workers) and with the float64 oracle on the whole world batch in one process.
+
+gloo is a CPU process group: these tests run on CPU tensors on purpose, on a CUDA machine too (with the backends
+that run on CPU; the triton interpreter is covered by the single-process tests).
 """
 
 from __future__ import annotations
@@ -219,14 +222,19 @@ def _worker(rank, world, init_file, out_dir, backends_, combo_list, unequal_size
         def unsupported(*args, **kwargs):
             raise RuntimeError("reduce_scatter is not supported by this backend")
 
-        saved = dist.reduce_scatter_single, dist.reduce_scatter_tensor
-        dist.reduce_scatter_single = dist.reduce_scatter_tensor = unsupported
+        # reduce_scatter_single is not in every torch (2.11 lacks it): swap only what this torch has, as the
+        # package looks it up with getattr
+        saved = {name: getattr(dist, name) for name in ("reduce_scatter_single", "reduce_scatter_tensor")
+                 if hasattr(dist, name)}
+        for name in saved:
+            setattr(dist, name, unsupported)
         try:
             c = combo_list[-1]
             res["fallback"] = _ours(local_slice(world_columns(c["seed"], b * world, 2 + c["negatives"]), sizes, rank),
                                     c, backends_[0])
         finally:
-            dist.reduce_scatter_single, dist.reduce_scatter_tensor = saved
+            for name, fn in saved.items():
+                setattr(dist, name, fn)
         # unequal local batch sizes (one rank may hold a single row)
         c = dict(combo_list[-1])
         cols_world = world_columns(11, sum(unequal_sizes), 2 + c["negatives"])

@@ -6,7 +6,8 @@ import warnings
 
 import pytest
 import torch
-from tiny_model import make_tiny_sentence_transformer, sentences
+from conftest import DEVICE
+from tiny_model import make_tiny_sentence_transformer, on_device, sentences
 
 import embedloss_kernels as ek
 
@@ -20,7 +21,7 @@ def tiny_model(tmp_path_factory):
 
 
 def features(model, n_cols, batch, seed):
-    return [model.preprocess(sentences(batch, seed + c)) for c in range(n_cols)]
+    return [on_device(model.preprocess(sentences(batch, seed + c)), model.device) for c in range(n_cols)]
 
 
 def param_grads(model):
@@ -43,7 +44,7 @@ def test_parameter_gradients_match_sentence_transformers(tiny_model, ours_cls, s
     model = copy.deepcopy(tiny_model).eval()
     batch = 12
     feats = features(model, n_cols, batch, seed=3)
-    label_tensor = torch.rand(batch) if labels else None
+    label_tensor = torch.rand(batch, device=DEVICE) if labels else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         st_loss = getattr(st_losses, st_cls)(model, **kwargs)
@@ -78,7 +79,7 @@ def test_sentence_transformer_trainer_runs_and_writes_model_card(tiny_model, tmp
     loss = ek.MultipleNegativesRankingLoss(model, scale=20.0)
     args = SentenceTransformerTrainingArguments(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_train_epochs=1, report_to=[],
-        logging_steps=1, save_strategy="no", use_cpu=True, learning_rate=1e-3,
+        logging_steps=1, save_strategy="no", use_cpu=DEVICE.type == "cpu", learning_rate=1e-3,
     )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train, loss=loss)

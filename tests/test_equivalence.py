@@ -148,8 +148,8 @@ def test_cosent_and_angle_float64_match_sentence_transformers(backend, seed):
     dim = rng.choice([1, 5, 8, 17] if small else [1, 5, 8, 33, 64])
     scale = rng.choice([1.0, 20.0, 50.0])
     gen = torch.Generator().manual_seed(seed)
-    x, y, z = (torch.randn(batch, dim, generator=gen, dtype=torch.float64) for _ in range(3))
-    labels = torch.randint(0, 4, (batch,), generator=gen).double() / 3  # ties on purpose
+    x, y, z = (torch.randn(batch, dim, generator=gen, dtype=torch.float64).to(DEVICE) for _ in range(3))
+    labels = (torch.randint(0, 4, (batch,), generator=gen).double() / 3).to(DEVICE)  # ties on purpose
     cases = [
         (st_losses.CoSENTLoss(None, scale=scale), lambda c: functional.cosent_loss(*c, labels, scale, backend=backend),
          [x, y]),
@@ -173,8 +173,8 @@ def test_cosent_and_angle_float64_match_sentence_transformers(backend, seed):
 def test_cosent_float32_error_within_4x_sentence_transformers(backend, seed):
     gen = torch.Generator().manual_seed(seed)
     batch = 16 if is_interpreted(backend) else 200
-    x64, y64 = (torch.randn(batch, 13, generator=gen, dtype=torch.float64) for _ in range(2))
-    labels = torch.rand(batch, generator=gen)
+    x64, y64 = (torch.randn(batch, 13, generator=gen, dtype=torch.float64).to(DEVICE) for _ in range(2))
+    labels = torch.rand(batch, generator=gen).to(DEVICE)
     for st_module, sim in [(st_losses.CoSENTLoss(None), "cosine"), (st_losses.AnglELoss(None), "angle")]:
         exact, exact_g = loss_and_grads(lambda c: st_module.compute_loss_from_embeddings(c, labels), [x64, y64])
         st32, st32_g = loss_and_grads(lambda c: st_module.compute_loss_from_embeddings(c, labels),
@@ -229,7 +229,7 @@ def test_inputs_not_modified(backend):
     before = [c.clone() for c in columns]
     loss, _ = loss_and_grads(lambda c: our_loss(cfg, c, backend), columns)
     x, y = columns[0].clone(), columns[1].clone()
-    labels = torch.rand(cfg["batch"])
+    labels = torch.rand(cfg["batch"], device=DEVICE)
     labels_before = labels.clone()
     functional.cosent_loss(x, y, labels, backend=backend)
     for c, b in zip(columns, before):

@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import DEVICE
 
 import embedloss_kernels as ek
 from embedloss_kernels import functional, reference
@@ -15,7 +16,7 @@ st_util = pytest.importorskip("sentence_transformers.util")
 
 def leaves(n, batch=5, dim=7, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, dim, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(n)]
+    return [torch.randn(batch, dim, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_() for _ in range(n)]
 
 
 @pytest.mark.parametrize(
@@ -40,7 +41,7 @@ def test_gradcheck_mnrl(backend, options):
 @pytest.mark.parametrize("similarity", ["cosine", "dot", "angle"])
 def test_gradcheck_cosent(backend, similarity):
     x, y = leaves(2, dim=5)
-    labels = torch.tensor([0.1, 0.5, 0.5, 0.9, 0.2], dtype=torch.float64)
+    labels = torch.tensor([0.1, 0.5, 0.5, 0.9, 0.2], dtype=torch.float64, device=DEVICE)
     scale = 5.0 if similarity == "dot" else 20.0
     assert torch.autograd.gradcheck(
         lambda a, b: functional.cosent_loss(a, b, labels, scale, similarity=similarity, backend=backend), (x, y)
@@ -80,10 +81,10 @@ def test_reference_matches_sentence_transformers(seed):
 
 def test_reference_cosent_matches_brute_force():
     gen = torch.Generator().manual_seed(1)
-    scores = torch.randn(11, generator=gen, dtype=torch.float64) * 3
-    labels = torch.randint(0, 4, (11,), generator=gen).double()
+    scores = (torch.randn(11, generator=gen, dtype=torch.float64) * 3).to(DEVICE)
+    labels = torch.randint(0, 4, (11,), generator=gen).double().to(DEVICE)
     pairs = [scores[j] - scores[i] for i in range(11) for j in range(11) if labels[i] > labels[j]]
-    brute = torch.logsumexp(torch.stack([torch.zeros((), dtype=torch.float64)] + pairs), 0)
+    brute = torch.logsumexp(torch.stack([scores.new_zeros(())] + pairs), 0)
     torch.testing.assert_close(reference.cosent_reference(scores, labels), brute)
 
 

@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import DEVICE
 
 import embedloss_kernels as ek
 from embedloss_kernels import functional
@@ -14,7 +15,7 @@ st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.loss
 
 def cols(n=3, batch=4, dim=6, dtype=torch.float32):
     gen = torch.Generator().manual_seed(0)
-    return [torch.randn(batch, dim, generator=gen, dtype=dtype) for _ in range(n)]
+    return [torch.randn(batch, dim, generator=gen, dtype=dtype).to(DEVICE) for _ in range(n)]
 
 
 MNRL = functional.multiple_negatives_ranking_loss
@@ -31,9 +32,11 @@ MNRL = functional.multiple_negatives_ranking_loss
         (lambda: [cols(1)[0][0], cols(1)[0][0]], ValueError, "must be 2-D"),
         (lambda: [cols(1)[0], cols(1)[0].double()], TypeError, "dtype"),
         (lambda: [cols(1)[0], cols(1)[0].to("meta")], ValueError, "meta"),
-        (lambda: [torch.ones(4, 6, dtype=torch.int64), torch.ones(4, 6, dtype=torch.int64)], TypeError, "floating"),
-        (lambda: [cols(1)[0], cols(1)[0].index_fill(0, torch.tensor([2]), math.nan)], ValueError, "NaN or Inf"),
-        (lambda: [cols(1)[0].index_fill(1, torch.tensor([0]), math.inf), cols(1)[0]], ValueError, "NaN or Inf"),
+        (lambda: [torch.ones(4, 6, dtype=torch.int64, device=DEVICE)] * 2, TypeError, "floating"),
+        (lambda: [cols(1)[0], cols(1)[0].index_fill(0, torch.tensor([2], device=DEVICE), math.nan)], ValueError,
+         "NaN or Inf"),
+        (lambda: [cols(1)[0].index_fill(1, torch.tensor([0], device=DEVICE), math.inf), cols(1)[0]], ValueError,
+         "NaN or Inf"),
         (lambda: [cols(1)[0], [[1.0] * 6] * 4], TypeError, "torch.Tensor"),
     ],
 )
@@ -56,7 +59,7 @@ def test_bad_scale(scale):
     with pytest.raises(ValueError, match="scale"):
         ek.CoSENTLoss(None, scale=scale)
     with pytest.raises(ValueError, match="scale"):
-        functional.cosent_loss(*cols(2), torch.rand(4), scale=scale)
+        functional.cosent_loss(*cols(2), torch.rand(4, device=DEVICE), scale=scale)
 
 
 def test_scale_wrong_type():
@@ -99,15 +102,15 @@ def test_bad_directions_and_modes(kwargs, match):
 def test_wrong_number_of_labels():
     x, y = cols(2)
     with pytest.raises(ValueError, match="expects 4 labels"):
-        ek.CoSENTLoss(None).compute_loss_from_embeddings([x, y], torch.rand(5))
+        ek.CoSENTLoss(None).compute_loss_from_embeddings([x, y], torch.rand(5, device=DEVICE))
     with pytest.raises(ValueError, match="expects 4 labels"):
-        functional.cosent_loss(x, y, torch.rand(3))
+        functional.cosent_loss(x, y, torch.rand(3, device=DEVICE))
     with pytest.raises(ValueError, match="expects 4 labels"):
-        ek.AnglELoss(None).compute_loss_from_embeddings([x, y, x.flip(0)], torch.rand(2))
+        ek.AnglELoss(None).compute_loss_from_embeddings([x, y, x.flip(0)], torch.rand(2, device=DEVICE))
     with pytest.raises(ValueError, match="requires labels"):
         ek.AnglELoss(None).compute_loss_from_embeddings([x, y], None)
     with pytest.raises(ValueError, match="NaN or Inf"):
-        functional.cosent_loss(x, y, torch.tensor([0.1, math.nan, 0.2, 0.3]))
+        functional.cosent_loss(x, y, torch.tensor([0.1, math.nan, 0.2, 0.3], device=DEVICE))
     with pytest.raises(TypeError, match="labels must be a torch.Tensor"):
         functional.cosent_loss(x, y, [0.1, 0.2, 0.3, 0.4])
 
@@ -140,13 +143,14 @@ def test_block_budget_env_sizes_the_blocks(monkeypatch, backend):
 
 def test_model_none_forward_is_clear():
     with pytest.raises(ValueError, match="model=None"):
-        ek.MultipleNegativesRankingLoss(None)([{"input_ids": torch.ones(2, 3)}] * 2, None)
+        ek.MultipleNegativesRankingLoss(None)([{"input_ids": torch.ones(2, 3, device=DEVICE)}] * 2, None)
 
 
 # -- backend selection ------------------------------------------------------------------------------------------
 def test_backend_api(monkeypatch):
     assert "torch" in ek.available_backends()
     assert ek.current_backend("cpu") in ek.available_backends("cpu")
+    assert ek.current_backend(DEVICE) in ek.available_backends(DEVICE)
     monkeypatch.setenv("EMBEDLOSS_BACKEND", "torch")
     assert ek.current_backend("cpu") == "torch"
     monkeypatch.setenv("EMBEDLOSS_BACKEND", "fastest")

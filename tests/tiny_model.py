@@ -1,10 +1,13 @@
-"""A tiny randomly initialised BERT wrapped as a SentenceTransformer: loads offline, trains in milliseconds."""
+"""A tiny randomly initialised BERT wrapped as a SentenceTransformer: loads offline, trains in milliseconds. It lives
+on conftest's ``DEVICE`` (CUDA where there is one), and :func:`on_device` moves tokenized features next to it."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
+from conftest import DEVICE
 
 WORDS = (
     "the a an is was of to in on for with and or not it this that he she they we you sun rain car road house "
@@ -14,7 +17,8 @@ WORDS = (
 
 
 def make_tiny_sentence_transformer(path: Path, seed: int = 0, dropout: float = 0.1, hidden: int = 32):
-    """Save a 2-layer BERT (hidden ``hidden``) with a WordPiece vocab of ~70 words to ``path`` and load it."""
+    """Save a 2-layer BERT (hidden ``hidden``) with a WordPiece vocab of ~70 words to ``path`` and load it on
+    ``DEVICE``."""
     from sentence_transformers import SentenceTransformer
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
@@ -28,7 +32,12 @@ def make_tiny_sentence_transformer(path: Path, seed: int = 0, dropout: float = 0
         max_position_embeddings=64, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
     )
     BertModel(config).save_pretrained(path)
-    return SentenceTransformer(str(path), device="cpu")
+    return SentenceTransformer(str(path), device=str(DEVICE))
+
+
+def on_device(feature: dict[str, Any], device: torch.device | str = DEVICE) -> dict[str, Any]:
+    """Tokenized ``feature`` (``model.preprocess``'s CPU tensors) with its tensors moved to ``device``."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in feature.items()}
 
 
 def sentences(n: int, seed: int, length: int = 6) -> list[str]:
