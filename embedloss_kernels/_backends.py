@@ -16,7 +16,6 @@ scales by ``grad_output``).
 
 from __future__ import annotations
 
-import importlib
 import os
 from types import ModuleType
 
@@ -42,10 +41,22 @@ def _load(name: str) -> ModuleType | str:
     """The backend's module, or a string saying why it could not be imported."""
     if name not in _loaded:
         try:
-            _loaded[name] = importlib.import_module(_MODULES[name])
+            _loaded[name] = _import(name)
         except Exception as exc:  # noqa: BLE001 - any import failure makes the backend unavailable
             _loaded[name] = f"{type(exc).__name__}: {exc}"
     return _loaded[name]
+
+
+def _import(name: str) -> ModuleType:
+    # Plain import statements, not importlib: torch.compile traces them (it runs the import while tracing), where
+    # importlib.import_module is on its skip list, so the first call into the package may be a compiled one.
+    if name == "torch":
+        from .ops import torch_ops as module
+    elif name == "cpp":
+        from .ops import cpp_ops as module
+    else:
+        from .ops import triton_ops as module
+    return module
 
 
 def why_not(name: str, device: torch.device | str) -> str | None:

@@ -18,8 +18,9 @@ VALID_HARDNESS_MODES = (None, "in_batch_negatives", "hard_negatives", "all_negat
 def check_scale(scale, name: str = "scale") -> float:
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(scale).__name__} ({scale!r})")
-    scale = float(scale)
-    if not (math.isfinite(scale) and scale > 0):
+    if not isinstance(scale, torch.SymFloat):  # a symbolic float under torch.compile(dynamic=True) stays symbolic
+        scale = float(scale)
+    if not (0 < scale < math.inf):  # comparisons, not math.isfinite: torch.compile traces them on a symbolic float
         raise ValueError(f"Scale must be a positive value. Got {name}={scale!r}; expected a finite number > 0.")
     return scale
 
@@ -31,10 +32,11 @@ def check_hardness(hardness_mode, hardness_strength) -> float:
         raise TypeError(
             f"hardness_strength must be a real number, got {type(hardness_strength).__name__} ({hardness_strength!r})"
         )
-    hardness_strength = float(hardness_strength)
+    if not isinstance(hardness_strength, torch.SymFloat):
+        hardness_strength = float(hardness_strength)
     if hardness_strength < 0.0:
         raise ValueError(f"hardness_strength must be non-negative. Got hardness_strength={hardness_strength!r}.")
-    if not math.isfinite(hardness_strength):
+    if not hardness_strength < math.inf:  # not math.isfinite: torch.compile(dynamic=True) traces a comparison
         raise ValueError(f"hardness_strength must be finite, got {hardness_strength!r}")
     return hardness_strength
 
@@ -62,8 +64,10 @@ def check_directions(directions, partition_mode) -> tuple[str, ...]:
 
 
 def _check_finite() -> bool:
-    # One host sync per call; EMBEDLOSS_CHECK_FINITE=0 turns it off, and it is skipped while torch.compile traces.
-    if torch.compiler.is_compiling():
+    # One host sync per call; EMBEDLOSS_CHECK_FINITE=0 turns it off. Skipped while torch.compile traces (a
+    # data-dependent branch would break the graph) and under torch.func transforms (vmap cannot turn one entry's
+    # isfinite into a Python bool, and a grad/jvp-wrapped input would be checked once per nesting level).
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
     return os.environ.get("EMBEDLOSS_CHECK_FINITE", "1") != "0"
 

@@ -14,6 +14,7 @@ from torch import Tensor
 from . import _backends, reference
 from ._validate import check_directions, check_embeddings, check_hardness, check_labels, check_scale
 from .ops import DIRECTION_BITS, HARDNESS_CODES, SIM_ANGLE, SIM_COSINE, SIM_DOT
+from .ops.autograd import loss_from_op, needs_grad
 from .ops.torch_ops import block_budget_bytes
 
 logger = logging.getLogger("embedloss_kernels")
@@ -69,10 +70,6 @@ def resolve_pair_similarity(similarity) -> int | None:
     return None
 
 
-def _needs_grad(*tensors: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 def _similarity_name(fn) -> str:
     return getattr(fn, "__qualname__", None) or type(fn).__name__
 
@@ -118,11 +115,10 @@ def infonce_from_columns(
     candidates = torch.cat([d.contiguous() for d in docs], dim=0) if len(docs) > 1 else docs[0].contiguous()
     q = queries.contiguous()
     op = _backends.get_backend(q.device, backend).infonce
-    loss, _, _ = op(
-        q, candidates, row_start, row_count, scale, kind == "cosine", bits, partition_mode == "joint", hardness,
-        hardness_strength, _needs_grad(q, candidates), block_rows,
+    return loss_from_op(
+        op, q, candidates, row_start, row_count, scale, kind == "cosine", bits, partition_mode == "joint", hardness,
+        hardness_strength, needs_grad(q, candidates), block_rows,
     )
-    return loss
 
 
 def multiple_negatives_ranking_loss(
@@ -192,8 +188,7 @@ def cosent_from_pairs(
     labels = labels.to(device=x.device, dtype=torch.float64)
     x, y = x.contiguous(), y.contiguous()
     op = _backends.get_backend(x.device, backend).cosent
-    loss, _, _ = op(x, y, labels, scale, code, _needs_grad(x, y))
-    return loss
+    return loss_from_op(op, x, y, labels, scale, code, needs_grad(x, y))
 
 
 def cosent_loss(

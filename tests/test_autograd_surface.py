@@ -1,0 +1,232 @@
+"""PyTorch's autograd surface on every backend: forward mode, torch.func transforms, torch.compile as the first call
+into a fresh process, refused second derivatives. The float64 reference (plain autograd) is the oracle."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DEVICE
+from torch.autograd import forward_ad
+
+from embedloss_kernels import functional, reference
+
+ROOT = Path(__file__).resolve().parents[1]
+LABELS = [0.1, 0.9, 0.4, 0.4, 0.7]
+
+
+def tensors(n, batch=5, dim=7, seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, dim, generator=gen, dtype=dtype).to(DEVICE) for _ in range(n)]
+
+
+def labels():
+    return torch.tensor(LABELS, dtype=torch.float64, device=DEVICE)
+
+
+# Each case: (ours(first, second, backend), the reference(first, second)); the second input gets a tangent too.
+CASES = {
+    "mnrl": (lambda x, y, be: functional.multiple_negatives_ranking_loss(x, y, backend=be),
+             lambda x, y: reference.infonce_reference(x, [y])),
+    "mnrl_all_directions_dot": (
+        lambda x, y, be: functional.multiple_negatives_ranking_loss(
+            x, y, similarity="dot", scale=1.5, directions=reference_directions(), backend=be),
+        lambda x, y: reference.infonce_reference(x, [y], 1.5, reference.dot_score, reference_directions())),
+    "cosent": (lambda x, y, be: functional.cosent_loss(x, y, labels(), backend=be),
+               lambda x, y: reference.cosent_pairs_reference(x, y, labels())),
+    "angle": (lambda x, y, be: functional.angle_loss(x, y, labels=labels(), backend=be),
+              lambda x, y: reference.cosent_pairs_reference(x, y, labels(), 20.0, reference.pairwise_angle_sim)),
+}
+
+
+def reference_directions():
+    return ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+
+
+# -- 1. forward mode -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", list(CASES))
+def test_jvp_matches_reference(backend, case):
+    ours, ref = CASES[case]
+    x, y, tx, ty = tensors(4)
+    _, tangent = torch.func.jvp(lambda a, b: ours(a, b, backend), (x, y), (tx, ty))
+    _, expected = torch.func.jvp(ref, (x, y), (tx, ty))
+    assert tangent.abs() > 1e-3  # never the zero tangent of a function that ignores forward mode
+    torch.testing.assert_close(tangent, expected, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", ["mnrl", "cosent"])
+def test_forward_ad_dual_tensors_and_jacfwd(backend, case):
+    ours, ref = CASES[case]
+    x, y, tx = tensors(3, seed=1)
+    with forward_ad.dual_level():
+        loss = ours(forward_ad.make_dual(x, tx), y, backend)
+        tangent = forward_ad.unpack_dual(loss).tangent
+    assert tangent is not None
+    torch.testing.assert_close(tangent, torch.func.jvp(lambda a: ref(a, y), (x,), (tx,))[1], rtol=1e-8, atol=1e-10)
+    jac = torch.func.jacfwd(lambda a: ours(a, y, backend))(x)
+    torch.testing.assert_close(jac, torch.func.jacrev(lambda a: ref(a, y))(x), rtol=1e-8, atol=1e-10)
+
+
+def test_jvp_of_low_precision_inputs_is_float32(backend):
+    x, y, tx = tensors(3, seed=2, dtype=torch.bfloat16)
+    ours = CASES["mnrl"][0]
+    loss, tangent = torch.func.jvp(lambda a: ours(a, y, backend), (x,), (tx,))
+    assert tangent.dtype == loss.dtype == torch.float32
+    expected = torch.func.jvp(lambda a: CASES["mnrl"][1](a, y.double()), (x.double(),), (tx.double(),))[1]
+    torch.testing.assert_close(tangent.double(), expected, rtol=0.05, atol=0.05)
+
+
+# -- 6. torch.func.grad / jacrev / vmap ----------------------------------------------------------------------------
+@pytest.mark.parametrize("case", list(CASES))
+def test_func_grad_and_jacrev_match_reference(backend, case):
+    ours, ref = CASES[case]
+    x, y = tensors(2, seed=3)
+    grads = torch.func.grad(lambda a, b: ours(a, b, backend), argnums=(0, 1))(x, y)
+    expected = torch.func.grad(ref, argnums=(0, 1))(x, y)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(torch.func.jacrev(lambda a: ours(a, y, backend))(x),
+                               torch.func.jacrev(lambda a: ref(a, y))(x), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", ["mnrl", "cosent"])
+def test_vmap_matches_a_loop(backend, case):
+    ours, ref = CASES[case]
+    xs = torch.stack(tensors(3, seed=4))  # (3, B, D): three independent batches
+    (y,) = tensors(1, seed=5)
+    losses = torch.func.vmap(lambda a: ours(a, y, backend))(xs)
+    torch.testing.assert_close(losses, torch.stack([ref(a, y) for a in xs]), rtol=1e-8, atol=1e-10)
+    # per-sample gradients: vmap over grad
+    grads = torch.func.vmap(torch.func.grad(lambda a: ours(a, y, backend)))(xs)
+    torch.testing.assert_close(grads, torch.stack([torch.func.grad(lambda a: ref(a, y))(a) for a in xs]),
+                               rtol=1e-8, atol=1e-10)
+
+
+def test_vmap_skips_the_finite_check(backend, monkeypatch):
+    monkeypatch.setenv("EMBEDLOSS_CHECK_FINITE", "1")
+    xs = torch.stack(tensors(2, seed=6))
+    (y,) = tensors(1, seed=7)
+    torch.func.vmap(lambda a: functional.multiple_negatives_ranking_loss(a, y, backend=backend))(xs)
+    # the check itself still runs outside transforms
+    bad = xs[0].clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        functional.multiple_negatives_ranking_loss(bad, y, backend=backend)
+
+
+SECOND_ORDER = {
+    "hessian": lambda f, x, t: torch.func.hessian(f)(x),
+    "jacrev(grad)": lambda f, x, t: torch.func.jacrev(torch.func.grad(f))(x),
+    "grad(grad)": lambda f, x, t: torch.func.grad(lambda a: torch.func.grad(f)(a).sum())(x),
+    "jvp(jvp)": lambda f, x, t: torch.func.jvp(lambda a: torch.func.jvp(f, (a,), (t,))[1], (x,), (t,)),
+    "jvp(grad)": lambda f, x, t: torch.func.jvp(torch.func.grad(f), (x,), (t,)),
+    "grad(jvp)": lambda f, x, t: torch.func.grad(lambda a: torch.func.jvp(f, (a,), (t,))[1])(x),
+}
+
+
+@pytest.mark.parametrize("how", list(SECOND_ORDER))
+def test_second_derivatives_raise_instead_of_returning_zero(backend, how):
+    x, y, t = tensors(3, seed=8)
+    f = lambda a: functional.multiple_negatives_ranking_loss(a, y, backend=backend)  # noqa: E731
+    with pytest.raises(RuntimeError, match="embedloss_kernels losses do not support double backward"):
+        SECOND_ORDER[how](f, x, t)
+
+
+def test_reverse_over_forward_mode_raises(backend):
+    x, y, t = tensors(3, seed=9)
+    x.requires_grad_()
+    with forward_ad.dual_level():
+        loss = functional.multiple_negatives_ranking_loss(forward_ad.make_dual(x, t), y, backend=backend)
+        tangent = forward_ad.unpack_dual(loss).tangent
+    with pytest.raises(RuntimeError, match="do not support double backward"):
+        tangent.backward()
+
+
+def test_backward_twice_raises_like_pytorch(backend):
+    x, y = (t.requires_grad_() for t in tensors(2, seed=10))
+    lab = labels()
+    for loss in (functional.multiple_negatives_ranking_loss(x, y, backend=backend),
+                 functional.cosent_loss(x, y, lab, backend=backend)):
+        loss.backward()
+        grad = x.grad.clone()
+        with pytest.raises(RuntimeError, match="Trying to backward through the graph a second time"):
+            loss.backward()
+        torch.testing.assert_close(x.grad, grad)  # not doubled
+        x.grad = None
+    loss = functional.multiple_negatives_ranking_loss(x, y, backend=backend)
+    loss.backward(retain_graph=True)
+    once = x.grad.clone()
+    loss.backward()  # with retain_graph the second one is allowed and accumulates, as PyTorch's
+    torch.testing.assert_close(x.grad, 2 * once)
+
+
+# -- 2. torch.compile(fullgraph=True) as the first call into the package, in a fresh process ------------------------
+COMPILE_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    import torch
+    import embedloss_kernels as ek
+
+    backend, dynamic, first = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
+    device = torch.device(sys.argv[4])
+    os.environ["EMBEDLOSS_BACKEND"] = backend  # the modules read it; the functional calls pass backend=
+    gen = torch.Generator().manual_seed(0)
+    q, p, n = (torch.randn(6, 8, generator=gen).to(device) for _ in range(3))
+    labels = torch.tensor([0.1, 0.9, 0.4, 0.4, 0.7, 0.2], device=device)
+
+    def functional_calls(q, p, n, scale):
+        mnrl = ek.multiple_negatives_ranking_loss(q, p, n, scale=scale, backend=backend)
+        sym = ek.multiple_negatives_ranking_loss(q, p, scale=scale, directions=("query_to_doc", "doc_to_query"),
+                                                 partition_mode="per_direction", hardness_mode="all_negatives",
+                                                 hardness_strength=0.5, backend=backend)
+        cos = ek.cosent_loss(q, p, labels, scale=scale, backend=backend)
+        return mnrl + 2 * sym + 3 * cos + 4 * ek.angle_loss(q, p, n, scale=scale, backend=backend)
+
+    modules = [ek.MultipleNegativesRankingLoss(None), ek.MultipleNegativesSymmetricRankingLoss(None),
+               ek.CoSENTLoss(None), ek.AnglELoss(None)]
+
+    def module_calls(q, p, n, scale):
+        total = 0
+        for i, m in enumerate(modules):
+            m.scale = scale
+            columns = [q, p, n] if i != 1 else [q, p]
+            lab = labels if isinstance(m, ek.CoSENTLoss) and not isinstance(m, ek.AnglELoss) else None
+            total = total + (i + 1) * m.compute_loss_from_embeddings(columns, lab)
+        return total
+
+    steps = {"functional": functional_calls, "modules": module_calls}
+    order = [first] + [k for k in steps if k != first]
+    results = {}
+    for name in order:  # every compiled call runs before any eager one
+        compiled = torch.compile(steps[name], fullgraph=True, dynamic=dynamic, backend="aot_eager")
+        for scale in (20.0, 7.5):  # a second scale: dynamic=True traces it as a symbolic float
+            ins = [t.clone().requires_grad_() for t in (q, p, n)]
+            out = compiled(*ins, scale)
+            out.backward()
+            results[name, scale] = (out.detach(), [t.grad for t in ins])
+    for (name, scale), (out, grads) in results.items():
+        ins = [t.clone().requires_grad_() for t in (q, p, n)]
+        expected = steps[name](*ins, scale)
+        expected.backward()
+        torch.testing.assert_close(out, expected.detach())
+        for g, t in zip(grads, ins):
+            torch.testing.assert_close(g, t.grad)
+    print("compiled ok")
+    """
+)
+
+
+@pytest.mark.parametrize("first", ["functional", "modules"])
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_compile_fullgraph_is_the_first_call_in_a_fresh_process(backend, dynamic, first):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    if DEVICE.type == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-c", COMPILE_SCRIPT, backend, "1" if dynamic else "0", first, str(DEVICE)],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0 and "compiled ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]
