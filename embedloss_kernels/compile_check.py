@@ -20,34 +20,43 @@ DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "fp64": "fp64"}
 
 
 def _configs():
-    """(kernel name, dtype, constexprs) for every combination the launchers can pick on a GPU."""
+    """(kernel name, dtype, target, constexprs) for every combination the launchers can pick on a GPU."""
     import torch
     import triton.language as tl
 
-    from .ops.triton_ops import flash_config, pair_block, tile_config
+    from .ops.triton_ops import GROUP_ROWS, flash_config, pair_block, row_pass_config, tile_configs
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
     # The penalty only applies to query_to_doc, which is never masked: (pen, mask) pairs the launcher passes.
     pen_mask = [(0, 0), (1, 0), (2, 0), (3, 0), (0, 1), (0, 2)]
-    for dt in DTYPES:
-        acc = tl.float64 if dt == "fp64" else tl.float32
-        precs = ("tf32", "ieee") if dt == "fp32" else ("ieee",)
-        for prec in precs:
-            for name, dims, pick in (("row_lse_kernel", (16, 32, 64), tile_config),
-                                     ("softmax_grad_kernel", (16, 32, 64), tile_config),
-                                     ("flash_dx_kernel", (16, 32, 64), flash_config),
-                                     ("flash_dy_kernel", (16, 32, 64), flash_config)):
-                if name.startswith("flash"):  # flash_max_dim: 64 on tensor cores, 32 for plain fp32 / fp64
-                    dims = tuple(d for d in dims if d <= (32 if dt == "fp64" or (dt, prec) == ("fp32", "ieee") else 64))
-                for n_dim in dims:  # one per BK the launcher can pick
-                    extra = {"precision": prec} if pick is flash_config else {}
-                    cfg = dict(pick(n_dim, torch_dtype[dt], interpreted=False, **extra))
-                    for pen, mask in pen_mask:
-                        yield name, dt, dict(PEN_MODE=pen, MASK_MODE=mask, ACC=acc, PREC=prec, **cfg)
-        if prec == precs[-1]:
+    for arch in TARGETS:
+        for dt in DTYPES:
+            acc = tl.float64 if dt == "fp64" else tl.float32
+            exp2 = dt != "fp64"
+            precs = ("tf32", "ieee") if dt == "fp32" else ("ieee",)
+            for prec in precs:
+                for name in ("row_lse_kernel", "softmax_grad_kernel", "flash_dx_kernel", "flash_dy_kernel"):
+                    dims = (16, 32, 64)
+                    if name.startswith("flash"):  # flash_max_dim: 64 on tensor cores, 32 for plain fp32 / fp64
+                        dims = tuple(d for d in dims if d <= (32 if dt == "fp64" or (dt, prec) == ("fp32", "ieee")
+                                                              else 64))
+                    for n_dim in dims:  # one per BK the launcher can pick
+                        if name.startswith("flash"):
+                            cfgs = [flash_config(n_dim, torch_dtype[dt], interpreted=False, precision=prec)]
+                        else:
+                            cfgs = tile_configs(n_dim, torch_dtype[dt], arch, interpreted=False)
+                        extra = {"GROUP": GROUP_ROWS} if name == "softmax_grad_kernel" else {}
+                        for cfg in cfgs:
+                            for pen, mask in pen_mask:
+                                yield name, dt, arch, dict(PEN_MODE=pen, MASK_MODE=mask, ACC=acc, PREC=prec,
+                                                           EXP2=exp2, **extra, **cfg)
+            cfg = row_pass_config(torch_dtype[dt], interpreted=False)
+            for mode in (0, 1, 2):  # MODE 0 (one direction) only ever sees query_to_doc, never masked
+                for pen, mask in (pen_mask if mode else pen_mask[:4]):
+                    yield "row_pass_kernel", dt, arch, dict(PEN_MODE=pen, MASK_MODE=mask, MODE=mode, EXP2=exp2, **cfg)
             for name in ("pair_lse_kernel", "pair_grad_kernel"):
                 block = pair_block(torch_dtype[dt])
-                yield name, dt, dict(BM=block, BN=block, ACC=acc, num_warps=4)
+                yield name, dt, arch, dict(BM=block, BN=block, ACC=acc, num_warps=4)
 
 
 def _signature(fn, dt: str, constexprs: dict) -> dict:
@@ -56,8 +65,8 @@ def _signature(fn, dt: str, constexprs: dict) -> dict:
     for arg in fn.arg_names:
         if arg in constexprs:
             sig[arg] = "constexpr"
-        elif arg in ("x_ptr", "y_ptr") and not fn.__name__.startswith("pair_"):
-            sig[arg] = f"*{dt}"
+        elif arg in ("x_ptr", "y_ptr", "g_ptr") and not fn.__name__.startswith("pair_"):
+            sig[arg] = f"*{dt}"  # inputs and the G~ workspace are in the input dtype
         elif arg == "y_ptr":
             sig[arg] = "*fp64"  # CoSENT labels
         elif arg == "owner_ptr":
@@ -110,16 +119,19 @@ def _compile_one(job: tuple[str, str, dict, int]) -> tuple:
 
     from .triton import cosent_kernels, infonce_kernels
 
-    name, dt, cst, arch = job
+    name, dt, arch, cst = job
     cst = dict(cst)
     num_warps = cst.pop("num_warps", 4)
+    num_stages = cst.pop("num_stages", 3)
     fn = getattr(infonce_kernels if hasattr(infonce_kernels, name) else cosent_kernels, name)
-    config = " ".join([dt] + [f"{k}{v}" for k, v in cst.items() if k in ("BM", "BN", "BK")] + [f"w{num_warps}"]
+    config = " ".join([dt] + [f"{k}{v}" for k, v in cst.items() if k in ("BM", "BN", "BK")]
+                      + [f"w{num_warps}s{num_stages}"]
                       + [f"{k.split('_')[0].lower()}{v}" for k, v in cst.items() if k.endswith("_MODE")]
+                      + ([f"mode{cst['MODE']}"] if "MODE" in cst else [])
                       + [cst.get("PREC", "")]).strip()
     try:
         compiled = triton.compile(ASTSource(fn, _signature(fn, dt, cst), cst), target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": num_warps})
+                                  options={"num_warps": num_warps, "num_stages": num_stages})
         regs, spills = _usage(compiled.asm["ptx"], arch, _ptxas(arch))
         shared = compiled.metadata.shared
         status = "SPILL" if spills > 0 else "ok"
@@ -137,13 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     quick = "--quick" in argv
     jobs, seen = [], set()
-    for name, dt, cst in _configs():
-        key = (name, dt, repr(sorted(cst.items())))
+    for name, dt, arch, cst in _configs():
+        key = (name, dt, arch, repr(sorted(cst.items())))
         if key in seen or (quick and (cst.get("PEN_MODE", 0), cst.get("MASK_MODE", 0)) not in ((0, 0), (3, 0))):
             continue  # two D choices can map to one tile config
         seen.add(key)
-        jobs += [(name, dt, cst, arch) for arch in TARGETS]
-    widths = (20, 44, 7, 9, 6, 6)
+        jobs.append((name, dt, arch, cst))
+    widths = (20, 48, 7, 9, 6, 6)
     header = ("kernel", "config", "target", "registers", "spills", "shared", "status")
     print("  ".join(h.ljust(w) for h, w in zip(header, widths + (0,))).rstrip(), flush=True)
     failed = 0

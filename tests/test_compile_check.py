@@ -15,17 +15,17 @@ def test_compile_check_compiles_every_kernel_and_variant_without_spills():
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     try:
         proc = subprocess.run([sys.executable, "-m", "embedloss_kernels.compile_check"], env=env,
-                              capture_output=True, text=True, timeout=600)
+                              capture_output=True, text=True, timeout=1800)
     except subprocess.TimeoutExpired:
-        pytest.fail("compile_check took over 10 minutes")
+        pytest.fail("compile_check took over 30 minutes")
     out = proc.stdout + proc.stderr
     if "No module named 'triton.backends.nvidia" in out:
         pytest.skip("this triton build has no NVIDIA backend to compile for")
     assert proc.returncode == 0, out[-4000:]
     rows = [line.split() for line in proc.stdout.splitlines()[1:-1]]
     kernels = {r[0] for r in rows}
-    assert kernels == {"row_lse_kernel", "softmax_grad_kernel", "flash_dx_kernel", "flash_dy_kernel",
-                       "pair_lse_kernel", "pair_grad_kernel"}
+    assert kernels == {"row_lse_kernel", "softmax_grad_kernel", "row_pass_kernel", "flash_dx_kernel",
+                       "flash_dy_kernel", "pair_lse_kernel", "pair_grad_kernel"}
     assert {r[-5] for r in rows} == {"sm_80", "sm_90"}
     # every penalty / mask variant is compiled (the modes add loads and compares: they once spilled alone)
     assert {tuple(r[6:8]) for r in rows if r[0] == "row_lse_kernel" and r[1] == "fp32"} >= {

@@ -35,7 +35,7 @@ CASES = [
 ]
 
 
-@pytest.fixture(params=["flash", "workspace"])
+@pytest.fixture(params=["flash", "workspace", "fused"])
 def strategy(request, monkeypatch):
     monkeypatch.setenv("EMBEDLOSS_TRITON_STRATEGY", request.param)
     return request.param
@@ -193,7 +193,8 @@ def test_strategy_heuristics_and_bad_env(monkeypatch):
     monkeypatch.delenv("EMBEDLOSS_TRITON_STRATEGY", raising=False)
     monkeypatch.delenv("EMBEDLOSS_TRITON_COSENT", raising=False)
     assert triton_ops.infonce_strategy(64, torch.bfloat16) == "flash"
-    assert triton_ops.infonce_strategy(65, torch.bfloat16) == "workspace"
+    assert triton_ops.infonce_strategy(65, torch.bfloat16) == "fused"
+    assert triton_ops.infonce_strategy(33, torch.float64) == "fused"
     assert triton_ops.cosent_strategy(2048) == "tiled" and triton_ops.cosent_strategy(2049) == "sorted"
     monkeypatch.setenv("EMBEDLOSS_TRITON_STRATEGY", "fast")
     with pytest.raises(ValueError, match="EMBEDLOSS_TRITON_STRATEGY.*'fast'"):

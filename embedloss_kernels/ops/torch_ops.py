@@ -25,6 +25,7 @@ from . import (
     QUERY_TO_QUERY,
     SIM_ANGLE,
     SIM_COSINE,
+    _blocked,
 )
 
 DEFAULT_BLOCK_MIB = 32.0
@@ -86,6 +87,7 @@ def direction_logits(
     hardness_mode: int,
     alpha: float,
     own_start: int | None,
+    sim=None,
 ) -> tuple[dict[str, Tensor], Tensor | None]:
     """The logit blocks of a block of anchor rows against one set of columns: the loss maths of one row block,
     shared by :func:`infonce_forward` (every column at once) and the ring schedule (one rank's columns at a time).
@@ -97,15 +99,19 @@ def direction_logits(
     ``own_start + i + c*m``), ``None`` when they are not (a foreign block: nothing is masked; in_batch_negatives and
     all_negatives boost every query_to_doc column, hard_negatives none).
 
+    ``sim(x, y)``: the (unscaled) similarity block of rows ``x`` against columns ``y``; ``x @ y.T`` by default (the
+    inputs already normalized); the blocked-product path passes raw 16-bit rows with the norms as vectors.
+
     Returns the blocks ``{"qd", "qq", "dq", "dd"}`` (those selected; computed in place on the matmul outputs, no
     other (n, columns) buffer) and the positive logits ``s * sim(q_i, p_i)`` (``None`` for a foreign block).
     """
+    sim = sim or (lambda x, y: x @ y.T)
     n, m = q_rows.shape[0], q_cols.shape[0]
     n_cols = a_cols.shape[0] // m
     device = q_rows.device
     ar = torch.arange(n, device=device)
     own = None if own_start is None else ar + own_start  # column of each anchor's own query == its positive
-    logits = {"qd": q_rows @ a_cols.T}  # (n, K*m)
+    logits = {"qd": sim(q_rows, a_cols)}  # (n, K*m)
     positive = None if own is None else logits["qd"][ar, own] * scale
     if alpha > 0 and own is None:
         logits["qd"].mul_(scale if hardness_mode == HARDNESS_HARD else scale + alpha)
@@ -125,13 +131,13 @@ def direction_logits(
     else:
         logits["qd"].mul_(scale)
     if directions & QUERY_TO_QUERY:
-        logits["qq"] = (q_rows @ q_cols.T).mul_(scale)
+        logits["qq"] = sim(q_rows, q_cols).mul_(scale)
         if own is not None:
             logits["qq"][ar, own] = float("-inf")
     if directions & DOC_TO_QUERY:
-        logits["dq"] = (p_rows @ q_cols.T).mul_(scale)
+        logits["dq"] = sim(p_rows, q_cols).mul_(scale)
     if directions & DOC_TO_DOC:
-        logits["dd"] = (p_rows @ a_cols.T).mul_(scale)
+        logits["dd"] = sim(p_rows, a_cols).mul_(scale)
         if own is not None:
             logits["dd"][ar[:, None], own[:, None] + m * torch.arange(n_cols, device=device)] = float("-inf")
     return logits, positive
@@ -195,6 +201,9 @@ def infonce_forward(
     The logit blocks are :func:`direction_logits` and the matmuls :func:`accumulate_block_grads`, shared with the
     ring schedule (``embedloss_kernels.ring``).
     """
+    if _blocked.use_blocked(q):
+        return _infonce_blocked(q, a, row_start, row_count, scale, cosine, directions, joint, hardness_mode,
+                                hardness_strength, compute_grad, block_rows)
     out_dtype = q.dtype
     wd = work_dtype(q.dtype)
     bq = q.shape[0]
@@ -226,18 +235,7 @@ def infonce_forward(
         logits, positive = direction_logits(q_blk, p_blk, qf, af, scale, directions, hardness_mode, alpha, r0)
 
         # -- exact row LSE; the blocks become exp(L - max) in place, reused as the softmax numerators --
-        if joint:
-            row_max = torch.stack([blk.amax(dim=1) for blk in logits.values()]).amax(0)
-            maxes = dict.fromkeys(logits, row_max)
-        else:
-            maxes = {k: blk.amax(dim=1) for k, blk in logits.items()}
-        sums = {k: blk.sub_(maxes[k][:, None]).exp_().sum(1) for k, blk in logits.items()}
-        if joint:
-            total = sum(sums.values())
-            sums = dict.fromkeys(logits, total)
-            lse_mean = row_max + total.log()
-        else:
-            lse_mean = sum(maxes[k] + sums[k].log() for k in logits) / n_blocks
+        sums, lse_mean = row_block_lse(logits, joint)
         loss_sum += (lse_mean - positive).sum()
         if not compute_grad:
             continue
@@ -257,6 +255,75 @@ def infonce_forward(
         dq = normalize_rows_backward(qf, q_norm, dq)
         da = normalize_rows_backward(af, a_norm, da)
     return loss, dq.to(out_dtype), da.to(out_dtype)
+
+
+def row_block_lse(logits: dict[str, Tensor], joint: bool) -> tuple[dict[str, Tensor], Tensor]:
+    """Exact row LSE of a block's logit blocks, which become ``exp(L - max)`` in place: returns the per-block sums
+    (the softmax denominators; the joint sum for every block when ``joint``) and the mean LSE of each row."""
+    if joint:
+        row_max = torch.stack([blk.amax(dim=1) for blk in logits.values()]).amax(0)
+        maxes = dict.fromkeys(logits, row_max)
+    else:
+        maxes = {k: blk.amax(dim=1) for k, blk in logits.items()}
+    sums = {k: blk.sub_(maxes[k][:, None]).exp_().sum(1) for k, blk in logits.items()}
+    if joint:
+        total = sum(sums.values())
+        return dict.fromkeys(logits, total), row_max + total.log()
+    return sums, sum(maxes[k] + sums[k].log() for k in logits) / len(logits)
+
+
+def _infonce_blocked(q: Tensor, a: Tensor, row_start: int, row_count: int, scale: float, cosine: bool,
+                     directions: int, joint: bool, hardness_mode: int, hardness_strength: float, compute_grad: bool,
+                     block_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The row-block algorithm on raw inputs (the GPU path, ``_blocked``): logits from products in the input dtype
+    with fp32 outputs and the inverse norms as vectors, ``G~`` in the input dtype, fp32 accumulators."""
+    q, a = q.contiguous(), a.contiguous()
+    rq, ra = _blocked.inv_norms(q, cosine), _blocked.inv_norms(a, cosine)
+    use_qq, use_dq, use_dd = (bool(directions & bit) for bit in (QUERY_TO_QUERY, DOC_TO_QUERY, DOC_TO_DOC))
+    n_blocks = 1 + use_qq + use_dq + use_dd
+    alpha = hardness_strength if hardness_mode != HARDNESS_NONE else 0.0
+    width = a.shape[0] * (1 + use_dd) + q.shape[0] * (use_qq + use_dq)
+    # fp32 logits, the exp / mask temporaries of the same size, and the 16-bit G~ copy
+    per_logit = 2 * torch.finfo(_blocked.acc_dtype(q.dtype)).bits // 8 + q.element_size()
+    rows_per_block = block_rows if block_rows > 0 else _blocked.block_rows(row_count, width, per_logit, q.device)
+    inv_rows = 1.0 / row_count
+    grads = _blocked.BlockGrads(q, a, rq, ra, directions, cosine, scale * inv_rows) if compute_grad else None
+    loss_sum = torch.zeros((), dtype=_blocked.acc_dtype(q.dtype), device=q.device)
+
+    for r0 in range(row_start, row_start + row_count, rows_per_block):
+        r1 = min(r0 + rows_per_block, row_start + row_count)
+        ar = torch.arange(r1 - r0, device=q.device)
+        q_blk, p_blk = q[r0:r1], (a[r0:r1] if (use_dq or use_dd) else None)
+        inv = {id(q): rq, id(a): ra, id(q_blk): rq[r0:r1]}
+        if p_blk is not None:
+            inv[id(p_blk)] = ra[r0:r1]
+
+        def sim(x, y, inv=inv):
+            return _blocked.mm_acc(x, y.T).mul_(inv[id(x)][:, None]).mul_(inv[id(y)][None, :])
+
+        logits, positive = direction_logits(q_blk, p_blk, q, a, scale, directions, hardness_mode, alpha, r0, sim)
+        sums, lse_mean = row_block_lse(logits, joint)
+        loss_sum += (lse_mean - positive).sum()
+        if not compute_grad:
+            continue
+        # G~ = (w * softmax - onehot) * rx * ry in the input dtype; scale / row_count is the products' alpha
+        rows_inv = {"qd": rq[r0:r1], "qq": rq[r0:r1], "dq": ra[r0:r1], "dd": ra[r0:r1]}
+        cols_inv = {"qd": ra, "qq": rq, "dq": rq, "dd": ra}
+        for key, blk in logits.items():
+            blk.mul_(((1.0 if joint else 1.0 / n_blocks) / sums[key] * rows_inv[key])[:, None])
+            if key == "qd":
+                blk[ar, ar + r0] -= rows_inv[key]
+            g = blk.mul_(cols_inv[key][None, :]).to(q.dtype)
+            del blk
+            grads.add(key, r0, r1, g)
+        del logits
+
+    loss = loss_sum * inv_rows
+    if not compute_grad:
+        empty = q.new_empty((0,))
+        return loss, empty, empty
+    dq, da = grads.finish()
+    return loss, dq, da
 
 
 # ----------------------------------------------------------------------------------------------------------------

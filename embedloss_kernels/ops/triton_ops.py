@@ -2,11 +2,18 @@
 the O(B log B) sorted path; ops ``embedloss_triton::infonce`` / ``embedloss_triton::cosent`` for CUDA, and for CPU
 tensors through the Triton interpreter when ``TRITON_INTERPRET=1``.
 
-Strategy (row-block workspace, DESIGN.md): pass 1 (:func:`row_lse_kernel`) streams each direction block's column
-tiles once and keeps only a per-row running max / sum, so the exact LSE of every row costs O(rows) memory. Pass 2
-(:func:`softmax_grad_kernel`) recomputes one row block's tiles and writes ``G = softmax - onehot`` into a workspace
-of ``rows_per_block x columns`` (bounded by ``EMBEDLOSS_BLOCK_MIB``), then ``dX += G Y`` and ``dY += G^T X`` are two
-plain matmuls on it. Recomputing S costs one extra ``X Y^T`` but never writes B x N logits to HBM.
+Strategies for the gradient (:func:`infonce_strategy` picks one per shape; ``EMBEDLOSS_TRITON_STRATEGY`` forces one):
+
+* ``fused`` (gradient in the forward pass, DESIGN.md): per row block, ``S = X_g Y^T`` once by cuBLAS (fp32 out),
+  one Triton row pass (:func:`row_pass_kernel`: exact LSE, scale, masks, hardness, ``G~`` written in place over S
+  in the input dtype), then ``G~ Y`` and ``G~^T X`` on tensor cores: three matmul-equivalents.
+* ``workspace``: :func:`row_lse_kernel` streams the column tiles for the row LSE, :func:`softmax_grad_kernel`
+  recomputes a row block's tiles into a 16-bit ``G~`` workspace, then the same two products (four).
+* ``flash`` (small D): the LSE pass, then :func:`flash_dx_kernel` / :func:`flash_dy_kernel` accumulate the products
+  on chip from recomputed tiles; nothing of size rows x columns is stored.
+
+Without gradients only the LSE pass runs. Inputs are read raw; cosine normalization is two inverse-norm vectors
+(``_blocked``), gradient products accumulate in fp32 through ``_blocked.BlockGrads``.
 """
 
 from __future__ import annotations
@@ -28,11 +35,11 @@ from . import (
     QUERY_TO_QUERY,
     SIM_ANGLE,
     SIM_COSINE,
+    _blocked,
 )
 from .torch_ops import (
     _swap_halves,
     backward_scaled_grads,
-    block_budget_bytes,
     cosent_forward,
     normalize_rows,
     normalize_rows_backward,
@@ -50,7 +57,14 @@ try:
     import triton.language as tl
 
     from ..triton.cosent_kernels import pair_grad_kernel, pair_lse_kernel
-    from ..triton.infonce_kernels import flash_dx_kernel, flash_dy_kernel, row_lse_kernel, softmax_grad_kernel
+    from ..triton.infonce_kernels import (
+        LOG2E,
+        flash_dx_kernel,
+        flash_dy_kernel,
+        row_lse_kernel,
+        row_pass_kernel,
+        softmax_grad_kernel,
+    )
 
     _IMPORT_ERROR = None
 except Exception as exc:  # noqa: BLE001 - any failure leaves the backend unavailable, with the reason
@@ -77,24 +91,60 @@ def why_not(device: torch.device) -> str | None:
     return f"the triton backend runs on cuda (or cpu through the interpreter), not {device.type}"
 
 
-def tile_config(n_dim: int, dtype: torch.dtype, interpreted: bool | None = None) -> dict:
-    """Tile shape of the LSE / workspace kernels; D is walked in BK chunks (tl.dot needs >= 16).
+# ----------------------------------------------------------------------------------------------------------------
+# Tile configurations: a small set per (kernel, D, dtype, arch), autotuned on the GPU at first use
+# ----------------------------------------------------------------------------------------------------------------
+def _arch(device: torch.device | None) -> int:
+    """90 on Hopper and newer, 80 otherwise (the two targets compile_check covers)."""
+    if device is None or device.type != "cuda":
+        return 90
+    major, _ = torch.cuda.get_device_capability(device)
+    return 90 if major >= 9 else 80
 
-    Sized by ``python -m embedloss_kernels.compile_check`` (registers and spills per target): 16-bit inputs take
-    64x64 tiles, BK up to 64, 8 warps; fp32 / fp64 (tf32 or plain FMA dots, twice the register bytes per element)
-    take 16x32 tiles with BK up to 32 and 4 warps, fp64 16x16 with BK 16 (larger ones spilled on sm_80 or sm_90).
-    """
+
+def _bk(n_dim: int, dtype: torch.dtype) -> int:
     half = dtype in (torch.float16, torch.bfloat16)
-    bk = 16 if (n_dim <= 16 or dtype == torch.float64) else 32 if (n_dim <= 32 or not half) else 64
+    return 16 if (n_dim <= 16 or dtype == torch.float64) else 32 if (n_dim <= 32 or not half) else 64
+
+
+def tile_configs(n_dim: int, dtype: torch.dtype, arch: int = 90, interpreted: bool | None = None) -> list[dict]:
+    """Candidate tiles of the LSE / workspace kernels (D is walked in BK chunks; tl.dot needs >= 16), best guess
+    first; every one compiles without spills on its arch (``python -m embedloss_kernels.compile_check``).
+
+    16-bit inputs: 64x64 tiles with BK up to 64, 8 warps, 3 stages of K prefetch; Hopper also tries 128x64 (it
+    spilled on sm_80; 128x128 spilled on sm_90: a 128x128 fp32 tile of logits with its masks and exp).
+    fp32 / fp64 (tf32 or plain FMA dots, twice the register bytes per element): 16x32 tiles, BK up to 32, 4 warps;
+    fp64 16x16 with BK 16 (larger ones spilled on sm_80 or sm_90).
+    """
+    bk = _bk(n_dim, dtype)
     if interpreted if interpreted is not None else _interpreted():
-        return {"BM": 16, "BN": 16, "BK": bk}  # small tiles: the interpreter is slow, odd shapes cross tiles
-    if half:
-        return {"BM": 64, "BN": 64, "BK": bk, "num_warps": 8}
-    return {"BM": 16, "BN": 16 if dtype == torch.float64 else 32, "BK": bk, "num_warps": 4}
+        return [{"BM": 16, "BN": 16, "BK": bk}]  # small tiles: the interpreter is slow, odd shapes cross tiles
+    if dtype in (torch.float16, torch.bfloat16):
+        cands = [{"BM": 64, "BN": 64, "BK": bk, "num_warps": 8, "num_stages": 3}]
+        if arch >= 90:  # 128x64 spilled on sm_80 (row_lse, BK 64), 128x128 on sm_90 (compile_check)
+            cands.append({"BM": 128, "BN": 64, "BK": bk, "num_warps": 8, "num_stages": 3})
+        return cands
+    return [{"BM": 16, "BN": 16 if dtype == torch.float64 else 32, "BK": bk, "num_warps": 4}]
+
+
+def tile_config(n_dim: int, dtype: torch.dtype, interpreted: bool | None = None) -> dict:
+    """The first (untuned) candidate of :func:`tile_configs` on Hopper."""
+    return tile_configs(n_dim, dtype, 90, interpreted)[0]
+
+
+def row_pass_config(dtype: torch.dtype, interpreted: bool | None = None) -> dict:
+    """The fused row pass is a stream over S (memory-bound): a few rows per program, wide column tiles (16-byte
+    loads per thread), 4 warps; fp64 halves the tile. No autotuning: the pass rewrites S in place."""
+    if interpreted if interpreted is not None else _interpreted():
+        return {"BM": 2, "BN": 16}
+    if dtype == torch.float64:
+        return {"BM": 2, "BN": 256, "num_warps": 4}
+    return {"BM": 2, "BN": 512, "num_warps": 4}  # 4 x 512 spilled on sm_90 with the hardness masks
 
 
 FLASH_MAX_DIM = 64
 COSENT_TILED_MAX_BATCH = 2048
+GROUP_ROWS = 8  # softmax_grad_kernel's grouped launch order: row tiles that sweep the column tiles together
 
 
 def _forced(var: str, choices: tuple[str, ...]) -> str:
@@ -104,20 +154,30 @@ def _forced(var: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-def infonce_strategy(n_dim: int, dtype: torch.dtype) -> str:
-    """``"flash"`` or ``"workspace"`` for the gradient pass (``EMBEDLOSS_TRITON_STRATEGY`` forces one).
+STRATEGIES = ("flash", "fused", "workspace")
 
-    Flash recomputes each logit tile twice more (row-parallel dX, column-parallel dY) but writes nothing B x N;
-    the workspace recomputes it once and moves ``rows x N`` fp32 through HBM three times (store G, read it in
-    ``G Y`` and ``G^T X``). A logit costs 2 D flops against 12 bytes of workspace traffic, so at small D the
-    recompute is the cheaper side (an H100 does ~60 fp32-tensor-core flops per HBM byte); and the (BM, D) fp32
-    accumulator of a row block must fit in registers: compile_check shows D = 128 spilling on sm_80, D <= 64
-    clean. Past that, cuBLAS on the workspace wins.
+
+def infonce_strategy(n_dim: int, dtype: torch.dtype) -> str:
+    """The gradient strategy (``EMBEDLOSS_TRITON_STRATEGY`` forces one of :data:`STRATEGIES`).
+
+    Per logit, with an H100's ~800 TFLOP/s (bf16, cuBLAS; assume ~60% of it for our Triton tiles) and ~3 TB/s HBM
+    (benchmarks/RESULTS.md has the full arithmetic):
+
+    * ``fused`` (DESIGN.md's gradient in the forward pass): S once per row block by cuBLAS into fp32, one row pass
+      (read S twice, write 16-bit G~ in place: ~10 bytes), two cuBLAS products: 6 D flops at cuBLAS speed + ~10-14
+      bytes of HBM, ~(7.5e-3 D + 3.3..4.7) ps;
+    * ``workspace`` (two Triton passes over S, then the products): 4 D flops in Triton + 2 D in cuBLAS + 6 bytes of
+      16-bit G~, ~(1.1e-2 D + 2) ps;
+    * ``flash`` (no workspace; S recomputed in the dX and dY kernels): 8 D flops in Triton, no HBM per logit,
+      ~1.7e-2 D ps; its (BM, D) fp32 accumulator must stay in registers (D <= 64, compile_check).
+
+    flash wins below D ~ 500 where it compiles (D <= 64); above, fused beats workspace at every D. Estimates, not
+    measurements: the GPU check (benchmarks/gpu_check.sh) times all three.
     """
-    forced = _forced("EMBEDLOSS_TRITON_STRATEGY", ("flash", "workspace"))
+    forced = _forced("EMBEDLOSS_TRITON_STRATEGY", STRATEGIES)
     if forced != "auto":
         return forced
-    return "flash" if n_dim <= flash_max_dim(dtype) else "workspace"
+    return "flash" if n_dim <= flash_max_dim(dtype) else "fused"
 
 
 def flash_max_dim(dtype: torch.dtype) -> int:
@@ -165,102 +225,184 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _block_lse(x, y, row_start, row_count, owner, scale, boost, pen, mask, cfg, acc, prec, wd):
-    m = torch.empty(row_count, dtype=wd, device=x.device)
-    s = torch.empty_like(m)
-    p = torch.empty_like(m)
-    grid = (triton.cdiv(row_count, cfg["BM"]),)
-    row_lse_kernel[grid](x, y, m, s, p, row_start, row_count, y.shape[0], x.shape[1], x.stride(0), y.stride(0),
-                         owner, scale, boost, PEN_MODE=pen, MASK_MODE=mask, ACC=acc, PREC=prec, **cfg)
-    return m, s, p
+_TUNED: dict = {}
+
+
+def _autotune() -> bool:
+    return os.environ.get("EMBEDLOSS_TRITON_AUTOTUNE", "1").strip() not in ("0", "false", "no", "")
+
+
+def _launch(kernel, grid, args: tuple, meta: dict, configs: list[dict], key: tuple) -> None:
+    """Launch ``kernel`` with the best of ``configs`` for ``key`` = (kernel, D, dtype, arch, modes): timed once per
+    key with ``triton.testing.do_bench`` on the GPU (every kernel launched here only writes its outputs, so the
+    trial runs are harmless); the first config where there is one, under the interpreter, or with
+    ``EMBEDLOSS_TRITON_AUTOTUNE=0``."""
+    if len(configs) == 1 or _interpreted() or not _autotune():
+        best = configs[0]
+    elif key in _TUNED:
+        best = _TUNED[key]
+    else:
+        def run(cfg):
+            return lambda: kernel[grid(cfg)](*args, **meta, **cfg)
+
+        times = [triton.testing.do_bench(run(cfg), warmup=5, rep=20) for cfg in configs]
+        best = _TUNED[key] = configs[min(range(len(configs)), key=times.__getitem__)]
+    kernel[grid(best)](*args, **meta, **best)
+
+
+def _combine(stats: list[tuple[Tensor, Tensor, Tensor]], joint: bool) -> tuple[list[Tensor], Tensor]:
+    """Per-direction (max, sum, positive) of every row -> the LSE each direction's softmax uses, and the mean LSE."""
+    if joint:
+        row_max = torch.stack([m for m, _, _ in stats]).amax(0)
+        total = sum(s * (m - row_max).exp() for m, s, _ in stats)
+        lse = row_max + total.log()
+        return [lse] * len(stats), lse
+    lses = [m + s.log() for m, s, _ in stats]
+    return lses, sum(lses) / len(stats)
 
 
 def infonce_forward(q: Tensor, a: Tensor, row_start: int, row_count: int, scale: float, cosine: bool,
                     directions: int, joint: bool, hardness_mode: int, hardness_strength: float, compute_grad: bool,
                     block_rows: int) -> tuple[Tensor, Tensor, Tensor]:
-    out_dtype = q.dtype
-    wd = work_dtype(q.dtype)
-    bq = q.shape[0]
-    if cosine:
-        qw, q_norm = normalize_rows(q.to(wd))
-        aw, a_norm = normalize_rows(a.to(wd))
-        # Kernel tiles read the input precision (tensor cores); the gradient matmuls use the work precision.
-        qk, ak = qw.to(out_dtype).contiguous(), aw.to(out_dtype).contiguous()
-    else:
-        qk, ak = q.contiguous(), a.contiguous()
-        qw, aw = qk.to(wd), ak.to(wd)
-    cfg, acc, prec = tile_config(q.shape[1], q.dtype), _acc(q.dtype), _precision(q.dtype)
+    """Loss and gradients; the inputs are read raw (inverse norms as vectors), gradients accumulate through
+    :class:`~embedloss_kernels.ops._blocked.BlockGrads` (16-bit ``G~``, fp32 accumulators)."""
+    q, a = q.contiguous(), a.contiguous()
+    dtype, wd, bq, n_dim = q.dtype, _blocked.acc_dtype(q.dtype), q.shape[0], q.shape[1]
+    rq, ra = _blocked.inv_norms(q, cosine), _blocked.inv_norms(a, cosine)
+    acc, prec, arch = _acc(dtype), _precision(dtype), _arch(q.device)
+    exp2 = dtype != torch.float64  # fp64 keeps exp: its scale must not pass through an fp32 log2(e) product
+    unit = LOG2E if exp2 else 1.0
     alpha = float(hardness_strength) if hardness_mode != HARDNESS_NONE else 0.0
-    # (name, X kernel rows, Y kernel, X work, Y work, penalty, mask): X rows are the anchors' queries or positives.
-    blocks = [("qd", qk, ak, qw, aw, _PEN_MODE[hardness_mode] if alpha else 0, MASK_NONE)]
+    # (name, X rows, Y columns, their inverse norms, penalty, mask): X rows are the anchors' queries or positives.
+    blocks = [("qd", q, a, rq, ra, _PEN_MODE[hardness_mode] if alpha else 0, MASK_NONE)]
     if directions & QUERY_TO_QUERY:
-        blocks.append(("qq", qk, qk, qw, qw, 0, MASK_SELF))
+        blocks.append(("qq", q, q, rq, rq, 0, MASK_SELF))
     if directions & DOC_TO_QUERY:
-        blocks.append(("dq", ak, qk, aw, qw, 0, MASK_NONE))
+        blocks.append(("dq", a, q, ra, rq, 0, MASK_NONE))
     if directions & DOC_TO_DOC:
-        blocks.append(("dd", ak, ak, aw, aw, 0, MASK_OWN_DOCS))
-
-    owner = torch.arange(ak.shape[0], device=q.device, dtype=torch.int32) % bq  # column -> its query (int32)
-    stats = [_block_lse(xk, yk, row_start, row_count, owner, scale, alpha, pen, mask, cfg, acc, prec, wd)
-             for _, xk, yk, _, _, pen, mask in blocks]
-    if joint:
-        row_max = torch.stack([m for m, _, _ in stats]).amax(0)
-        total = sum(s * (m - row_max).exp() for m, s, _ in stats)
-        lse_joint = row_max + total.log()
-        lses = [lse_joint] * len(blocks)
-        lse_mean = lse_joint
+        blocks.append(("dd", a, a, ra, ra, 0, MASK_OWN_DOCS))
+    owner = torch.arange(a.shape[0], device=q.device, dtype=torch.int32) % bq  # column -> its query (int32)
+    dir_w = 1.0 if joint else 1.0 / len(blocks)
+    scalars = (owner, scale * unit, alpha * unit)
+    strategy = infonce_strategy(n_dim, dtype)
+    grads = _blocked.BlockGrads(q, a, rq, ra, directions, cosine, scale / row_count) if compute_grad else None
+    if compute_grad and strategy == "fused":
+        stats = _fused(blocks, grads, row_start, row_count, scalars, joint, exp2, block_rows)
+        lses, lse_mean = _combine(stats, joint)
     else:
-        lses = [m + s.log() for m, s, _ in stats]
-        lse_mean = sum(lses) / len(blocks)
-    positive = stats[0][2]  # the query_to_doc block's diagonal logit, always at the plain scale
-    loss = (lse_mean - positive).mean()
+        stats = []
+        for _, x, y, rx, ry, pen, mask in blocks:
+            m, s, p = (torch.empty(row_count, dtype=wd, device=q.device) for _ in range(3))
+            meta = dict(PEN_MODE=pen, MASK_MODE=mask, ACC=acc, PREC=prec, EXP2=exp2)
+            args = (x, y, rx, ry, m, s, p, row_start, row_count, y.shape[0], n_dim, x.stride(0), y.stride(0),
+                    *scalars)
+            _launch(row_lse_kernel, lambda c: (triton.cdiv(row_count, c["BM"]),), args, meta,
+                    tile_configs(n_dim, dtype, arch), ("lse", n_dim, dtype, arch, pen, mask))
+            stats.append((m, s, p))
+        lses, lse_mean = _combine(stats, joint)
+    loss = (lse_mean - stats[0][2]).mean()  # the query_to_doc block's diagonal logit, always at the plain scale
     if not compute_grad:
         empty = q.new_empty((0,))
         return loss, empty, empty
+    if strategy == "flash":
+        _flash(blocks, lses, grads, row_start, row_count, scalars, dir_w, exp2)
+    elif strategy == "workspace":
+        _workspace(blocks, lses, grads, row_start, row_count, scalars, dir_w, exp2, block_rows)
+    dq, da = grads.finish()
+    return loss, dq, da
 
-    dq = torch.zeros_like(qw)
-    da = torch.zeros_like(aw)
-    grads = {id(qw): dq, id(aw): da}
-    inv_rows = 1.0 / row_count
-    weight = scale * inv_rows / (1 if joint else len(blocks))
-    if infonce_strategy(q.shape[1], q.dtype) == "flash":
-        fcfg = flash_config(q.shape[1], q.dtype)
-        for (name, xk, yk, xw, yw, pen, mask), lse in zip(blocks, lses):
-            n_cols = yk.shape[0]
-            dx = torch.empty(row_count, xk.shape[1], dtype=wd, device=q.device)
-            dy = torch.empty(n_cols, xk.shape[1], dtype=wd, device=q.device)
-            common = (row_start, row_count, n_cols, xk.shape[1], xk.stride(0), yk.stride(0))
-            consts = (owner, scale, alpha, weight, scale * inv_rows if name == "qd" else 0.0)
-            meta = dict(PEN_MODE=pen, MASK_MODE=mask, ACC=acc, PREC=prec, **fcfg)
-            flash_dx_kernel[(triton.cdiv(row_count, fcfg["BM"]),)](xk, yk, lse, dx, *common, dx.stride(0), *consts,
-                                                                     **meta)
-            flash_dy_kernel[(triton.cdiv(n_cols, fcfg["BN"]),)](xk, yk, lse, dy, *common, dy.stride(0), *consts,
-                                                                  **meta)
-            grads[id(xw)][row_start : row_start + row_count] += dx
-            grads[id(yw)] += dy
-    else:
-        width = max(yk.shape[0] for _, _, yk, *_ in blocks)
-        elem = torch.finfo(wd).bits // 8
-        per_block = block_rows if block_rows > 0 else max(1, int(block_budget_bytes() // (elem * width)))
-        per_block = min(per_block, row_count)
-        workspace = torch.empty(per_block * width, dtype=wd, device=q.device)
-        for (name, xk, yk, xw, yw, pen, mask), lse in zip(blocks, lses):
-            n_cols = yk.shape[0]
-            for r0 in range(0, row_count, per_block):
-                n = min(per_block, row_count - r0)
-                g = workspace[: n * n_cols].view(n, n_cols)
-                grid = (triton.cdiv(n, cfg["BM"]), triton.cdiv(n_cols, cfg["BN"]))
-                softmax_grad_kernel[grid](xk, yk, lse[r0:], g, row_start + r0, n, n_cols, xk.shape[1], xk.stride(0),
-                                          yk.stride(0), g.stride(0), owner, scale, alpha, weight,
-                                          scale * inv_rows if name == "qd" else 0.0, PEN_MODE=pen, MASK_MODE=mask,
-                                          ACC=acc, PREC=prec, **cfg)
-                xr = slice(row_start + r0, row_start + r0 + n)
-                grads[id(xw)][xr] += g @ yw
-                grads[id(yw)] += g.T @ xw[xr]
-    if cosine:
-        dq = normalize_rows_backward(qw, q_norm, dq)
-        da = normalize_rows_backward(aw, a_norm, da)
-    return loss, dq.to(out_dtype), da.to(out_dtype)
+
+def _flash(blocks, lses, grads, row_start, row_count, scalars, dir_w, exp2) -> None:
+    """dX and dY of each direction block accumulated on chip (fp32, already in v units)."""
+    q = blocks[0][1]
+    cfg = flash_config(q.shape[1], q.dtype)
+    meta = dict(ACC=_acc(q.dtype), PREC=_precision(q.dtype), EXP2=exp2, **cfg)
+    wd = _blocked.acc_dtype(q.dtype)
+    for (name, x, y, rx, ry, pen, mask), lse in zip(blocks, lses):
+        n_cols, n_dim = y.shape
+        dx = torch.empty(row_count, n_dim, dtype=wd, device=q.device)
+        dy = torch.empty(n_cols, n_dim, dtype=wd, device=q.device)
+        common = (row_start, row_count, n_cols, n_dim, x.stride(0), y.stride(0))
+        consts = (*scalars, dir_w, 1.0 if name == "qd" else 0.0)
+        flash_dx_kernel[(triton.cdiv(row_count, cfg["BM"]),)](x, y, rx, ry, lse, dx, *common, dx.stride(0), *consts,
+                                                                PEN_MODE=pen, MASK_MODE=mask, **meta)
+        flash_dy_kernel[(triton.cdiv(n_cols, cfg["BN"]),)](x, y, rx, ry, lse, dy, *common, dy.stride(0), *consts,
+                                                             PEN_MODE=pen, MASK_MODE=mask, **meta)
+        grads.add_products(name, row_start, row_start + row_count, dx, dy)
+
+
+def _workspace(blocks, lses, grads, row_start, row_count, scalars, dir_w, exp2, block_rows) -> None:
+    """Two-pass strategy: softmax_grad_kernel recomputes S tile by tile into a 16-bit G~ workspace of one row
+    block, then two cuBLAS products."""
+    q = blocks[0][1]
+    n_dim, dtype, arch = q.shape[1], q.dtype, _arch(q.device)
+    width = max(y.shape[0] for _, _, y, *_ in blocks)
+    per_block = block_rows if block_rows > 0 else _blocked.block_rows(row_count, width, q.element_size(), q.device)
+    per_block = min(per_block, row_count)
+    workspace = torch.empty(per_block * width, dtype=dtype, device=q.device)
+    meta_common = dict(ACC=_acc(dtype), PREC=_precision(dtype), EXP2=exp2, GROUP=GROUP_ROWS)
+    for (name, x, y, rx, ry, pen, mask), lse in zip(blocks, lses):
+        n_cols = y.shape[0]
+        for r0 in range(0, row_count, per_block):
+            n = min(per_block, row_count - r0)
+            g = workspace[: n * n_cols].view(n, n_cols)
+            args = (x, y, rx, ry, lse[r0:], g, row_start + r0, n, n_cols, n_dim, x.stride(0), y.stride(0),
+                    g.stride(0), *scalars, dir_w, 1.0 if name == "qd" else 0.0)
+
+            def grid(c, n=n, n_cols=n_cols):
+                return (triton.cdiv(n, c["BM"]) * triton.cdiv(n_cols, c["BN"]),)
+
+            _launch(softmax_grad_kernel, grid, args, dict(PEN_MODE=pen, MASK_MODE=mask, **meta_common),
+                    tile_configs(n_dim, dtype, arch), ("grad", n_dim, dtype, arch, pen, mask))
+            grads.add(name, row_start + r0, row_start + r0 + n, g)
+
+
+def _row_pass(block, view, lse, stats, mode, row0, n, scalars, dir_w, exp2, cfg, grid) -> None:
+    name, _, _, rx, ry, pen, mask = block
+    sv, gv = view
+    m, s, p = stats
+    row_pass_kernel[grid](sv, gv, rx, ry, lse, m, s, p, row0, n, sv.shape[1], sv.stride(0), gv.stride(0), *scalars,
+                          dir_w, 1.0 if name == "qd" else 0.0, PEN_MODE=pen, MASK_MODE=mask, MODE=mode, EXP2=exp2,
+                          **cfg)
+
+
+def _fused(blocks, grads, row_start, row_count, scalars, joint, exp2, block_rows) -> list:
+    """Gradient in the forward pass: per row block, S of every direction once (cuBLAS, fp32 out), the row pass
+    (MODE 0 alone; statistics, joint LSE, then G~ with several directions), G~ in place, then the products.
+    Returns each direction's (max, sum, positive) per row for the loss."""
+    q = blocks[0][1]
+    dtype, wd = q.dtype, _blocked.acc_dtype(q.dtype)
+    widths = [y.shape[0] for _, _, y, *_ in blocks]
+    per_logit = torch.finfo(wd).bits // 8  # G~ overwrites S
+    per_block = block_rows if block_rows > 0 else _blocked.block_rows(row_count, sum(widths), per_logit, q.device)
+    per_block = min(per_block, row_count)
+    buf = torch.empty(per_block * sum(widths), dtype=wd, device=q.device)
+    stats = [tuple(torch.empty(row_count, dtype=wd, device=q.device) for _ in range(3)) for _ in blocks]
+    lse = torch.empty(row_count, dtype=wd, device=q.device)
+    cfg = row_pass_config(dtype)
+    dir_w = 1.0 if joint else 1.0 / len(blocks)
+    for r0 in range(0, row_count, per_block):
+        n = min(per_block, row_count - r0)
+        rows = slice(row_start + r0, row_start + r0 + n)
+        views, off = [], 0
+        for (_, x, y, *_), width in zip(blocks, widths):
+            sv = buf[off : off + n * width].view(n, width)
+            _blocked.mm_acc(x[rows], y.T, out=sv)
+            off += n * width
+            views.append((sv, sv.view(dtype)[:, :width] if dtype != wd else sv))
+        grid = (triton.cdiv(n, cfg["BM"]),)
+        common = (row_start + r0, n, scalars, dir_w, exp2, cfg, grid)
+        if len(blocks) == 1:
+            _row_pass(blocks[0], views[0], lse[r0:], [t[r0:] for t in stats[0]], 0, *common)
+        else:
+            for block, view, st in zip(blocks, views, stats):
+                _row_pass(block, view, lse[r0:], [t[r0:] for t in st], 1, *common)
+            lses, _ = _combine([tuple(t[r0 : r0 + n] for t in st) for st in stats], joint)
+            for block, view, st, lse_i in zip(blocks, views, stats, lses):
+                _row_pass(block, view, lse_i.contiguous(), [t[r0:] for t in st], 2, *common)
+        for (name, *_), (_, gv) in zip(blocks, views):
+            grads.add(name, rows.start, rows.stop, gv)
+    return stats
 
 
 def _pair_similarity(x: Tensor, y: Tensor, similarity: int):

@@ -1,18 +1,34 @@
-"""InfoNCE logit-block kernels: one direction block ``L = c * X_g Y^T`` at a time (``c`` = scale, or scale + alpha on
-penalized columns), with its masks, never stored whole.
+"""InfoNCE logit-block kernels: one direction block ``L = c * rx_i * ry_j * X_g Y^T`` at a time (``c`` = scale, or
+scale + alpha on penalized columns; ``rx``, ``ry`` = inverse row norms for cosine, ones for dot), with its masks.
+The inputs are read raw: normalization is two vectors applied to the tiles, never a normalized copy.
 
 * :func:`row_lse_kernel`: online row max / sum of ``exp(L - max)`` over column tiles (pass 1, per row).
-* :func:`softmax_grad_kernel`: recomputes a row block's tiles and writes ``G = w * exp(L - lse) - onehot`` into a
-  bounded (rows x columns) workspace; the launcher turns it into ``dX = G Y`` and ``dY = G^T X`` with matmuls.
+* :func:`softmax_grad_kernel`: recomputes a row block's tiles and writes ``G~ = (w * exp(L - lse) - onehot) * rx *
+  ry`` into a bounded (rows x columns) workspace in the input dtype; the launcher turns it into ``G~ Y`` and
+  ``G~^T X`` with tensor-core matmuls (fp32 accumulation), already divided by the norms the normalization backward
+  needs.
+* :func:`row_pass_kernel`: the gradient-in-forward row block: the launcher computes ``S = X_g Y^T`` (fp32) with
+  cuBLAS; this kernel applies scale, norms, masks and hardness, takes the exact LSE, and overwrites ``S`` with
+  ``G~`` (16-bit ``G~`` in the first half of each fp32 row), so S is computed once per block.
+* :func:`flash_dx_kernel` / :func:`flash_dy_kernel`: small D, no workspace: ``G~ Y`` and ``G~^T X`` accumulated on
+  chip from recomputed tiles.
 
 Column ``c`` of a block belongs to query ``owner[c] = c % bq`` (``owner_ptr``: an int32 vector the launcher
 builds). ``PEN_MODE``: 0 none, 1 boost columns of other queries (in-batch), 2 boost own hard negatives
 (``owner[c] == g``, ``c != g``), 3 boost all but the positive ``c == g``. ``MASK_MODE``: 0 none, 1 mask
 ``c == g`` (query_to_query), 2 mask ``owner[c] == g`` (doc_to_doc).
+
+``EXP2``: logits are formed in base 2 (``scale`` and ``boost`` arrive multiplied by log2(e), ``exp2`` replaces
+``exp``: one multiply fewer per logit); stored maxima and positives are converted back to natural units. float64
+keeps ``exp`` (its scalars must not pass through an fp32 log2(e) product).
 """
 
 import triton
 import triton.language as tl
+
+LOG2E = 1.4426950408889634  # the launcher multiplies scale and boost by it
+_LN2 = tl.constexpr(0.6931471805599453)
+_LOG2E = tl.constexpr(LOG2E)
 
 
 @triton.jit
@@ -24,22 +40,9 @@ def _own(owner_ptr, rows, cols, col_ok):
 
 
 @triton.jit
-def _logit_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y, owner_ptr, scale, boost,
-                PEN_MODE: tl.constexpr, MASK_MODE: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
-                PREC: tl.constexpr):
-    """The (BM, BN) tile of logits, masked entries at -inf; D is walked in BK chunks padded with zeros."""
-    ks = tl.arange(0, BK)
-    acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=ACC)
-    for k0 in range(0, n_dim, BK):
-        k_ok = (k0 + ks) < n_dim
-        xt = tl.load(x_ptr + rows[:, None] * stride_x + (k0 + ks)[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                     other=0.0)
-        yt = tl.load(y_ptr + cols[:, None] * stride_y + (k0 + ks)[None, :], mask=col_ok[:, None] & k_ok[None, :],
-                     other=0.0)
-        if PREC == "upcast":  # the interpreter's bf16 dot is wrong: multiply in the accumulator type instead
-            acc += tl.dot(xt.to(ACC), tl.trans(yt.to(ACC)), out_dtype=ACC)
-        else:
-            acc += tl.dot(xt, tl.trans(yt), input_precision=PREC, out_dtype=ACC)
+def _scale_and_mask(dots, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, owner_ptr, scale, boost, PEN_MODE: tl.constexpr,
+                    MASK_MODE: tl.constexpr):
+    """Raw dot products (BM, BN) -> logits: per-column coefficient (hardness), inverse norms, masks at -inf."""
     pos = cols[None, :] == rows[:, None]
     if PEN_MODE == 1:
         coef = tl.where(_own(owner_ptr, rows, cols, col_ok), scale, scale + boost)
@@ -48,8 +51,10 @@ def _logit_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, strid
     elif PEN_MODE == 3:
         coef = tl.where(pos, scale, scale + boost)
     else:
-        coef = tl.zeros_like(acc) + scale
-    logits = acc * coef
+        coef = scale
+    rx = tl.load(rx_ptr + rows, mask=row_ok, other=0.0)  # inverse norms, indexed by global row / column
+    ry = tl.load(ry_ptr + cols, mask=col_ok, other=0.0)
+    logits = dots * coef * rx[:, None] * ry[None, :]
     valid = row_ok[:, None] & col_ok[None, :]
     if MASK_MODE == 1:
         valid = valid & (~pos)
@@ -59,9 +64,38 @@ def _logit_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, strid
 
 
 @triton.jit
-def row_lse_kernel(x_ptr, y_ptr, max_ptr, sum_ptr, pos_ptr, row_start, row_count, n_cols, n_dim, stride_x, stride_y,
-                   owner_ptr, scale, boost, PEN_MODE: tl.constexpr, MASK_MODE: tl.constexpr, BM: tl.constexpr,
-                   BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+def _logit_tile(x_ptr, y_ptr, rx_ptr, ry_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y,
+                owner_ptr, scale, boost, PEN_MODE: tl.constexpr, MASK_MODE: tl.constexpr, BK: tl.constexpr,
+                ACC: tl.constexpr, PREC: tl.constexpr):
+    """The (BM, BN) tile of logits, masked entries at -inf; D is walked in BK chunks padded with zeros."""
+    ks = tl.arange(0, BK)
+    acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=ACC)
+    for k0 in range(0, n_dim, BK):
+        k_ok = (k0 + ks) < n_dim
+        xt = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + (k0 + ks)[None, :],
+                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        yt = tl.load(y_ptr + cols[:, None].to(tl.int64) * stride_y + (k0 + ks)[None, :],
+                     mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if PREC == "upcast":  # the interpreter's bf16 dot is wrong: multiply in the accumulator type instead
+            acc += tl.dot(xt.to(ACC), tl.trans(yt.to(ACC)), out_dtype=ACC)
+        else:
+            acc += tl.dot(xt, tl.trans(yt), input_precision=PREC, out_dtype=ACC)
+    return _scale_and_mask(acc, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, owner_ptr, scale, boost, PEN_MODE,
+                           MASK_MODE)
+
+
+@triton.jit
+def _exp(x, EXP2: tl.constexpr):
+    if EXP2:
+        return tl.exp2(x)
+    return tl.exp(x)
+
+
+@triton.jit
+def row_lse_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, max_ptr, sum_ptr, pos_ptr, row_start, row_count, n_cols, n_dim,
+                   stride_x, stride_y, owner_ptr, scale, boost, PEN_MODE: tl.constexpr, MASK_MODE: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                   EXP2: tl.constexpr):
     """Per local row: running max and sum of ``exp(L - max)`` over every column tile (the max is subtracted
     before exponentiating, so scale 100 on large-norm dot products cannot overflow). Also stores the logit at column
     ``g`` (the positive, read off the same tile so that a lone column gives an exact zero loss)."""
@@ -74,53 +108,123 @@ def row_lse_kernel(x_ptr, y_ptr, max_ptr, sum_ptr, pos_ptr, row_start, row_count
     for c0 in range(0, n_cols, BN):
         cols = c0 + tl.arange(0, BN)
         col_ok = cols < n_cols
-        lg = _logit_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y, owner_ptr, scale, boost,
-                         PEN_MODE, MASK_MODE, BK, ACC, PREC)
+        lg = _logit_tile(x_ptr, y_ptr, rx_ptr, ry_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y,
+                         owner_ptr, scale, boost, PEN_MODE, MASK_MODE, BK, ACC, PREC)
         m_new = tl.maximum(m, tl.max(lg, axis=1))
         safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a fully masked tile so far: keep exp finite
-        s = s * tl.exp(m - safe) + tl.sum(tl.exp(lg - safe[:, None]), axis=1)
+        s = s * _exp(m - safe, EXP2) + tl.sum(_exp(lg - safe[:, None], EXP2), axis=1)
         m = m_new
         p += tl.sum(tl.where((cols[None, :] == rows[:, None]) & (lg > float("-inf")), lg, 0.0), axis=1)
+    if EXP2:  # back to natural units
+        m = m * _LN2
+        p = p * _LN2
     tl.store(max_ptr + local, m, mask=row_ok)
     tl.store(sum_ptr + local, s, mask=row_ok)
     tl.store(pos_ptr + local, p, mask=row_ok)
 
 
 @triton.jit
-def softmax_grad_kernel(x_ptr, y_ptr, lse_ptr, g_ptr, row_start, row_count, n_cols, n_dim, stride_x, stride_y,
-                        stride_g, owner_ptr, scale, boost, weight, onehot, PEN_MODE: tl.constexpr,
+def _grouped(pid, n_row_tiles, n_col_tiles, GROUP: tl.constexpr):
+    """Grouped launch order: GROUP row tiles sweep the column tiles together, so a column tile read by one program is
+    still in L2 for the next GROUP - 1 (the same swizzle as a grouped matmul)."""
+    per_group = GROUP * n_col_tiles
+    first = (pid // per_group) * GROUP
+    size = tl.minimum(n_row_tiles - first, GROUP)
+    return first + (pid % per_group) % size, (pid % per_group) // size
+
+
+@triton.jit
+def softmax_grad_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, lse_ptr, g_ptr, row_start, row_count, n_cols, n_dim, stride_x,
+                        stride_y, stride_g, owner_ptr, scale, boost, weight, onehot, PEN_MODE: tl.constexpr,
                         MASK_MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                        ACC: tl.constexpr, PREC: tl.constexpr):
-    """``G[i, c] = weight * exp(L[i, c] - lse[i]) - onehot * [c == g_i]`` for one tile of the row block."""
-    local = tl.program_id(0) * BM + tl.arange(0, BM)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+                        ACC: tl.constexpr, PREC: tl.constexpr, EXP2: tl.constexpr, GROUP: tl.constexpr):
+    """``G~[i, c] = (weight * exp(L[i, c] - lse[i]) - onehot * [c == g_i]) * rx_i * ry_c`` for one tile, stored in
+    ``g_ptr``'s dtype (the input's: 16-bit G feeds tensor-core products)."""
+    n_row_tiles = tl.cdiv(row_count, BM)
+    tile_m, tile_n = _grouped(tl.program_id(0), n_row_tiles, tl.cdiv(n_cols, BN), GROUP)
+    local = tile_m * BM + tl.arange(0, BM)
+    cols = tile_n * BN + tl.arange(0, BN)
     row_ok = local < row_count
     col_ok = cols < n_cols
     rows = row_start + local
-    lg = _logit_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y, owner_ptr, scale, boost,
-                     PEN_MODE, MASK_MODE, BK, ACC, PREC)
+    lg = _logit_tile(x_ptr, y_ptr, rx_ptr, ry_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y,
+                     owner_ptr, scale, boost, PEN_MODE, MASK_MODE, BK, ACC, PREC)
     lse = tl.load(lse_ptr + local, mask=row_ok, other=0.0)
-    g = weight * tl.exp(lg - lse[:, None])
+    g = _grad_from_logits(lg, lse, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, weight, onehot, EXP2)
+    tl.store(g_ptr + local[:, None].to(tl.int64) * stride_g + cols[None, :], g.to(g_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _grad_from_logits(lg, lse, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, weight, onehot, EXP2: tl.constexpr):
+    """``(weight * exp(L - lse) - onehot * [c == g]) * rx * ry`` (``lse`` (BM,) in natural units), zero outside."""
+    if EXP2:
+        lse = lse * _LOG2E
+    g = weight * _exp(lg - lse[:, None], EXP2)
     g = tl.where(cols[None, :] == rows[:, None], g - onehot, g)
-    tl.store(g_ptr + local[:, None] * stride_g + cols[None, :], g, mask=row_ok[:, None] & col_ok[None, :])
+    rx = tl.load(rx_ptr + rows, mask=row_ok, other=0.0)
+    ry = tl.load(ry_ptr + cols, mask=col_ok, other=0.0)
+    return tl.where(row_ok[:, None] & col_ok[None, :], g * rx[:, None] * ry[None, :], 0.0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Gradient in the forward pass: S of a row block from cuBLAS, one fused row pass turns it into G~ in place.
+# ------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def row_pass_kernel(s_ptr, g_ptr, rx_ptr, ry_ptr, lse_ptr, max_ptr, sum_ptr, pos_ptr, row_start, row_count, n_cols,
+                    stride_s, stride_g, owner_ptr, scale, boost, weight, onehot, PEN_MODE: tl.constexpr,
+                    MASK_MODE: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    EXP2: tl.constexpr):
+    """BM rows of ``S`` (raw dot products, fp32/fp64, row stride ``stride_s``) per program.
+
+    ``MODE`` 0 (one direction): row max / sum / positive, then ``G~`` written over the same rows; 1: statistics only
+    (several directions share a joint LSE the launcher combines); 2: ``G~`` only, from ``lse_ptr``.
+    ``g_ptr`` may alias ``s_ptr`` (``G~`` in 16-bit occupies the first half of each fp32 row): a program reads a
+    column tile before writing it, and writes only at or before the columns it has read.
+    """
+    local = tl.program_id(0) * BM + tl.arange(0, BM)
+    row_ok = local < row_count
+    rows = row_start + local
+    s_rows = s_ptr + local[:, None].to(tl.int64) * stride_s
+    if MODE != 2:
+        m = tl.full((BM,), float("-inf"), dtype=s_ptr.dtype.element_ty)
+        s = tl.zeros((BM,), dtype=s_ptr.dtype.element_ty)
+        p = tl.zeros((BM,), dtype=s_ptr.dtype.element_ty)
+        for c0 in range(0, n_cols, BN):
+            cols = c0 + tl.arange(0, BN)
+            col_ok = cols < n_cols
+            dots = tl.load(s_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            lg = _scale_and_mask(dots, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, owner_ptr, scale, boost, PEN_MODE,
+                                 MASK_MODE)
+            m_new = tl.maximum(m, tl.max(lg, axis=1))
+            safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * _exp(m - safe, EXP2) + tl.sum(_exp(lg - safe[:, None], EXP2), axis=1)
+            m = m_new
+            p += tl.sum(tl.where((cols[None, :] == rows[:, None]) & (lg > float("-inf")), lg, 0.0), axis=1)
+        if EXP2:
+            m = m * _LN2
+            p = p * _LN2
+        tl.store(max_ptr + local, m, mask=row_ok)
+        tl.store(sum_ptr + local, s, mask=row_ok)
+        tl.store(pos_ptr + local, p, mask=row_ok)
+        lse = m + tl.log(s)
+    if MODE != 1:
+        if MODE == 2:
+            lse = tl.load(lse_ptr + local, mask=row_ok, other=0.0)
+        g_rows = g_ptr + local[:, None].to(tl.int64) * stride_g
+        for c0 in range(0, n_cols, BN):
+            cols = c0 + tl.arange(0, BN)
+            col_ok = cols < n_cols
+            dots = tl.load(s_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            lg = _scale_and_mask(dots, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, owner_ptr, scale, boost, PEN_MODE,
+                                 MASK_MODE)
+            g = _grad_from_logits(lg, lse, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, weight, onehot, EXP2)
+            tl.store(g_rows + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # Flash-style strategy (small D): no workspace; the gradient products are accumulated on chip from recomputed tiles.
 # ------------------------------------------------------------------------------------------------------------------
-@triton.jit
-def _grad_tile(x_ptr, y_ptr, lse_ptr, local, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y, owner_ptr, scale,
-               boost, weight, onehot, PEN_MODE: tl.constexpr, MASK_MODE: tl.constexpr, BK: tl.constexpr,
-               ACC: tl.constexpr, PREC: tl.constexpr):
-    """``G = weight * exp(L - lse) - onehot * [c == g]`` for one (BM, BN) tile; zero outside the block."""
-    lg = _logit_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y, owner_ptr, scale, boost,
-                     PEN_MODE, MASK_MODE, BK, ACC, PREC)
-    lse = tl.load(lse_ptr + local, mask=row_ok, other=0.0)
-    g = weight * tl.exp(lg - lse[:, None])
-    g = tl.where(cols[None, :] == rows[:, None], g - onehot, g)
-    return tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
-
-
 @triton.jit
 def _mm(a, b, ACC: tl.constexpr, PREC: tl.constexpr):
     """``a @ b`` with fp32/fp64 accumulation; G (``a``) is cast to ``b``'s type for the tensor cores."""
@@ -130,31 +234,37 @@ def _mm(a, b, ACC: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def flash_dx_kernel(x_ptr, y_ptr, lse_ptr, dx_ptr, row_start, row_count, n_cols, n_dim, stride_x, stride_y,
-                    stride_dx, owner_ptr, scale, boost, weight, onehot, PEN_MODE: tl.constexpr, MASK_MODE: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """Row-parallel: ``dX[rows] = G Y`` over every column tile, the (BM, BK >= D) accumulator in registers."""
+def flash_dx_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, lse_ptr, dx_ptr, row_start, row_count, n_cols, n_dim, stride_x,
+                    stride_y, stride_dx, owner_ptr, scale, boost, weight, onehot, PEN_MODE: tl.constexpr,
+                    MASK_MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
+                    PREC: tl.constexpr, EXP2: tl.constexpr):
+    """Row-parallel: ``dX[rows] = G~ Y`` over every column tile, the (BM, BK >= D) accumulator in registers."""
     local = tl.program_id(0) * BM + tl.arange(0, BM)
     row_ok = local < row_count
     rows = row_start + local
     ks = tl.arange(0, BK)
     k_ok = ks < n_dim
     acc = tl.zeros((BM, BK), dtype=ACC)
+    lse = tl.load(lse_ptr + local, mask=row_ok, other=0.0)
     for c0 in range(0, n_cols, BN):
         cols = c0 + tl.arange(0, BN)
         col_ok = cols < n_cols
-        g = _grad_tile(x_ptr, y_ptr, lse_ptr, local, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y, owner_ptr,
-                       scale, boost, weight, onehot, PEN_MODE, MASK_MODE, BK, ACC, PREC)
-        yt = tl.load(y_ptr + cols[:, None] * stride_y + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        lg = _logit_tile(x_ptr, y_ptr, rx_ptr, ry_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y,
+                         owner_ptr, scale, boost, PEN_MODE, MASK_MODE, BK, ACC, PREC)
+        g = _grad_from_logits(lg, lse, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, weight, onehot, EXP2)
+        yt = tl.load(y_ptr + cols[:, None].to(tl.int64) * stride_y + ks[None, :],
+                     mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc += _mm(g, yt, ACC, PREC)
-    tl.store(dx_ptr + local[:, None] * stride_dx + ks[None, :], acc, mask=row_ok[:, None] & k_ok[None, :])
+    tl.store(dx_ptr + local[:, None].to(tl.int64) * stride_dx + ks[None, :], acc,
+             mask=row_ok[:, None] & k_ok[None, :])
 
 
 @triton.jit
-def flash_dy_kernel(x_ptr, y_ptr, lse_ptr, dy_ptr, row_start, row_count, n_cols, n_dim, stride_x, stride_y,
-                    stride_dy, owner_ptr, scale, boost, weight, onehot, PEN_MODE: tl.constexpr, MASK_MODE: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """Column-parallel: ``dY[cols] = G^T X[rows]`` over every row tile; each program owns its columns, so the loop
+def flash_dy_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, lse_ptr, dy_ptr, row_start, row_count, n_cols, n_dim, stride_x,
+                    stride_y, stride_dy, owner_ptr, scale, boost, weight, onehot, PEN_MODE: tl.constexpr,
+                    MASK_MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
+                    PREC: tl.constexpr, EXP2: tl.constexpr):
+    """Column-parallel: ``dY[cols] = G~^T X[rows]`` over every row tile; each program owns its columns, so the loop
     order swap needs no atomics."""
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     col_ok = cols < n_cols
@@ -165,8 +275,12 @@ def flash_dy_kernel(x_ptr, y_ptr, lse_ptr, dy_ptr, row_start, row_count, n_cols,
         local = r0 + tl.arange(0, BM)
         row_ok = local < row_count
         rows = row_start + local
-        g = _grad_tile(x_ptr, y_ptr, lse_ptr, local, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y, owner_ptr,
-                       scale, boost, weight, onehot, PEN_MODE, MASK_MODE, BK, ACC, PREC)
-        xt = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        lse = tl.load(lse_ptr + local, mask=row_ok, other=0.0)
+        lg = _logit_tile(x_ptr, y_ptr, rx_ptr, ry_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y,
+                         owner_ptr, scale, boost, PEN_MODE, MASK_MODE, BK, ACC, PREC)
+        g = _grad_from_logits(lg, lse, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, weight, onehot, EXP2)
+        xt = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + ks[None, :],
+                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         acc += _mm(tl.trans(g), xt, ACC, PREC)
-    tl.store(dy_ptr + cols[:, None] * stride_dy + ks[None, :], acc, mask=col_ok[:, None] & k_ok[None, :])
+    tl.store(dy_ptr + cols[:, None].to(tl.int64) * stride_dy + ks[None, :], acc,
+             mask=col_ok[:, None] & k_ok[None, :])

@@ -1,0 +1,205 @@
+"""Row-block gradient products on the GPU, shared by the ``torch`` and ``triton`` backends (DESIGN.md, "Precision").
+
+The inputs are never copied whole: cosine normalization is two vectors of inverse norms ``rx``, ``ry`` (applied to
+the logits, and folded into ``G~ = G * rx_i * ry_c``); ``G~`` is stored in the input dtype, so every product runs
+on tensor cores (16-bit, or tf32 where ``torch.backends.cuda.matmul.allow_tf32`` allows it for fp32 inputs;
+float64 stays float64) with fp32 accumulation. With raw inputs ``X``, ``Y``::
+
+    G~ Y   = dX^ / |x|      (row side)        G~^T X = dY^ / |y|      (column side)
+
+``dX^`` being d loss / d x-hat; the normalization backward then needs no other division:
+``dx = v - x^ <x^, v>`` with ``v = dX^ / |x|`` (``v`` itself for dot products).
+
+Accumulators: the column side of every block adds into a float32 ``(N, D)`` buffer (``addmm`` with an fp32 output);
+with query_to_doc alone, a row block's ``dQ`` is complete after its one product and is written straight into the
+16-bit gradient; other directions also add into the query side, which then gets a float32 ``(Bq, D)`` buffer.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from . import EPS, QUERY_TO_DOC
+
+HALF = (torch.float16, torch.bfloat16)
+FORCE_ON_CPU = False  # tests switch the blocked path on for CPU tensors (its products then run in fp32 / fp64)
+GIB = 2**30
+MAX_BLOCK_BYTES = 3 * GIB // 4  # one row block's logits on a GPU: the 1 GiB beyond gradients and dA, less temporaries
+MIN_GEMM_ROWS = 1024  # rows per block below which the dA += G^T X product turns memory-bound (see below)
+FINISH_ELEMS = 1 << 24  # rows at a time when the accumulators are turned into gradients (64 MiB of fp32)
+
+
+def use_blocked(x: Tensor) -> bool:
+    """The blocked path runs on CUDA tensors (and on CPU when tests ask for it)."""
+    return x.device.type == "cuda" or FORCE_ON_CPU
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _has_out_dtype(x: Tensor) -> bool:
+    # aten::mm.dtype / addmm.dtype (torch >= 2.9) run on CUDA only; elsewhere the products upcast their operands,
+    # which is the same arithmetic (16-bit operands, fp32 sums).
+    return x.is_cuda and hasattr(torch.ops.aten.mm, "dtype_out") and hasattr(torch.ops.aten.addmm, "dtype_out")
+
+
+def mm_acc(x: Tensor, y: Tensor, out: Tensor | None = None) -> Tensor:
+    """``x @ y`` in the accumulator precision: 16-bit operands give an fp32 result from the tensor cores."""
+    acc = acc_dtype(x.dtype)
+    if x.dtype == acc:
+        return torch.mm(x, y, out=out)
+    if _has_out_dtype(x):
+        return torch.mm(x, y, out_dtype=acc, out=out) if out is not None else torch.mm(x, y, out_dtype=acc)
+    return torch.mm(x.to(acc), y.to(acc), out=out)
+
+
+_INPLACE_OK: dict = {}
+
+
+def _inplace_addmm_ok(device: torch.device) -> bool:
+    """``torch.addmm(acc, a, b, out_dtype=fp32, out=acc)`` checked once per device on a small product (an aliasing
+    output is what ``addmm_`` does, but the out_dtype overload is newer: verify before relying on it)."""
+    key = str(device)
+    if key not in _INPLACE_OK:
+        try:
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            a = torch.randn(96, 80, generator=gen).to(device, torch.bfloat16)
+            b = torch.randn(80, 72, generator=gen).to(device, torch.bfloat16)
+            acc = torch.randn(96, 72, generator=gen).to(device)
+            want = acc + 0.5 * (a.float() @ b.float())
+            torch.addmm(acc, a, b, out_dtype=torch.float32, alpha=0.5, out=acc)
+            _INPLACE_OK[key] = bool(torch.allclose(acc, want, rtol=1e-3, atol=1e-3))
+        except (RuntimeError, TypeError, NotImplementedError):
+            _INPLACE_OK[key] = False
+    return _INPLACE_OK[key]
+
+
+def addmm_acc_(acc: Tensor, x: Tensor, y: Tensor, alpha: float) -> None:
+    """``acc += alpha * x @ y`` with ``acc`` float32 (float64) and ``x``, ``y`` in the input dtype."""
+    if x.dtype == acc.dtype:
+        acc.addmm_(x, y, alpha=alpha)
+    elif _has_out_dtype(x) and _inplace_addmm_ok(x.device):
+        torch.addmm(acc, x, y, out_dtype=acc.dtype, alpha=alpha, out=acc)
+    elif x.is_cuda:  # no fp32-output product: a 16-bit block product, then an fp32 add
+        acc.add_(torch.mm(x, y), alpha=alpha)
+    else:
+        acc.addmm_(x.to(acc.dtype), y.to(acc.dtype), alpha=alpha)
+
+
+def _row_chunks(x: Tensor):
+    step = max(1, FINISH_ELEMS // max(x.shape[1], 1))
+    for r0 in range(0, x.shape[0], step):
+        yield r0, min(r0 + step, x.shape[0])
+
+
+def inv_norms(x: Tensor, cosine: bool) -> Tensor:
+    """``1 / max(||x_i||, EPS)`` per row in the accumulator dtype (ones for dot products), a few rows at a time
+    so that no full-size upcast copy of ``x`` exists."""
+    acc = acc_dtype(x.dtype)
+    if not cosine:
+        return torch.ones(x.shape[0], dtype=acc, device=x.device)
+    out = torch.empty(x.shape[0], dtype=acc, device=x.device)
+    for r0, r1 in _row_chunks(x):
+        torch.linalg.vector_norm(x[r0:r1], dim=1, dtype=acc, out=out[r0:r1])
+    return out.clamp_min_(EPS).reciprocal_()
+
+
+def finish_grad(x: Tensor, rx: Tensor, v: Tensor, cosine: bool, out: Tensor) -> Tensor:
+    """``out = v - x^ <x^, v>`` (``x^ = x * rx``; ``v`` itself for dot products or rows clamped at EPS), in
+    ``out``'s dtype, a few rows at a time."""
+    for r0, r1 in _row_chunks(x):
+        vr = v[r0:r1]
+        if cosine:
+            xh = x[r0:r1].to(v.dtype) * rx[r0:r1, None]
+            clamped = rx[r0:r1, None] >= (1 - 1e-6) / EPS  # norm <= EPS (rx rounded in fp32)
+            radial = (xh * vr).sum(1, keepdim=True).masked_fill_(clamped, 0.0)
+            vr = vr - xh * radial
+        out[r0:r1] = vr
+    return out
+
+
+class BlockGrads:
+    """Gradient products of the row blocks of one call, in "v" units (``dX^ / |x|``), and the final gradients.
+
+    ``add(name, r0, r1, g)``: ``g`` (rows ``r0 .. r1 - 1`` global, all columns of direction ``name``) holds
+    ``G~ = (softmax - onehot) * rx * ry`` (per-direction weights included, ``scale / row_count`` not: it is the
+    products' ``alpha``, which keeps 16-bit ``G~`` entries near 1 instead of underflowing fp16).
+    """
+
+    def __init__(self, q: Tensor, a: Tensor, rq: Tensor, ra: Tensor, directions: int, cosine: bool, alpha: float):
+        self.q, self.a, self.rq, self.ra, self.cosine, self.alpha = q, a, rq, ra, cosine, alpha
+        acc = acc_dtype(q.dtype)
+        self.direct_q = directions == QUERY_TO_DOC
+        self.dq = torch.zeros_like(q)
+        self.vq = None if self.direct_q else torch.zeros(q.shape, dtype=acc, device=q.device)
+        self.va = torch.zeros(a.shape, dtype=acc, device=a.device)
+
+    def _sides(self, name: str):
+        """(row inputs, their v accumulator, column inputs, their v accumulator) of a direction block."""
+        q_side, a_side = (self.q, self.vq), (self.a, self.va)
+        return {"qd": (q_side, a_side), "qq": (q_side, q_side), "dq": (a_side, q_side), "dd": (a_side, a_side)}[name]
+
+    def add(self, name: str, r0: int, r1: int, g: Tensor) -> None:
+        (x, vx), (y, vy) = self._sides(name)
+        if name == "qd" and self.direct_q:  # dQ of these rows is complete after this one product
+            u = mm_acc(g, y)
+            u.mul_(self.alpha)
+            finish_grad(x[r0:r1], self.rq[r0:r1], u, self.cosine, self.dq[r0:r1])
+        else:
+            addmm_acc_(vx[r0:r1], g, y, self.alpha)
+        addmm_acc_(vy, g.T, x[r0:r1], self.alpha)
+
+    def add_products(self, name: str, r0: int, r1: int, gy: Tensor, gtx: Tensor) -> None:
+        """The same as :meth:`add` with the two products already formed (the flash kernels): ``gy = G~ Y`` for
+        rows ``r0 .. r1 - 1`` and ``gtx = G~^T X`` for every column, both without ``alpha``."""
+        (x, vx), (_, vy) = self._sides(name)
+        if name == "qd" and self.direct_q:
+            finish_grad(x[r0:r1], self.rq[r0:r1], gy.mul_(self.alpha), self.cosine, self.dq[r0:r1])
+        else:
+            vx[r0:r1].add_(gy, alpha=self.alpha)
+        vy.add_(gtx, alpha=self.alpha)
+
+    def finish(self) -> tuple[Tensor, Tensor]:
+        if self.vq is not None:
+            finish_grad(self.q, self.rq, self.vq, self.cosine, self.dq)
+            self.vq = None
+        da = finish_grad(self.a, self.ra, self.va, self.cosine, torch.empty_like(self.a))
+        self.va = None
+        return self.dq, da
+
+
+def block_budget(device: torch.device) -> float:
+    """Bytes for one row block's logits: ``EMBEDLOSS_BLOCK_MIB`` when set; on a GPU otherwise a quarter of the free
+    memory (the caching allocator's idle blocks counted as free), at most :data:`MAX_BLOCK_BYTES`."""
+    from .torch_ops import block_budget_bytes
+
+    if os.environ.get("EMBEDLOSS_BLOCK_MIB", "").strip() or device.type != "cuda":
+        return block_budget_bytes()
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return float(min(MAX_BLOCK_BYTES, free // 4))
+
+
+def block_rows(row_count: int, width: int, bytes_per_logit: float, device: torch.device) -> int:
+    """Anchor rows per block, given the columns of a block row and the bytes each of its logits occupies.
+
+    On a GPU, blocks are sized for the products, not only for the budget. A block of ``n`` rows moves the float32
+    ``(N, D)`` accumulator through HBM once for ``2 n N D`` flops of ``dA += G^T X`` (``n / 4`` flops per byte):
+    under ~1000 rows that product is memory-bound on an H100 (~295 bf16 flops per HBM byte), so blocks get at least
+    :data:`MIN_GEMM_ROWS` rows when the budget allows, and more when their logits still fit in L2 (then the row
+    pass reads S from L2). Row counts are rounded to a multiple of 128 (whole GEMM tiles).
+    """
+    budget_rows = max(1, int(block_budget(device) // (bytes_per_logit * max(width, 1))))
+    if device.type == "cuda" and not os.environ.get("EMBEDLOSS_BLOCK_MIB", "").strip():
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
+        l2_rows = int(0.8 * l2 // (bytes_per_logit * max(width, 1)))
+        rows = min(budget_rows, max(l2_rows, MIN_GEMM_ROWS))
+        if rows > 128:
+            rows -= rows % 128
+    else:
+        rows = budget_rows
+    return max(1, min(rows, row_count))
