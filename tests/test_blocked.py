@@ -133,3 +133,17 @@ def test_block_rows_from_budget_and_gpu_rules(monkeypatch):
     assert _blocked.block_rows(262144, 262144, 4.0, cuda) == 768  # 0.75 GiB / 1 MiB per row
     assert _blocked.block_rows(4096, 1024, 4.0, cuda) == 4096  # all rows fit in L2
     assert _blocked.block_rows(300, 64, 4.0, cuda) == 300
+
+
+@pytest.mark.parametrize("similarity", [0, 1, 2], ids=["cosine", "dot", "angle"])
+def test_blocked_cosent_in_row_slices(blocked, monkeypatch, similarity):
+    """The GPU path of CoSENT / AnglE takes the similarity and its backward a few rows at a time: same result."""
+    monkeypatch.setattr(_blocked, "FINISH_ELEMS", 20)  # 4 rows of D = 5 per slice, a ragged last one
+    gen = torch.Generator().manual_seed(similarity)
+    x, y = (torch.randn(23, 5, generator=gen, dtype=torch.float64).to(DEVICE) for _ in range(2))
+    labels = (torch.randint(0, 4, (23,), generator=gen).double() / 3).to(DEVICE)
+    got = torch_ops.cosent_forward(x, y, labels, 20.0, similarity, True)
+    monkeypatch.setattr(_blocked, "FORCE_ON_CPU", False)
+    want = torch_ops.cosent_forward(x, y, labels, 20.0, similarity, True)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)

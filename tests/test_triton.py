@@ -196,6 +196,10 @@ def test_strategy_heuristics_and_bad_env(monkeypatch):
     assert triton_ops.infonce_strategy(65, torch.bfloat16) == "fused"
     assert triton_ops.infonce_strategy(33, torch.float64) == "fused"
     assert triton_ops.cosent_strategy(2048) == "tiled" and triton_ops.cosent_strategy(2049) == "sorted"
+    assert triton_ops.fused_streams(torch.device("cpu")) == 1
+    monkeypatch.setenv("EMBEDLOSS_TRITON_STREAMS", "3")
+    with pytest.raises(ValueError, match="EMBEDLOSS_TRITON_STREAMS.*'3'"):
+        triton_ops.fused_streams(torch.device("cpu"))
     monkeypatch.setenv("EMBEDLOSS_TRITON_STRATEGY", "fast")
     with pytest.raises(ValueError, match="EMBEDLOSS_TRITON_STRATEGY.*'fast'"):
         triton_ops.infonce_strategy(64, torch.float32)

@@ -335,6 +335,36 @@ def _swap_halves(x: Tensor, sign_first: float) -> Tensor:
     return torch.cat([sign_first * im, -sign_first * re], dim=1)
 
 
+def pair_similarity(x: Tensor, y: Tensor, similarity: int):
+    """Row-wise similarity of ``x``, ``y`` (work dtype) and a function mapping d loss / d sim back to (d x, d y).
+    Row-local: callers may apply it to any slice of rows."""
+    d = x.shape[1]
+    if similarity == SIM_ANGLE and d % 2:
+        x, y = torch.nn.functional.pad(x, (0, 1)), torch.nn.functional.pad(y, (0, 1))
+    if similarity in (SIM_COSINE, SIM_ANGLE):
+        x, x_norm = normalize_rows(x)
+        y, y_norm = normalize_rows(y)
+    if similarity == SIM_ANGLE:
+        y_rot = y + _swap_halves(y, -1.0)
+        z = (x * y_rot).sum(1)  # cos + sin
+        sim = z.abs()
+    else:
+        sim = (x * y).sum(1)
+
+    def backward(dsim: Tensor) -> tuple[Tensor, Tensor]:
+        if similarity == SIM_ANGLE:
+            dz = (dsim * z.sign())[:, None]
+            dx, dy = dz * y_rot, dz * (x + _swap_halves(x, 1.0))
+        else:
+            dx, dy = dsim[:, None] * y, dsim[:, None] * x
+        if similarity in (SIM_COSINE, SIM_ANGLE):
+            dx = normalize_rows_backward(x, x_norm, dx)[:, :d]
+            dy = normalize_rows_backward(y, y_norm, dy)[:, :d]
+        return dx, dy
+
+    return sim, backward
+
+
 def cosent_forward(
     x: Tensor, y: Tensor, labels: Tensor, scale: float, similarity: int, compute_grad: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -345,24 +375,16 @@ def cosent_forward(
         loss = log Z
         d loss / d t_k = [exp(t_k) * sum_{i: y_i > y_k} exp(-t_i) - exp(-t_k) * sum_{j: y_j < y_k} exp(t_j)] / Z
 
-    Both sums are a suffix / prefix ``logcumsumexp`` read at the ends of ``k``'s tie group.
+    Both sums are a suffix / prefix ``logcumsumexp`` read at the ends of ``k``'s tie group. The similarity and its
+    backward are row-local: on the GPU path (``_blocked``) they run a few rows at a time (upcast, normalized and
+    mapped back per slice), so nothing but (B,) vectors and the gradients is as large as the inputs.
     """
-    out_dtype = x.dtype
     wd = work_dtype(x.dtype)
-    xf, yf = x.to(wd), y.to(wd)
-    d = xf.shape[1]
-    if similarity == SIM_ANGLE and d % 2:
-        xf = torch.nn.functional.pad(xf, (0, 1))
-        yf = torch.nn.functional.pad(yf, (0, 1))
-    if similarity in (SIM_COSINE, SIM_ANGLE):
-        xf, x_norm = normalize_rows(xf)
-        yf, y_norm = normalize_rows(yf)
-    if similarity == SIM_ANGLE:
-        z = (xf * (yf + _swap_halves(yf, -1.0))).sum(1)  # cos + sin
-        sim = z.abs()
-    else:
-        sim = (xf * yf).sum(1)
-    t = sim * scale
+    step = max(1, _blocked.FINISH_ELEMS // max(x.shape[1], 1)) if _blocked.use_blocked(x) else max(x.shape[0], 1)
+    chunks = [(r0, min(r0 + step, x.shape[0])) for r0 in range(0, x.shape[0], step)]
+    t = torch.empty(x.shape[0], dtype=wd, device=x.device)
+    for r0, r1 in chunks:
+        t[r0:r1] = pair_similarity(x[r0:r1].to(wd), y[r0:r1].to(wd), similarity)[0] * scale
 
     sorted_labels, order = labels.to(torch.float64).sort()
     ts = t[order]
@@ -380,17 +402,11 @@ def cosent_forward(
     as_higher = prefix[lower_end] - ts  # log sum_{j: y_j < y_k} exp(t_j - t_k)
     dts = (as_lower - loss).exp() - (as_higher - loss).exp()
     dsim = torch.empty_like(dts).scatter_(0, order, dts) * scale  # back to input order
-
-    if similarity == SIM_ANGLE:
-        dz = (dsim * z.sign())[:, None]
-        dx = dz * (yf + _swap_halves(yf, -1.0))
-        dy = dz * (xf + _swap_halves(xf, 1.0))
-    else:
-        dx, dy = dsim[:, None] * yf, dsim[:, None] * xf
-    if similarity in (SIM_COSINE, SIM_ANGLE):
-        dx = normalize_rows_backward(xf, x_norm, dx)[:, :d]
-        dy = normalize_rows_backward(yf, y_norm, dy)[:, :d]
-    return loss, dx.to(out_dtype), dy.to(out_dtype)
+    dx, dy = torch.empty_like(x), torch.empty_like(y)
+    for r0, r1 in chunks:
+        _, backward = pair_similarity(x[r0:r1].to(wd), y[r0:r1].to(wd), similarity)
+        dx[r0:r1], dy[r0:r1] = backward(dsim[r0:r1])
+    return loss, dx, dy
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ Without gradients only the LSE pass runs. Inputs are read raw; cosine normalizat
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext as _nullcontext
 
 import torch
 from torch import Tensor
@@ -33,16 +34,12 @@ from . import (
     HARDNESS_NONE,
     INFONCE_SCHEMA,
     QUERY_TO_QUERY,
-    SIM_ANGLE,
-    SIM_COSINE,
     _blocked,
 )
 from .torch_ops import (
-    _swap_halves,
     backward_scaled_grads,
     cosent_forward,
-    normalize_rows,
-    normalize_rows_backward,
+    pair_similarity,
     register_fakes,
     setup_saved_grads,
     work_dtype,
@@ -366,72 +363,77 @@ def _row_pass(block, view, lse, stats, mode, row0, n, scalars, dir_w, exp2, cfg,
                           **cfg)
 
 
+def fused_streams(device: torch.device) -> int:
+    """Streams of the fused strategy (``EMBEDLOSS_TRITON_STREAMS``, default 2 on CUDA): with 2, the S product and
+    row pass of block k+1 (memory-bound) run on a side stream while the gradient products of block k (compute-bound)
+    run on the current one, each block with its own half of the logits budget; 1 runs them one after another."""
+    raw = os.environ.get("EMBEDLOSS_TRITON_STREAMS", "").strip() or "2"
+    if raw not in ("1", "2"):
+        raise ValueError(f"EMBEDLOSS_TRITON_STREAMS must be 1 or 2, got {raw!r}")
+    return int(raw) if device.type == "cuda" else 1
+
+
 def _fused(blocks, grads, row_start, row_count, scalars, joint, exp2, block_rows) -> list:
     """Gradient in the forward pass: per row block, S of every direction once (cuBLAS, fp32 out), the row pass
     (MODE 0 alone; statistics, joint LSE, then G~ with several directions), G~ in place, then the products.
-    Returns each direction's (max, sum, positive) per row for the loss."""
+    Returns each direction's (max, sum, positive) per row for the loss.
+
+    With two streams (:func:`fused_streams`), blocks alternate between two buffers: the side stream fills buffer
+    ``k % 2`` once the products of block k - 2 have read it (event ``free``), the current stream runs block k's
+    products once its G~ is written (event ``ready``)."""
     q = blocks[0][1]
     dtype, wd = q.dtype, _blocked.acc_dtype(q.dtype)
     widths = [y.shape[0] for _, _, y, *_ in blocks]
-    per_logit = torch.finfo(wd).bits // 8  # G~ overwrites S
+    n_streams = fused_streams(q.device)
+    per_logit = n_streams * torch.finfo(wd).bits // 8  # G~ overwrites S; one buffer per stream
     per_block = block_rows if block_rows > 0 else _blocked.block_rows(row_count, sum(widths), per_logit, q.device)
     per_block = min(per_block, row_count)
-    buf = torch.empty(per_block * sum(widths), dtype=wd, device=q.device)
+    n_bufs = n_streams if per_block < row_count else 1
+    bufs = [torch.empty(per_block * sum(widths), dtype=wd, device=q.device) for _ in range(n_bufs)]
     stats = [tuple(torch.empty(row_count, dtype=wd, device=q.device) for _ in range(3)) for _ in blocks]
     lse = torch.empty(row_count, dtype=wd, device=q.device)
     cfg = row_pass_config(dtype)
     dir_w = 1.0 if joint else 1.0 / len(blocks)
-    for r0 in range(0, row_count, per_block):
+    main = side = None
+    if n_bufs > 1:
+        main, side = torch.cuda.current_stream(q.device), torch.cuda.Stream(q.device)
+        side.wait_stream(main)  # inputs, norms and accumulators were made on the current stream
+        ready = [torch.cuda.Event() for _ in range(n_bufs)]
+        free = [torch.cuda.Event() for _ in range(n_bufs)]
+    for k, r0 in enumerate(range(0, row_count, per_block)):
         n = min(per_block, row_count - r0)
         rows = slice(row_start + r0, row_start + r0 + n)
-        views, off = [], 0
-        for (_, x, y, *_), width in zip(blocks, widths):
-            sv = buf[off : off + n * width].view(n, width)
-            _blocked.mm_acc(x[rows], y.T, out=sv)
-            off += n * width
-            views.append((sv, sv.view(dtype)[:, :width] if dtype != wd else sv))
-        grid = (triton.cdiv(n, cfg["BM"]),)
-        common = (row_start + r0, n, scalars, dir_w, exp2, cfg, grid)
-        if len(blocks) == 1:
-            _row_pass(blocks[0], views[0], lse[r0:], [t[r0:] for t in stats[0]], 0, *common)
-        else:
-            for block, view, st in zip(blocks, views, stats):
-                _row_pass(block, view, lse[r0:], [t[r0:] for t in st], 1, *common)
-            lses, _ = _combine([tuple(t[r0 : r0 + n] for t in st) for st in stats], joint)
-            for block, view, st, lse_i in zip(blocks, views, stats, lses):
-                _row_pass(block, view, lse_i.contiguous(), [t[r0:] for t in st], 2, *common)
+        buf = bufs[k % n_bufs]
+        with torch.cuda.stream(side) if side is not None else _nullcontext():
+            if side is not None:
+                side.wait_event(free[k % n_bufs])  # the products of block k - 2 have read this buffer
+            views, off = [], 0
+            for (_, x, y, *_), width in zip(blocks, widths):
+                sv = buf[off : off + n * width].view(n, width)
+                _blocked.mm_acc(x[rows], y.T, out=sv)
+                off += n * width
+                views.append((sv, sv.view(dtype)[:, :width] if dtype != wd else sv))
+            grid = (triton.cdiv(n, cfg["BM"]),)
+            common = (row_start + r0, n, scalars, dir_w, exp2, cfg, grid)
+            if len(blocks) == 1:
+                _row_pass(blocks[0], views[0], lse[r0:], [t[r0:] for t in stats[0]], 0, *common)
+            else:
+                for block, view, st in zip(blocks, views, stats):
+                    _row_pass(block, view, lse[r0:], [t[r0:] for t in st], 1, *common)
+                lses, _ = _combine([tuple(t[r0 : r0 + n] for t in st) for st in stats], joint)
+                for block, view, st, lse_i in zip(blocks, views, stats, lses):
+                    _row_pass(block, view, lse_i.contiguous(), [t[r0:] for t in st], 2, *common)
+            if side is not None:
+                ready[k % n_bufs].record(side)
+        if side is not None:
+            main.wait_event(ready[k % n_bufs])
         for (name, *_), (_, gv) in zip(blocks, views):
             grads.add(name, rows.start, rows.stop, gv)
+        if side is not None:
+            free[k % n_bufs].record(main)
+    if side is not None:
+        main.wait_stream(side)  # the statistics of the last block
     return stats
-
-
-def _pair_similarity(x: Tensor, y: Tensor, similarity: int):
-    """(t-free) pairwise similarity, and a function mapping d loss / d sim back to (d x, d y)."""
-    d = x.shape[1]
-    if similarity == SIM_ANGLE and d % 2:
-        x, y = torch.nn.functional.pad(x, (0, 1)), torch.nn.functional.pad(y, (0, 1))
-    if similarity in (SIM_COSINE, SIM_ANGLE):
-        x, x_norm = normalize_rows(x)
-        y, y_norm = normalize_rows(y)
-    if similarity == SIM_ANGLE:
-        y_rot = y + _swap_halves(y, -1.0)
-        z = (x * y_rot).sum(1)  # cos + sin
-        sim = z.abs()
-    else:
-        sim = (x * y).sum(1)
-
-    def backward(dsim: Tensor) -> tuple[Tensor, Tensor]:
-        if similarity == SIM_ANGLE:
-            dz = (dsim * z.sign())[:, None]
-            dx, dy = dz * y_rot, dz * (x + _swap_halves(x, 1.0))
-        else:
-            dx, dy = dsim[:, None] * y, dsim[:, None] * x
-        if similarity in (SIM_COSINE, SIM_ANGLE):
-            dx = normalize_rows_backward(x, x_norm, dx)[:, :d]
-            dy = normalize_rows_backward(y, y_norm, dy)[:, :d]
-        return dx, dy
-
-    return sim, backward
 
 
 def pair_block(dtype: torch.dtype) -> int:
@@ -442,7 +444,7 @@ def pair_block(dtype: torch.dtype) -> int:
 def cosent_tiled(x: Tensor, y: Tensor, labels: Tensor, scale: float, similarity: int, compute_grad: bool):
     """CoSENT through the pairwise kernels: per-row LSE over lower-labelled pairs, then d loss / d t per row."""
     wd = work_dtype(x.dtype)
-    sim, backward = _pair_similarity(x.to(wd), y.to(wd), similarity)
+    sim, backward = pair_similarity(x.to(wd), y.to(wd), similarity)
     t = (sim * scale).contiguous()
     lab = labels.to(device=x.device, dtype=torch.float64).contiguous()
     n = t.shape[0]

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The GPU check of issue 11 in one device call (about 9 minutes): install the package from the carried wheels, run the
+# CUDA test suite, then time every provider (benchmarks/gpu_sweep.py). Every stage runs under `timeout`, so a hang
+# costs its own box and no more; results land in $OUT (or benchmarks/out/gpu): tests.log, sweep.csv, results.json,
+# sweep.png and this script's log.
+#
+# From a session with a device (the device tool's `run`; wheels fetched beforehand into the git-ignored .whl/):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       -d .whl inf-cl==1.2.1 sentence-transformers==6.2.0
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
+# Without a GPU, `bash benchmarks/gpu_check.sh --dry-run` runs every stage on tiny CPU shapes (code paths only).
+set -u
+OUT="${OUT:-$(cd "$(dirname "$0")/.." && pwd)/benchmarks/out/gpu}"
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+DRY=""
+[ "${1:-}" = "--dry-run" ] && DRY="--dry-run"
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+stamp() { echo "== $(date -u +%T) $*"; }
+
+stamp "environment"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>/dev/null || echo "no nvidia-smi"
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+    stamp "install carried wheels"
+    timeout 120 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+python3 - <<'PY'
+import torch, triton
+print("torch", torch.__version__, "| triton", triton.__version__, "| cuda", torch.cuda.is_available(),
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+for mod in ("sentence_transformers", "inf_cl", "embedloss_kernels"):
+    try:
+        m = __import__(mod)
+        print(mod, getattr(m, "__version__", "installed"), m.__file__)
+    except ImportError as exc:
+        print(mod, "MISSING:", exc)
+PY
+
+if [ -z "$DRY" ]; then
+    stamp "CUDA test suite (box 150 s; compile_check is CPU work and runs in CI)"
+    timeout 150 python3 -m pytest tests -q -x -p no:cacheprovider \
+        --deselect tests/test_compile_check.py::test_compile_check_compiles_every_kernel_and_variant_without_spills \
+        > "$OUT/tests.log" 2>&1
+    echo "pytest exit $? (124 = time box hit)"; tail -5 "$OUT/tests.log"
+fi
+
+rm -f "$OUT"/{sweep,precision,large,cosent}.jsonl
+stamp "precision (box 45 s)";  timeout 45 python3 benchmarks/gpu_sweep.py precision --out "$OUT" $DRY; echo "exit $?"
+stamp "sweep (box 240 s)";     timeout 240 python3 benchmarks/gpu_sweep.py sweep --out "$OUT" --budget 0.4 --max-reps 5 $DRY; echo "exit $?"
+stamp "B=N=262144 (box 90 s)"; timeout 90 python3 benchmarks/gpu_sweep.py large --out "$OUT" --budget 1 $DRY; echo "exit $?"
+stamp "CoSENT 1M (box 30 s)";  timeout 30 python3 benchmarks/gpu_sweep.py cosent --out "$OUT" --budget 0.5 $DRY; echo "exit $?"
+stamp "summary"
+timeout 90 python3 benchmarks/gpu_sweep.py summarize --out "$OUT"
+[ -s "$OUT/results.json" ] && rm -f "$OUT"/*.jsonl  # folded into results.json (files back from a device call are limited to 8)
+stamp "done"
