@@ -221,3 +221,21 @@ def test_fake_and_autograd_registration():
     labels = torch.rand(4, dtype=torch.float64, device=DEVICE)
     torch.library.opcheck(torch.ops.embedloss_triton.cosent.default, (q, a[:4], labels, 20.0, SIM_COSINE, True),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_infonce_half_within_2x_sentence_transformers(dtype, strategy):
+    """16-bit G~ (in place over S for the fused strategy, a 16-bit workspace otherwise): the error against float64 on
+    the same rounded inputs is at most twice sentence-transformers' own at that dtype. Triton's interpreter truncates
+    fp32 -> bf16 stores instead of rounding to nearest (as the GPU does), which alone doubles the rounding error of
+    G~; there the bf16 bound is 3x (the torch backend's blocked path, rounding with torch, is held to 2x in
+    test_blocked.py, and benchmarks/gpu_check.sh measures the GPU)."""
+    case = (24, 40, 1, 20.0, True, ("query_to_doc",), "joint", None, 0.0, 0, 24, 7)
+    low = columns_for(case, dtype, seed=9)
+    exact, exact_g = loss_and_grads(lambda c: st_loss(case, c), [c.double() for c in low])
+    st_low, st_g = loss_and_grads(lambda c: st_loss(case, c), low)
+    loss, grads = loss_and_grads(lambda c: ours(case, c), low)
+    assert rel_err(loss, exact) <= 2 * rel_err(st_low, exact) + 1e-6
+    bound = 3 if (dtype == torch.bfloat16 and DEVICE.type == "cpu") else 2
+    for g, g_st, ref in zip(grads, st_g, exact_g):
+        assert rel_err(g, ref) <= bound * rel_err(g_st, ref), (rel_err(g, ref), rel_err(g_st, ref))
