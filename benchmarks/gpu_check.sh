@@ -41,10 +41,10 @@ PY
 
 if [ -z "$DRY" ]; then
     stamp "CUDA test suite (box 120 s; compile_check is CPU work and runs in CI)"
-    timeout 120 python3 -m pytest tests -q --maxfail=10 -p no:cacheprovider \
+    timeout 120 python3 -m pytest tests/test_blocked.py tests/test_triton.py tests/test_equivalence.py tests -v --maxfail=10 -p no:cacheprovider \
         --deselect tests/test_compile_check.py::test_compile_check_compiles_every_kernel_and_variant_without_spills \
         > "$OUT/tests.log" 2>&1
-    echo "pytest exit $? (124 = time box hit)"; tail -5 "$OUT/tests.log"
+    echo "pytest exit $? (124 = time box hit; per-test lines in tests.log)"; grep -c PASSED "$OUT/tests.log"; grep -E "FAILED|ERROR" "$OUT/tests.log" | head -20; tail -3 "$OUT/tests.log"
 fi
 
 rm -f "$OUT"/{sweep,precision,large,cosent}.jsonl
