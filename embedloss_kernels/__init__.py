@@ -5,7 +5,13 @@ Drop-in sentence-transformers losses in :mod:`embedloss_kernels.losses`, a funct
 """
 
 from ._backends import BackendUnavailableError, available_backends, current_backend
-from .functional import angle_loss, cosent_loss, infonce_loss, multiple_negatives_ranking_loss
+from .functional import (
+    angle_loss,
+    cosent_loss,
+    infonce_loss,
+    matryoshka_mnrl_loss,
+    multiple_negatives_ranking_loss,
+)
 from .losses import (
     AnglELoss,
     CoSENTLoss,
@@ -17,7 +23,8 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    if name in ("CachedMultipleNegativesRankingLoss", "CachedMultipleNegativesSymmetricRankingLoss"):
+    if name in ("CachedMultipleNegativesRankingLoss", "CachedMultipleNegativesSymmetricRankingLoss", "MatryoshkaLoss",
+                "Matryoshka2dLoss"):
         from . import losses
 
         return getattr(losses, name)
@@ -30,6 +37,8 @@ __all__ = [
     "CachedMultipleNegativesRankingLoss",
     "CachedMultipleNegativesSymmetricRankingLoss",
     "CoSENTLoss",
+    "Matryoshka2dLoss",
+    "MatryoshkaLoss",
     "MultipleNegativesRankingLoss",
     "MultipleNegativesSymmetricRankingLoss",
     "angle_loss",
@@ -37,5 +46,6 @@ __all__ = [
     "cosent_loss",
     "current_backend",
     "infonce_loss",
+    "matryoshka_mnrl_loss",
     "multiple_negatives_ranking_loss",
 ]

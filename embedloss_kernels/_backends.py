@@ -111,3 +111,46 @@ def get_backend(device: torch.device | str, backend: str | None = None) -> Modul
     mod = _load(current_backend(device, backend))
     assert not isinstance(mod, str)
     return mod
+
+
+# The Matryoshka op lives in its own module per backend (``ops/<name>_matryoshka.py``).
+_MATRYOSHKA_MODULES = {name: f"embedloss_kernels.ops.{name}_matryoshka" for name in BACKEND_NAMES}
+_matryoshka_loaded: dict[str, ModuleType | str] = {}
+
+
+def _load_matryoshka(name: str) -> ModuleType | str:
+    if name not in _matryoshka_loaded:
+        try:
+            _matryoshka_loaded[name] = importlib.import_module(_MATRYOSHKA_MODULES[name])
+        except Exception as exc:  # noqa: BLE001 - any import failure makes the op unavailable on that backend
+            _matryoshka_loaded[name] = f"{type(exc).__name__}: {exc}"
+    return _matryoshka_loaded[name]
+
+
+def matryoshka_why_not(name: str, device: torch.device | str) -> str | None:
+    """Why backend ``name`` cannot run the Matryoshka op on ``device`` (``None`` when it can)."""
+    reason = why_not(name, device)
+    if reason is not None:
+        return reason
+    mod = _load_matryoshka(name)
+    if isinstance(mod, str):
+        return f"the {name} backend's Matryoshka op failed to import ({mod})"
+    return mod.why_not(torch.device(device))
+
+
+def get_matryoshka_op(device: torch.device | str, backend: str | None = None):
+    """The Matryoshka op of the backend that runs on ``device`` (:func:`current_backend`); when the automatic
+    choice lacks the op it falls back along the automatic order, a forced backend that lacks it raises
+    :class:`BackendUnavailableError`."""
+    device = torch.device(device)
+    choice = backend.strip().lower() if backend is not None else requested_backend()
+    name = current_backend(device, backend)
+    reason = matryoshka_why_not(name, device)
+    if reason is None:
+        return _load_matryoshka(name).matryoshka
+    if choice != "auto":
+        raise BackendUnavailableError(f"backend {name!r} cannot run the Matryoshka op on {device}: {reason}")
+    for other in _AUTO_ORDER.get(device.type, ("torch",)) + ("torch",):
+        if matryoshka_why_not(other, device) is None:
+            return _load_matryoshka(other).matryoshka
+    raise BackendUnavailableError(f"no backend can run the Matryoshka op on {device}: {reason}")

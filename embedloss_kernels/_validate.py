@@ -117,3 +117,34 @@ def check_labels(labels, batch_size: int, owner: str) -> Tensor:
     if labels.is_complex():
         raise TypeError(f"labels must be real numbers, got {labels.dtype}")
     return labels
+
+
+def check_matryoshka_dims(dims, weights, embedding_dim: int | None = None) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Matryoshka prefix dims (positive ints, at most the embedding dim) and their weights (finite reals, one per dim;
+    ``None``: all 1). Returned in the caller's order."""
+    if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence):
+        raise TypeError(f"dims must be a sequence of ints, got {type(dims).__name__} ({dims!r})")
+    if len(dims) == 0:
+        raise ValueError("You must provide at least one dimension in dims (got an empty sequence).")
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, numbers.Integral):
+            raise TypeError(f"dims must hold ints, got {type(d).__name__} ({d!r}) in {list(dims)!r}")
+        if d <= 0:
+            raise ValueError(f"All dimensions passed to a matryoshka loss must be > 0, got {d} in {list(dims)!r}")
+        if embedding_dim is not None and d > embedding_dim:
+            raise ValueError(
+                f"Dimension {d} in dims cannot be greater than the embedding dimension {embedding_dim}; "
+                f"got dims={list(dims)!r}"
+            )
+    if weights is None:
+        weights = [1.0] * len(dims)
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+        raise TypeError(f"weights must be a sequence of numbers or None, got {type(weights).__name__}")
+    if len(weights) != len(dims):
+        raise ValueError(f"weights must be the same length as dims: got {len(weights)} weights for {len(dims)} dims")
+    for w in weights:
+        if isinstance(w, bool) or not isinstance(w, numbers.Real):
+            raise TypeError(f"weights must hold real numbers, got {type(w).__name__} ({w!r})")
+        if not math.isfinite(float(w)):
+            raise ValueError(f"weights must be finite, got {w!r}")
+    return tuple(int(d) for d in dims), tuple(float(w) for w in weights)

@@ -205,6 +205,7 @@ def infonce_across_devices(
     group=None,
     check: Callable[[], None] | None = None,
     schedule: str | None = "gather",
+    matryoshka: tuple[Sequence[int], Sequence[float]] | None = None,
     **options,
 ) -> Tensor:
     """MNRL of this rank's rows against all ranks' columns; a no-op (with a warning) when not distributed.
@@ -216,6 +217,8 @@ def infonce_across_devices(
     blocks round the ring, :mod:`embedloss_kernels.ring`; cosine and dot similarity, any other similarity runs
     the gather schedule), or ``None``: ``EMBEDLOSS_DISTRIBUTED_SCHEDULE`` (how the drop-in losses choose). A bad
     value raises ``ValueError`` (on every rank when ``check`` is given, as part of the agreed validation).
+    ``matryoshka``: ``(dims, weights)`` for the fused Matryoshka loss (gather schedule only: under ``"ring"`` it runs
+    the gather schedule, with a warning).
     """
     chosen: list[str] = []
 
@@ -235,10 +238,16 @@ def infonce_across_devices(
             "gather_across_devices=True but torch.distributed is not initialized: using the local batch only. "
             "This is expected on one device; set gather_across_devices=False to remove this warning.",
         )
+        if matryoshka is not None:
+            return functional.matryoshka_from_columns(queries, docs, *matryoshka, **options)
         return functional.infonce_from_columns(queries, docs, **options)
     kind = functional.resolve_similarity(options.get("similarity", "cosine"))
-    use_ring = chosen[0] == "ring" and kind is not None
-    if chosen[0] == "ring" and not use_ring:
+    use_ring = chosen[0] == "ring" and kind is not None and matryoshka is None
+    if chosen[0] == "ring" and matryoshka is not None:
+        functional.warn_once(
+            "ring-matryoshka", "the ring schedule does not cover the Matryoshka loss; it runs the gather schedule."
+        )
+    elif chosen[0] == "ring" and not use_ring:
         functional.warn_once(
             "ring-unfused-similarity",
             "the ring schedule covers cosine and dot similarity only; this similarity_fct runs the gather schedule.",
@@ -257,4 +266,7 @@ def infonce_across_devices(
         doc_columns = [a_all]
     else:
         doc_columns = list(a_all.view(-1, q_all.shape[0], q_all.shape[1]).unbind(0))
+    if matryoshka is not None:
+        return functional.matryoshka_from_columns(q_all, doc_columns, *matryoshka, row_start=row_start,
+                                                  row_count=row_count, **options)
     return functional.infonce_from_columns(q_all, doc_columns, row_start=row_start, row_count=row_count, **options)

@@ -12,7 +12,14 @@ import torch
 from torch import Tensor
 
 from . import _backends, reference
-from ._validate import check_directions, check_embeddings, check_hardness, check_labels, check_scale
+from ._validate import (
+    check_directions,
+    check_embeddings,
+    check_hardness,
+    check_labels,
+    check_matryoshka_dims,
+    check_scale,
+)
 from .ops import DIRECTION_BITS, HARDNESS_CODES, SIM_ANGLE, SIM_COSINE, SIM_DOT
 from .ops.autograd import loss_from_op, needs_grad
 from .ops.torch_ops import block_budget_bytes
@@ -166,6 +173,113 @@ def multiple_negatives_ranking_loss(
 
 
 infonce_loss = multiple_negatives_ranking_loss
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Matryoshka MNRL
+# ----------------------------------------------------------------------------------------------------------------
+def sorted_dims(dims: Sequence[int], weights: Sequence[float]) -> tuple[list[int], list[float]]:
+    """The dims increasing with their weights; a dim given twice counts once with the weights summed (the same
+    sum of losses)."""
+    merged: dict[int, float] = {}
+    for d, w in zip(dims, weights):
+        merged[int(d)] = merged.get(int(d), 0.0) + float(w)
+    order = sorted(merged)
+    return order, [merged[d] for d in order]
+
+
+def matryoshka_from_columns(
+    queries: Tensor,
+    docs: Sequence[Tensor],
+    dims: Sequence[int],
+    weights: Sequence[float],
+    *,
+    scale: float,
+    similarity: str | Callable,
+    directions: Sequence[str],
+    partition_mode: str,
+    hardness_mode: str | None,
+    hardness_strength: float,
+    row_start: int = 0,
+    row_count: int | None = None,
+    backend: str | None = None,
+    block_rows: int = 0,
+) -> Tensor:
+    """Matryoshka MNRL on already-validated columns and dims (as :func:`infonce_from_columns`)."""
+    row_count = queries.shape[0] - row_start if row_count is None else row_count
+    dims, weights = sorted_dims(dims, weights)
+    kind = resolve_similarity(similarity)
+    if kind is None:
+        warn_once(
+            f"unfused:{_similarity_name(similarity)}",
+            f"similarity_fct {_similarity_name(similarity)} is not fused (only cosine and dot product are); "
+            "running the plain materialized PyTorch computation once per Matryoshka dim.",
+        )
+        return reference.matryoshka_reference(
+            queries, docs, dims, weights, similarity, scale=scale, directions=directions,
+            partition_mode=partition_mode, hardness_mode=hardness_mode, hardness_strength=hardness_strength,
+            row_start=row_start, row_count=row_count,
+        )
+    if block_rows == 0:
+        block_budget_bytes()
+    bits = 0
+    for name in directions:
+        bits |= DIRECTION_BITS[name]
+    hardness = HARDNESS_CODES[hardness_mode] if hardness_strength > 0 else HARDNESS_CODES[None]
+    candidates = torch.cat([d.contiguous() for d in docs], dim=0) if len(docs) > 1 else docs[0].contiguous()
+    q = queries.contiguous()
+    op = _backends.get_matryoshka_op(q.device, backend)
+    loss, _, _ = op(
+        q, candidates, dims, weights, row_start, row_count, scale, bits, partition_mode == "joint", hardness,
+        hardness_strength, _needs_grad(q, candidates), block_rows,
+    )
+    return loss
+
+
+def matryoshka_mnrl_loss(
+    queries: Tensor,
+    positives: Tensor,
+    *negatives: Tensor,
+    dims: Sequence[int],
+    weights: Sequence[float] | None = None,
+    scale: float = 20.0,
+    similarity: str | Callable = "cosine",
+    directions: Sequence[str] = ("query_to_doc",),
+    partition_mode: str = "joint",
+    hardness_mode: str | None = None,
+    hardness_strength: float = 0.0,
+    backend: str | None = None,
+    block_rows: int = 0,
+) -> Tensor:
+    """Matryoshka MNRL: ``sum_k weights[k] * MNRL`` on the embeddings truncated to ``dims[k]`` coordinates and
+    L2-normalized (as sentence-transformers' ``MatryoshkaLoss`` around ``MultipleNegativesRankingLoss``), every dim
+    from one fused pass over the full embeddings.
+
+    Args:
+        queries, positives, *negatives: (B, D) full-dimension embeddings, as :func:`multiple_negatives_ranking_loss`.
+        dims: the prefix dims, any order, each in ``1..D``.
+        weights: one weight per dim (default: all 1).
+        scale, similarity, directions, partition_mode, hardness_mode, hardness_strength, backend, block_rows: as
+            :func:`multiple_negatives_ranking_loss`. Each prefix is L2-normalized, so ``"cosine"`` and ``"dot"``
+            give the same loss; another callable runs the plain PyTorch computation once per dim.
+
+    Returns:
+        The weighted sum of the per-dim mean losses, a 0-dim float32 tensor (float64 for float64 inputs).
+    """
+    columns = [queries, positives, *negatives]
+    names = ["queries", "positives"] + [f"negatives[{i}]" for i in range(len(negatives))]
+    check_embeddings(columns, names)
+    dims, weights = check_matryoshka_dims(dims, weights, queries.shape[1])
+    scale = check_scale(scale)
+    directions = check_directions(directions, partition_mode)
+    hardness_strength = check_hardness(hardness_mode, hardness_strength)
+    if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 0:
+        raise ValueError(f"block_rows must be a non-negative int (0 = automatic), got {block_rows!r}")
+    return matryoshka_from_columns(
+        queries, [positives, *negatives], dims, weights, scale=scale, similarity=similarity, directions=directions,
+        partition_mode=partition_mode, hardness_mode=hardness_mode, hardness_strength=hardness_strength,
+        backend=backend, block_rows=block_rows,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------

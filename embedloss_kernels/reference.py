@@ -131,3 +131,25 @@ def cosent_pairs_reference(
     if labels.dtype == torch.bool:
         labels = labels.int()
     return cosent_reference(scale * scores, labels)
+
+
+def shrink(x: Tensor, dim: int) -> Tensor:
+    """The first ``dim`` coordinates of each row, L2-normalized (sentence-transformers' Matryoshka truncation)."""
+    return F.normalize(x[..., :dim], p=2, dim=-1, eps=EPS)
+
+
+def matryoshka_reference(
+    queries: Tensor,
+    docs: Sequence[Tensor],
+    dims: Sequence[int],
+    weights: Sequence[float],
+    similarity_fct: SimilarityFn = cos_sim,
+    **infonce_options,
+) -> Tensor:
+    """``sum_k weights[k] * infonce_reference`` on every column truncated to ``dims[k]`` and L2-normalized."""
+    loss = 0.0
+    for dim, weight in zip(dims, weights):
+        loss = loss + weight * infonce_reference(
+            shrink(queries, dim), [shrink(d, dim) for d in docs], similarity_fct=similarity_fct, **infonce_options
+        )
+    return loss

@@ -4,12 +4,15 @@ from .cosent import AnglELoss, CoSENTLoss
 from .multiple_negatives_ranking import MultipleNegativesRankingLoss, MultipleNegativesSymmetricRankingLoss
 
 _CACHED = ("CachedMultipleNegativesRankingLoss", "CachedMultipleNegativesSymmetricRankingLoss")
+_MATRYOSHKA = ("MatryoshkaLoss", "Matryoshka2dLoss")
 
 __all__ = [
     "AnglELoss",
     "CachedMultipleNegativesRankingLoss",
     "CachedMultipleNegativesSymmetricRankingLoss",
     "CoSENTLoss",
+    "Matryoshka2dLoss",
+    "MatryoshkaLoss",
     "MultipleNegativesRankingLoss",
     "MultipleNegativesSymmetricRankingLoss",
 ]
@@ -21,4 +24,8 @@ def __getattr__(name: str):
         from . import cached_multiple_negatives_ranking
 
         return getattr(cached_multiple_negatives_ranking, name)
+    if name in _MATRYOSHKA:  # derive from sentence-transformers' classes: imported only when asked for
+        from . import matryoshka
+
+        return getattr(matryoshka, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -186,16 +186,20 @@ class CachedMultipleNegativesRankingLoss(CachedLossMixin, nn.Module):
         else:
             super().__setattr__(name, value)
 
+    def columns_from_reps(self, reps: list[list[Tensor]]) -> list[Tensor]:
+        """The cached mini-batch embeddings as whole columns, in the caller's row order."""
+        columns = [torch.cat(column) for column in reps]
+        if self._row_orders is not None:  # length-sorted mini-batches: back to the caller's row order
+            columns = [col if inv is None else col.index_select(0, inv.to(col.device))
+                       for col, inv in zip(columns, self._row_orders)]
+        return columns
+
     def calculate_loss(
         self, reps: list[list[Tensor]], labels: Tensor | None = None, *, with_backward: bool = False
     ) -> Tensor:
         """Step 2: the loss over the whole batch from the cached mini-batch embeddings, in one fused call; with
         ``with_backward`` the gradients land on ``reps`` (the cache) and the returned loss is detached."""
-        columns = [torch.cat(column) for column in reps]
-        if self._row_orders is not None:  # length-sorted mini-batches: back to the caller's row order
-            columns = [col if inv is None else col.index_select(0, inv.to(col.device))
-                       for col, inv in zip(columns, self._row_orders)]
-        loss = self.loss.compute_loss_from_embeddings(columns, labels)
+        loss = self.loss.compute_loss_from_embeddings(self.columns_from_reps(reps), labels)
         if with_backward:
             loss.backward()
             loss = loss.detach()

@@ -31,6 +31,20 @@ CoSENT / AnglE op, schema::
 * ``loss = log(1 + sum_{y_i > y_j} exp(t_j - t_i))`` with ``t = scale * sim(x, y)``; float32 (float64 for
   float64 inputs). Gradients as for infonce.
 
+Matryoshka MNRL op (``embedloss_torch_matryoshka::matryoshka``, ``embedloss_cpp::matryoshka``,
+``embedloss_triton_matryoshka::matryoshka``; maths in ``embedloss_kernels/ops/torch_matryoshka.py``), schema::
+
+    matryoshka(Tensor q, Tensor a, int[] dims, float[] weights, int row_start, int row_count, float scale,
+               int directions, bool joint, int hardness_mode, float hardness_strength, bool compute_grad,
+               int block_rows) -> (Tensor loss, Tensor grad_q, Tensor grad_a)
+
+* ``q``, ``a``, rows, ``directions``, ``joint``, hardness, ``compute_grad``, ``block_rows``: as ``infonce``, on the
+  full-dimension (unnormalized) embeddings.
+* ``dims``: the prefix dims, strictly increasing, ``1 <= d <= D``; ``weights``: one finite float per dim.
+* ``loss = sum_k weights[k] * infonce(normalize(q[:, :dims[k]]), normalize(a[:, :dims[k]]), cosine)``: every
+  prefix is L2-normalized (sentence-transformers' ``MatryoshkaLoss`` ``shrink``), so the similarity is always the
+  cosine of the prefixes. Loss and gradients (w.r.t. the raw ``q``, ``a``) as for infonce.
+
 Cosine similarity normalizes with ``x / max(||x||, EPS)`` (``EPS`` = 1e-12, as ``F.normalize``).
 """
 
@@ -69,4 +83,9 @@ INFONCE_SCHEMA = (
 )
 COSENT_SCHEMA = (
     "(Tensor x, Tensor y, Tensor labels, float scale, int similarity, bool compute_grad) -> (Tensor, Tensor, Tensor)"
+)
+MATRYOSHKA_SCHEMA = (
+    "(Tensor q, Tensor a, int[] dims, float[] weights, int row_start, int row_count, float scale, int directions, "
+    "bool joint, int hardness_mode, float hardness_strength, bool compute_grad, int block_rows) "
+    "-> (Tensor, Tensor, Tensor)"
 )
