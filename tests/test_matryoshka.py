@@ -276,9 +276,9 @@ def test_module_validation_and_config_match_sentence_transformers():
 def test_other_inner_loss_is_sentence_transformers_behaviour():
     model = PassThroughModel(12)
     gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(6, 12, generator=gen, dtype=torch.float64), torch.randn(6, 12, generator=gen,
-                                                                                dtype=torch.float64)
-    labels = torch.rand(6, generator=gen, dtype=torch.float64)
+    x, y, labels = (torch.randn(6, 12, generator=gen, dtype=torch.float64).to(DEVICE),
+                    torch.randn(6, 12, generator=gen, dtype=torch.float64).to(DEVICE),
+                    torch.rand(6, generator=gen, dtype=torch.float64).to(DEVICE))
     ours = ek.MatryoshkaLoss(model, st_losses.CoSENTLoss(model), [12, 6, 3], [1, 0.5, 2])
     theirs = st_losses.MatryoshkaLoss(model, st_losses.CoSENTLoss(model), [12, 6, 3], [1, 0.5, 2])
     assert not ours.fused
@@ -323,10 +323,10 @@ def test_opcheck(backend):
 
 def test_cached_variants_match_sentence_transformers(tmp_path):
     pytest.importorskip("transformers")
-    from tiny_model import make_tiny_sentence_transformer, sentences
+    from tiny_model import make_tiny_sentence_transformer, on_device, sentences
 
     model = make_tiny_sentence_transformer(tmp_path / "tiny").eval().double()
-    feats = [model.preprocess(sentences(9, 10 + c)) for c in range(3)]
+    feats = [on_device(model.preprocess(sentences(9, 10 + c))) for c in range(3)]
     for ours_cls, st_cls, n_dims_per_step in [
         (ek.CachedMultipleNegativesRankingLoss, st_losses.CachedMultipleNegativesRankingLoss, -1),
         (ek.CachedMultipleNegativesSymmetricRankingLoss, st_losses.CachedMultipleNegativesSymmetricRankingLoss, 2),
@@ -352,10 +352,10 @@ def test_cached_variants_match_sentence_transformers(tmp_path):
 
 def test_tiny_model_forward_and_matryoshka2d(tmp_path):
     pytest.importorskip("transformers")
-    from tiny_model import make_tiny_sentence_transformer, sentences
+    from tiny_model import make_tiny_sentence_transformer, on_device, sentences
 
     model = make_tiny_sentence_transformer(tmp_path / "tiny").eval().double()
-    feats = [model.preprocess(sentences(7, 20 + c)) for c in range(3)]
+    feats = [on_device(model.preprocess(sentences(7, 20 + c))) for c in range(3)]
     for wrapper in ("MatryoshkaLoss", "Matryoshka2dLoss"):
         results = []
         for ours in (False, True):
