@@ -3,6 +3,8 @@ plain PyTorch reference and the three bare matmuls the loss cannot avoid, over a
 
     python benchmarks/throughput.py                       # default CPU sweep, < 3 minutes on 2 cores
     python benchmarks/throughput.py --batch-sizes 8192 --losses mnrl --repeats 5
+    python benchmarks/throughput.py --losses matryoshka --matryoshka-batch-sizes 4096 --dim 768 \
+        --matryoshka-dims 768 512 256 128 64 --backends cpp   # fused Matryoshka vs looped and sentence-transformers
     python benchmarks/throughput.py --mode cached         # gradient cache with a real encoder (bench_cached.py)
     python benchmarks/throughput.py --mode cached --lengths mixed   # ... on (query, passage) pairs of mixed length
 
@@ -32,6 +34,9 @@ ROOT = HERE.parent
 
 MNRL_PROVIDERS = ("ours", "sentence-transformers", "reference", "floor")
 COSENT_PROVIDERS = ("ours", "sentence-transformers", "reference")
+# ours: the fused Matryoshka op; ours-looped: our MNRL once per dim on truncated, normalized columns; ours-mnrl: our
+# plain MNRL at full D (the fused loss's target is <= 1.3x it); floor: the three products at full D.
+MATRYOSHKA_PROVIDERS = ("ours", "ours-looped", "ours-mnrl", "sentence-transformers", "floor")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -104,6 +109,54 @@ def _mnrl_step(spec, torch):
     raise ValueError(f"unknown provider {provider!r}")
 
 
+def _matryoshka_step(spec, torch):
+    """A closure running one forward+backward of the Matryoshka loss (every dim, weight 1) for the provider."""
+    from torch import nn
+
+    from embedloss_kernels import functional
+
+    provider, backend, dims = spec["provider"], spec.get("backend"), spec["matryoshka_dims"]
+    directions = tuple(spec["directions"])
+    if provider == "ours":
+        return lambda cols: functional.matryoshka_mnrl_loss(
+            *cols, dims=dims, scale=20.0, directions=directions, backend=backend
+        ).backward()
+    if provider == "ours-looped":
+        def looped(cols):
+            loss = 0.0
+            for d in dims:
+                shrunk = [torch.nn.functional.normalize(c[:, :d], dim=-1) for c in cols]
+                loss = loss + functional.multiple_negatives_ranking_loss(*shrunk, scale=20.0, directions=directions,
+                                                                         backend=backend)
+            loss.backward()
+        return looped
+    if provider == "ours-mnrl":
+        return lambda cols: functional.multiple_negatives_ranking_loss(
+            *cols, scale=20.0, directions=directions, backend=backend
+        ).backward()
+    if provider == "sentence-transformers":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from sentence_transformers.sentence_transformer.losses import (
+                MatryoshkaLoss,
+                MultipleNegativesRankingLoss,
+            )
+
+        class Embeddings(nn.Module):  # stands in for the model: its "features" are the embeddings
+            def get_embedding_dimension(self):
+                return spec["dim"]
+
+            def forward(self, features):
+                return {"sentence_embedding": features["embedding"]}
+
+        model = Embeddings()
+        loss_fn = MatryoshkaLoss(model, MultipleNegativesRankingLoss(model, scale=20.0, directions=directions), dims)
+        return lambda cols: loss_fn([{"embedding": c} for c in cols], None).backward()
+    if provider == "floor":
+        return _mnrl_step(spec, torch)
+    raise ValueError(f"unknown provider {provider!r}")
+
+
 def _cosent_step(spec, torch):
     from embedloss_kernels import functional, reference
 
@@ -127,12 +180,12 @@ def run_worker(spec: dict) -> dict:
     device = torch.device(spec["device"])
     dtype = getattr(torch, spec["dtype"])
     batch, dim = spec["batch"], spec["dim"]
-    n_cols = 2 + spec.get("negatives", 0) if spec["loss"] == "mnrl" else 2
+    n_cols = 2 + spec.get("negatives", 0) if spec["loss"] in ("mnrl", "matryoshka") else 2
     cols = [torch.randn(batch, dim, device=device, dtype=dtype, requires_grad=spec["provider"] != "floor")
             for _ in range(n_cols)]
     labels = torch.rand(batch, device=device)
-    if spec["loss"] == "mnrl":
-        step = _mnrl_step(spec, torch)
+    if spec["loss"] in ("mnrl", "matryoshka"):
+        step = (_mnrl_step if spec["loss"] == "mnrl" else _matryoshka_step)(spec, torch)
         call = lambda: step(cols)  # noqa: E731
     else:
         step = _cosent_step(spec, torch)
@@ -219,22 +272,35 @@ def build_specs(args, device: str) -> list[dict]:
     specs = []
     common = dict(device=device, dtype=args.dtype, dim=args.dim, repeats=args.repeats)
     for loss in args.losses:
-        sizes = args.batch_sizes if loss == "mnrl" else args.cosent_batch_sizes
-        providers = MNRL_PROVIDERS if loss == "mnrl" else COSENT_PROVIDERS
+        sizes = {"mnrl": args.batch_sizes, "cosent": args.cosent_batch_sizes,
+                 "matryoshka": args.matryoshka_batch_sizes}[loss]
+        providers = {"mnrl": MNRL_PROVIDERS, "cosent": COSENT_PROVIDERS, "matryoshka": MATRYOSHKA_PROVIDERS}[loss]
         for batch in sizes:
             for provider in providers:
                 if provider == "sentence-transformers" and not have_st:
                     continue
                 if provider == "reference" and batch > args.reference_max_batch:
                     continue
-                extra = dict(negatives=args.negatives, directions=args.directions) if loss == "mnrl" else {}
-                for backend in (backends if provider == "ours" else [None]):
+                extra = dict(negatives=args.negatives, directions=args.directions) if loss != "cosent" else {}
+                if loss == "matryoshka":
+                    extra["matryoshka_dims"] = matryoshka_dims(args)
+                ours = provider == "ours" or provider.startswith("ours-")
+                for backend in (backends if ours else [None]):
                     specs.append(dict(common, loss=loss, batch=batch, provider=provider, backend=backend, **extra))
     return specs
 
 
+def matryoshka_dims(args) -> list[int]:
+    """``--matryoshka-dims``, or D halved four times (D included)."""
+    dims = args.matryoshka_dims or [max(1, args.dim >> i) for i in range(5)]
+    if max(dims) > args.dim:
+        raise SystemExit(f"--matryoshka-dims {dims} exceed --dim {args.dim}")
+    return sorted(set(dims), reverse=True)
+
+
 def label(row: dict) -> str:
-    return f"ours[{row['backend']}]" if row["provider"] == "ours" else row["provider"]
+    provider = row["provider"]
+    return f"{provider}[{row['backend']}]" if provider == "ours" or provider.startswith("ours-") else provider
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -326,11 +392,15 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=["losses", "cached"], default="losses")
-    parser.add_argument("--losses", nargs="+", choices=["mnrl", "cosent"], default=["mnrl", "cosent"])
+    parser.add_argument("--losses", nargs="+", choices=["mnrl", "cosent", "matryoshka"],
+                        default=["mnrl", "cosent", "matryoshka"])
     parser.add_argument("--backends", nargs="+", choices=["torch", "cpp", "triton"], default=None,
                         help="our backends to run (default: every available one)")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[512, 2048, 8192])
     parser.add_argument("--cosent-batch-sizes", nargs="+", type=int, default=[4096, 65536, 262144])
+    parser.add_argument("--matryoshka-batch-sizes", nargs="+", type=int, default=[2048])
+    parser.add_argument("--matryoshka-dims", nargs="+", type=int, default=None,
+                        help="Matryoshka prefix dims (default: --dim halved four times)")
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--negatives", type=int, default=1, help="hard-negative columns for MNRL")
     parser.add_argument("--directions", nargs="+", default=["query_to_doc"])
