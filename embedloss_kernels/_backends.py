@@ -114,14 +114,24 @@ def get_backend(device: torch.device | str, backend: str | None = None) -> Modul
 
 
 # The Matryoshka op lives in its own module per backend (``ops/<name>_matryoshka.py``).
-_MATRYOSHKA_MODULES = {name: f"embedloss_kernels.ops.{name}_matryoshka" for name in BACKEND_NAMES}
 _matryoshka_loaded: dict[str, ModuleType | str] = {}
+
+
+def _import_matryoshka(name: str) -> ModuleType:
+    # plain imports, as _import: torch.compile traces them
+    if name == "torch":
+        from .ops import torch_matryoshka as module
+    elif name == "cpp":
+        from .ops import cpp_matryoshka as module
+    else:
+        from .ops import triton_matryoshka as module
+    return module
 
 
 def _load_matryoshka(name: str) -> ModuleType | str:
     if name not in _matryoshka_loaded:
         try:
-            _matryoshka_loaded[name] = importlib.import_module(_MATRYOSHKA_MODULES[name])
+            _matryoshka_loaded[name] = _import_matryoshka(name)
         except Exception as exc:  # noqa: BLE001 - any import failure makes the op unavailable on that backend
             _matryoshka_loaded[name] = f"{type(exc).__name__}: {exc}"
     return _matryoshka_loaded[name]

@@ -229,11 +229,10 @@ def matryoshka_from_columns(
     candidates = torch.cat([d.contiguous() for d in docs], dim=0) if len(docs) > 1 else docs[0].contiguous()
     q = queries.contiguous()
     op = _backends.get_matryoshka_op(q.device, backend)
-    loss, _, _ = op(
-        q, candidates, dims, weights, row_start, row_count, scale, bits, partition_mode == "joint", hardness,
-        hardness_strength, _needs_grad(q, candidates), block_rows,
+    return loss_from_op(
+        op, q, candidates, dims, weights, row_start, row_count, scale, bits, partition_mode == "joint", hardness,
+        hardness_strength, needs_grad(q, candidates), block_rows,
     )
-    return loss
 
 
 def matryoshka_mnrl_loss(
