@@ -373,3 +373,20 @@ def test_tiny_model_forward_and_matryoshka2d(tmp_path):
         torch.testing.assert_close(loss, ref_loss, rtol=1e-8, atol=1e-10)
         for name in ref_grads:
             assert rel_err(grads[name], ref_grads[name]) <= 1e-8, (wrapper, name)
+
+
+def test_forward_mode_and_torch_func_grad():
+    cols = make_columns(random_config(6, small=True), torch.float64, 8)
+    d = cols[0].shape[1]
+
+    def fn(q, p):
+        return functional.matryoshka_mnrl_loss(q, p, dims=[d, 4], weights=[1.0, 0.5], backend="torch")
+
+    gq, gp = torch.func.grad(fn, argnums=(0, 1))(cols[0], cols[1])
+    q, p = (c.detach().clone().requires_grad_() for c in cols[:2])
+    reference.matryoshka_reference(q, [p], [d, 4], [1.0, 0.5]).backward()
+    torch.testing.assert_close(gq, q.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gp, p.grad, rtol=1e-9, atol=1e-12)
+    tangent = torch.randn_like(cols[0])
+    _, jvp = torch.func.jvp(lambda x: fn(x, cols[1]), (cols[0],), (tangent,))
+    torch.testing.assert_close(jvp, (q.grad * tangent).sum(), rtol=1e-9, atol=1e-12)
