@@ -6,6 +6,7 @@ float32: error against the float64 result at most 4x sentence-transformers' own 
 """
 
 import copy
+import os
 import random
 import warnings
 
@@ -390,3 +391,46 @@ def test_forward_mode_and_torch_func_grad():
     tangent = torch.randn_like(cols[0])
     _, jvp = torch.func.jvp(lambda x: fn(x, cols[1]), (cols[0],), (tangent,))
     torch.testing.assert_close(jvp, (q.grad * tangent).sum(), rtol=1e-9, atol=1e-12)
+
+
+def _gather_worker(rank, world, init_file, out_dir, schedule):
+    import torch.distributed as dist
+
+    os.environ["EMBEDLOSS_DISTRIBUTED_SCHEDULE"] = schedule
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        world_cols = [torch.randn(6 * world, 21, generator=gen, dtype=torch.float64) for _ in range(3)]
+        local = [c[rank * 6:(rank + 1) * 6].clone().requires_grad_() for c in world_cols]
+        model = PassThroughModel(21)
+        inner = ek.MultipleNegativesRankingLoss(model, scale=15.0, gather_across_devices=True,
+                                                hardness_mode="in_batch_negatives", hardness_strength=0.5)
+        loss = ek.MatryoshkaLoss(model, inner, [21, 9, 4], [1.0, 0.5, 2.0])([{"embedding": c} for c in local], None)
+        loss.backward()
+        torch.save({"loss": loss.detach(), "grads": [c.grad for c in local]}, os.path.join(out_dir, f"r{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("schedule", ["gather", "ring"])
+def test_gather_across_devices_two_ranks(tmp_path, schedule):
+    """Two gloo ranks (CPU on purpose): each rank's loss is the world-batch loss over its rows, and its gradients are
+    the world loss's (summed over ranks) on its rows; under the ring schedule the Matryoshka loss runs gather."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gather_worker, args=(2, str(tmp_path / "init"), str(tmp_path), schedule), nprocs=2, join=True)
+    gen = torch.Generator().manual_seed(0)
+    world_cols = [torch.randn(12, 21, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(3)]
+    opts = dict(scale=15.0, hardness_mode="in_batch_negatives", hardness_strength=0.5)
+    total = 0.0
+    for rank in range(2):
+        ref = reference.matryoshka_reference(world_cols[0], world_cols[1:], [21, 9, 4], [1.0, 0.5, 2.0],
+                                             row_start=6 * rank, row_count=6, **opts)
+        res = torch.load(tmp_path / f"r{rank}.pt")
+        torch.testing.assert_close(res["loss"], ref.detach(), rtol=1e-10, atol=1e-12)
+        total = total + ref
+    total.backward()
+    for rank in range(2):
+        res = torch.load(tmp_path / f"r{rank}.pt")
+        for g, col in zip(res["grads"], world_cols):
+            torch.testing.assert_close(g, col.grad[rank * 6:(rank + 1) * 6], rtol=1e-9, atol=1e-12)
