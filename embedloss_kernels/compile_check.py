@@ -60,11 +60,18 @@ def _configs():
 
 
 def _signature(fn, dt: str, constexprs: dict) -> dict:
+    import inspect
+
+    import triton.language as tl
+
     work = "fp64" if dt == "fp64" else "fp32"
+    annotations = {n: p.annotation for n, p in inspect.signature(fn.fn).parameters.items()}
     sig = {}
     for arg in fn.arg_names:
         if arg in constexprs:
             sig[arg] = "constexpr"
+        elif isinstance(annotations.get(arg), tl.dtype):
+            sig[arg] = str(annotations[arg])  # scale64, ...: tl.float64 (what Triton's launcher specializes them to)
         elif arg in ("x_ptr", "y_ptr", "g_ptr") and not fn.__name__.startswith("pair_"):
             sig[arg] = f"*{dt}"  # inputs and the G~ workspace are in the input dtype
         elif arg == "y_ptr":
@@ -74,7 +81,7 @@ def _signature(fn, dt: str, constexprs: dict) -> dict:
         elif arg.endswith("_ptr"):
             sig[arg] = f"*{work}"
         elif arg in ("scale", "boost", "weight", "onehot"):
-            sig[arg] = "fp32"
+            sig[arg] = "fp32"  # a Python float argument
         else:
             sig[arg] = "i32"
     return sig

@@ -1,6 +1,10 @@
 """The triton backend's kernels (through the interpreter on CPU) against the float64 oracle and
 sentence-transformers 6.2: every InfoNCE option under both gradient strategies, CoSENT/AnglE under both paths."""
 
+import json
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -239,3 +243,67 @@ def test_infonce_half_within_2x_sentence_transformers(dtype, strategy):
     bound = 3 if (dtype == torch.bfloat16 and DEVICE.type == "cpu") else 2
     for g, g_st, ref in zip(grads, st_g, exact_g):
         assert rel_err(g, ref) <= bound * rel_err(g_st, ref), (rel_err(g, ref), rel_err(g_st, ref))
+
+
+# -- float64 all the way: no float scalar of a float64 kernel is an fp32 once compiled -----------------------------
+_SCALAR_USE = r"""
+import json, os, re, sys, tempfile
+os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from embedloss_kernels import compile_check
+from embedloss_kernels.triton import cosent_kernels, infonce_kernels
+
+out, seen = {}, set()
+for name, dt, arch, cst in compile_check._configs():  # one tile config per kernel and dtype, the penalty on
+    if arch != 80 or dt not in ("fp32", "fp64") or (name, dt) in seen:
+        continue
+    seen.add((name, dt))
+    cst = dict(cst, PEN_MODE=3) if "PEN_MODE" in cst else dict(cst)
+    options = {"num_warps": cst.pop("num_warps", 4), "num_stages": cst.pop("num_stages", 3)}
+    fn = getattr(infonce_kernels, name, None) or getattr(cosent_kernels, name)
+    ttir = triton.compile(ASTSource(fn, compile_check._signature(fn, dt, cst), cst), target=GPUTarget("cuda", 80, 32),
+                          options=options).asm["ttir"]
+    func = ttir[ttir.index("tt.func"):]
+    sig, body = func.split(" attributes ", 1)
+    out[f"{name}:{dt}"] = {arg: [ty, bool(re.search(rf"%{arg}\b", body))]
+                           for arg, ty in re.findall(r"%([A-Za-z_]\w*): (f32|f64|bf16|f16)\b", sig)}
+print(json.dumps(out))
+"""
+
+
+def test_float64_kernels_use_no_fp32_scalar():
+    """A Python float kernel argument is an fp32 once compiled: ``scale / rows`` rounded to fp32 put 1e-8 relative
+    errors into float64 gradients on the GPU (the interpreter keeps Python floats in double and hid it). Every
+    kernel is compiled here for sm_80 (no GPU needed) and its Triton IR read: a float64 kernel uses no fp32 scalar
+    parameter (and some float64 one), a float32 kernel no float64 scalar; the pair kernels take no float scalar."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _SCALAR_USE], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kernels = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(kernels) == 14, sorted(kernels)  # 7 kernels x (fp32, fp64)
+    for key, scalars in kernels.items():
+        name, dt = key.split(":")
+        if name.startswith("pair_"):
+            assert not scalars, f"{key} takes float scalars {scalars}"
+            continue
+        other = "f32" if dt == "fp64" else "f64"
+        wrong = [arg for arg, (ty, used) in scalars.items() if ty == other and used]
+        assert not wrong, f"{key} computes with {other} scalar parameters {wrong}"
+        assert any(used for ty, used in scalars.values() if ty != other), f"{key}: {scalars}"
+
+
+def test_float64_dot_b130_matches_oracle(strategy):
+    """The GPU case that showed the fp32 scalars (3.7e-8 relative gradient error): B = 130 rows (weight =
+    20 / 130 is inexact in fp32), scale 20, dot similarity, float64: loss and gradients within 1e-8 relative of the
+    float64 oracle. The interpreter computes in double either way; on a GPU this fails with fp32 scalars."""
+    batch, dim = (130, 8) if DEVICE.type == "cpu" else (130, 24)  # the interpreter is slow: a narrow D on CPU
+    case = (batch, dim, 1, 20.0, False, ("query_to_doc",), "joint", None, 0.0, 0, batch, 0)
+    columns = columns_for(case, torch.float64, seed=130)
+    ref_loss, ref_grads = loss_and_grads(lambda c: oracle(case, c), columns)
+    loss, grads = loss_and_grads(lambda c: ours(case, c), columns)
+    assert rel_err(loss, ref_loss, floor=0.0) <= 1e-8
+    for i, (g, ref) in enumerate(zip(grads, ref_grads)):
+        assert rel_err(g, ref, floor=0.0) <= 1e-8, f"column {i}: {rel_err(g, ref, floor=0.0)}"

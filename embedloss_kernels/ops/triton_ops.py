@@ -258,6 +258,14 @@ def _combine(stats: list[tuple[Tensor, Tensor, Tensor]], joint: bool) -> tuple[l
     return lses, sum(lses) / len(stats)
 
 
+def _with_float64(scalars: tuple, *more: float) -> tuple:
+    """``(owner, floats..., the same floats again)``: the kernels' plain float parameters (fp32 once compiled, used
+    by fp32 / 16-bit kernels) and their ``tl.float64`` twins (used by float64 kernels: a Python float alone would
+    reach them as fp32)."""
+    owner, *floats = (*scalars, *more)
+    return (owner, *floats, *floats)
+
+
 def infonce_forward(q: Tensor, a: Tensor, row_start: int, row_count: int, scale: float, cosine: bool,
                     directions: int, joint: bool, hardness_mode: int, hardness_strength: float, compute_grad: bool,
                     block_rows: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -292,7 +300,7 @@ def infonce_forward(q: Tensor, a: Tensor, row_start: int, row_count: int, scale:
             m, s, p = (torch.empty(row_count, dtype=wd, device=q.device) for _ in range(3))
             meta = dict(PEN_MODE=pen, MASK_MODE=mask, ACC=acc, PREC=prec, EXP2=exp2)
             args = (x, y, rx, ry, m, s, p, row_start, row_count, y.shape[0], n_dim, x.stride(0), y.stride(0),
-                    *scalars)
+                    *_with_float64(scalars))
             _launch(row_lse_kernel, lambda c: (triton.cdiv(row_count, c["BM"]),), args, meta,
                     tile_configs(n_dim, dtype, arch), ("lse", n_dim, dtype, arch, pen, mask))
             stats.append((m, s, p))
@@ -320,7 +328,7 @@ def _flash(blocks, lses, grads, row_start, row_count, scalars, dir_w, exp2) -> N
         dx = torch.empty(row_count, n_dim, dtype=wd, device=q.device)
         dy = torch.empty(n_cols, n_dim, dtype=wd, device=q.device)
         common = (row_start, row_count, n_cols, n_dim, x.stride(0), y.stride(0))
-        consts = (*scalars, dir_w, 1.0 if name == "qd" else 0.0)
+        consts = _with_float64(scalars, dir_w, 1.0 if name == "qd" else 0.0)
         flash_dx_kernel[(triton.cdiv(row_count, cfg["BM"]),)](x, y, rx, ry, lse, dx, *common, dx.stride(0), *consts,
                                                                 PEN_MODE=pen, MASK_MODE=mask, **meta)
         flash_dy_kernel[(triton.cdiv(n_cols, cfg["BN"]),)](x, y, rx, ry, lse, dy, *common, dy.stride(0), *consts,
@@ -344,7 +352,7 @@ def _workspace(blocks, lses, grads, row_start, row_count, scalars, dir_w, exp2, 
             n = min(per_block, row_count - r0)
             g = workspace[: n * n_cols].view(n, n_cols)
             args = (x, y, rx, ry, lse[r0:], g, row_start + r0, n, n_cols, n_dim, x.stride(0), y.stride(0),
-                    g.stride(0), *scalars, dir_w, 1.0 if name == "qd" else 0.0)
+                    g.stride(0), *_with_float64(scalars, dir_w, 1.0 if name == "qd" else 0.0))
 
             def grid(c, n=n, n_cols=n_cols):
                 return (triton.cdiv(n, c["BM"]) * triton.cdiv(n_cols, c["BN"]),)
@@ -358,9 +366,9 @@ def _row_pass(block, view, lse, stats, mode, row0, n, scalars, dir_w, exp2, cfg,
     name, _, _, rx, ry, pen, mask = block
     sv, gv = view
     m, s, p = stats
-    row_pass_kernel[grid](sv, gv, rx, ry, lse, m, s, p, row0, n, sv.shape[1], sv.stride(0), gv.stride(0), *scalars,
-                          dir_w, 1.0 if name == "qd" else 0.0, PEN_MODE=pen, MASK_MODE=mask, MODE=mode, EXP2=exp2,
-                          **cfg)
+    row_pass_kernel[grid](sv, gv, rx, ry, lse, m, s, p, row0, n, sv.shape[1], sv.stride(0), gv.stride(0),
+                          *_with_float64(scalars, dir_w, 1.0 if name == "qd" else 0.0), PEN_MODE=pen, MASK_MODE=mask,
+                          MODE=mode, EXP2=exp2, **cfg)
 
 
 def fused_streams(device: torch.device) -> int:

@@ -21,6 +21,11 @@ builds). ``PEN_MODE``: 0 none, 1 boost columns of other queries (in-batch), 2 bo
 ``EXP2``: logits are formed in base 2 (``scale`` and ``boost`` arrive multiplied by log2(e), ``exp2`` replaces
 ``exp``: one multiply fewer per logit); stored maxima and positives are converted back to natural units. float64
 keeps ``exp`` (its scalars must not pass through an fp32 log2(e) product).
+
+Float scalars come twice: ``scale, boost, weight, onehot`` (plain Python floats: fp32 in a compiled kernel) and
+``scale64, ...`` annotated ``tl.float64``; :func:`_in_acc` gives float64 kernels the latter. With the fp32 ones alone
+a float64 loss saw its scale, hardness boost and weights rounded to fp32 on the GPU (1e-8 relative gradient errors;
+the interpreter keeps Python floats in double and hid it). Both are kernel parameters: no registers.
 """
 
 import triton
@@ -29,6 +34,15 @@ import triton.language as tl
 LOG2E = 1.4426950408889634  # the launcher multiplies scale and boost by it
 _LN2 = tl.constexpr(0.6931471805599453)
 _LOG2E = tl.constexpr(LOG2E)
+
+
+@triton.jit
+def _in_acc(v32, v64, ACC: tl.constexpr):
+    """The scalar for an ``ACC`` kernel: the ``tl.float64`` argument for float64, the fp32 one otherwise."""
+    if ACC == tl.float64:
+        return v64
+    else:
+        return v32
 
 
 @triton.jit
@@ -93,12 +107,13 @@ def _exp(x, EXP2: tl.constexpr):
 
 @triton.jit
 def row_lse_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, max_ptr, sum_ptr, pos_ptr, row_start, row_count, n_cols, n_dim,
-                   stride_x, stride_y, owner_ptr, scale, boost, PEN_MODE: tl.constexpr, MASK_MODE: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                   EXP2: tl.constexpr):
+                   stride_x, stride_y, owner_ptr, scale, boost, scale64: tl.float64, boost64: tl.float64,
+                   PEN_MODE: tl.constexpr, MASK_MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                   BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXP2: tl.constexpr):
     """Per local row: running max and sum of ``exp(L - max)`` over every column tile (the max is subtracted
     before exponentiating, so scale 100 on large-norm dot products cannot overflow). Also stores the logit at column
     ``g`` (the positive, read off the same tile so that a lone column gives an exact zero loss)."""
+    scale, boost = _in_acc(scale, scale64, ACC), _in_acc(boost, boost64, ACC)
     local = tl.program_id(0) * BM + tl.arange(0, BM)
     row_ok = local < row_count
     rows = row_start + local
@@ -135,11 +150,14 @@ def _grouped(pid, n_row_tiles, n_col_tiles, GROUP: tl.constexpr):
 
 @triton.jit
 def softmax_grad_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, lse_ptr, g_ptr, row_start, row_count, n_cols, n_dim, stride_x,
-                        stride_y, stride_g, owner_ptr, scale, boost, weight, onehot, PEN_MODE: tl.constexpr,
+                        stride_y, stride_g, owner_ptr, scale, boost, weight, onehot, scale64: tl.float64,
+                        boost64: tl.float64, weight64: tl.float64, onehot64: tl.float64, PEN_MODE: tl.constexpr,
                         MASK_MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                         ACC: tl.constexpr, PREC: tl.constexpr, EXP2: tl.constexpr, GROUP: tl.constexpr):
     """``G~[i, c] = (weight * exp(L[i, c] - lse[i]) - onehot * [c == g_i]) * rx_i * ry_c`` for one tile, stored in
     ``g_ptr``'s dtype (the input's: 16-bit G feeds tensor-core products)."""
+    scale, boost = _in_acc(scale, scale64, ACC), _in_acc(boost, boost64, ACC)
+    weight, onehot = _in_acc(weight, weight64, ACC), _in_acc(onehot, onehot64, ACC)
     n_row_tiles = tl.cdiv(row_count, BM)
     tile_m, tile_n = _grouped(tl.program_id(0), n_row_tiles, tl.cdiv(n_cols, BN), GROUP)
     local = tile_m * BM + tl.arange(0, BM)
@@ -172,7 +190,8 @@ def _grad_from_logits(lg, lse, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, weigh
 # ------------------------------------------------------------------------------------------------------------------
 @triton.jit
 def row_pass_kernel(s_ptr, g_ptr, rx_ptr, ry_ptr, lse_ptr, max_ptr, sum_ptr, pos_ptr, row_start, row_count, n_cols,
-                    stride_s, stride_g, owner_ptr, scale, boost, weight, onehot, PEN_MODE: tl.constexpr,
+                    stride_s, stride_g, owner_ptr, scale, boost, weight, onehot, scale64: tl.float64,
+                    boost64: tl.float64, weight64: tl.float64, onehot64: tl.float64, PEN_MODE: tl.constexpr,
                     MASK_MODE: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                     EXP2: tl.constexpr):
     """BM rows of ``S`` (raw dot products, fp32/fp64, row stride ``stride_s``) per program.
@@ -182,6 +201,8 @@ def row_pass_kernel(s_ptr, g_ptr, rx_ptr, ry_ptr, lse_ptr, max_ptr, sum_ptr, pos
     ``g_ptr`` may alias ``s_ptr`` (``G~`` in 16-bit occupies the first half of each fp32 row): a program reads a
     column tile before writing it, and writes only at or before the columns it has read.
     """
+    if s_ptr.dtype.element_ty == tl.float64:  # S is float64 for float64 inputs: the tl.float64 scalars
+        scale, boost, weight, onehot = scale64, boost64, weight64, onehot64
     local = tl.program_id(0) * BM + tl.arange(0, BM)
     row_ok = local < row_count
     rows = row_start + local
@@ -235,10 +256,13 @@ def _mm(a, b, ACC: tl.constexpr, PREC: tl.constexpr):
 
 @triton.jit
 def flash_dx_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, lse_ptr, dx_ptr, row_start, row_count, n_cols, n_dim, stride_x,
-                    stride_y, stride_dx, owner_ptr, scale, boost, weight, onehot, PEN_MODE: tl.constexpr,
+                    stride_y, stride_dx, owner_ptr, scale, boost, weight, onehot, scale64: tl.float64,
+                    boost64: tl.float64, weight64: tl.float64, onehot64: tl.float64, PEN_MODE: tl.constexpr,
                     MASK_MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
                     PREC: tl.constexpr, EXP2: tl.constexpr):
     """Row-parallel: ``dX[rows] = G~ Y`` over every column tile, the (BM, BK >= D) accumulator in registers."""
+    scale, boost = _in_acc(scale, scale64, ACC), _in_acc(boost, boost64, ACC)
+    weight, onehot = _in_acc(weight, weight64, ACC), _in_acc(onehot, onehot64, ACC)
     local = tl.program_id(0) * BM + tl.arange(0, BM)
     row_ok = local < row_count
     rows = row_start + local
@@ -261,11 +285,14 @@ def flash_dx_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, lse_ptr, dx_ptr, row_start, ro
 
 @triton.jit
 def flash_dy_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, lse_ptr, dy_ptr, row_start, row_count, n_cols, n_dim, stride_x,
-                    stride_y, stride_dy, owner_ptr, scale, boost, weight, onehot, PEN_MODE: tl.constexpr,
+                    stride_y, stride_dy, owner_ptr, scale, boost, weight, onehot, scale64: tl.float64,
+                    boost64: tl.float64, weight64: tl.float64, onehot64: tl.float64, PEN_MODE: tl.constexpr,
                     MASK_MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
                     PREC: tl.constexpr, EXP2: tl.constexpr):
     """Column-parallel: ``dY[cols] = G~^T X[rows]`` over every row tile; each program owns its columns, so the loop
     order swap needs no atomics."""
+    scale, boost = _in_acc(scale, scale64, ACC), _in_acc(boost, boost64, ACC)
+    weight, onehot = _in_acc(weight, weight64, ACC), _in_acc(onehot, onehot64, ACC)
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     col_ok = cols < n_cols
     ks = tl.arange(0, BK)
