@@ -55,8 +55,8 @@ def _configs():
                 for pen, mask in (pen_mask if mode else pen_mask[:4]):
                     yield "row_pass_kernel", dt, arch, dict(PEN_MODE=pen, MASK_MODE=mask, MODE=mode, EXP2=exp2, **cfg)
             for name in ("pair_lse_kernel", "pair_grad_kernel"):
-                block = pair_block(torch_dtype[dt])
-                yield name, dt, arch, dict(BM=block, BN=block, ACC=acc, num_warps=4)
+                bm, bn = pair_block(torch_dtype[dt])
+                yield name, dt, arch, dict(BM=bm, BN=bn, ACC=acc, num_warps=4)
 
 
 def _signature(fn, dt: str, constexprs: dict) -> dict:

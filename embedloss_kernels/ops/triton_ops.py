@@ -444,9 +444,11 @@ def _fused(blocks, grads, row_start, row_count, scalars, joint, exp2, block_rows
     return stats
 
 
-def pair_block(dtype: torch.dtype) -> int:
-    """Pairwise tile edge: 64 (fp32 t), 32 for fp64 (64x64 fp64 tiles spill, compile_check)."""
-    return 32 if dtype == torch.float64 else 64
+def pair_block(dtype: torch.dtype) -> tuple[int, int]:
+    """Pairwise tile (rows i, columns j): 64x32 for fp32 t, 32x32 for fp64 (compile_check). A 64x64 fp32 tile with
+    4 warps needs 255 registers, the per-thread cap: triton 3.6's ptxas spilled it on sm_80 (3.9 just fit); 64x32
+    takes about 113."""
+    return (32, 32) if dtype == torch.float64 else (64, 32)
 
 
 def cosent_tiled(x: Tensor, y: Tensor, labels: Tensor, scale: float, similarity: int, compute_grad: bool):
@@ -457,17 +459,17 @@ def cosent_tiled(x: Tensor, y: Tensor, labels: Tensor, scale: float, similarity:
     lab = labels.to(device=x.device, dtype=torch.float64).contiguous()
     n = t.shape[0]
     acc = _acc(x.dtype)
-    bm = 16 if _interpreted() else pair_block(x.dtype)
+    bm, bn = (16, 16) if _interpreted() else pair_block(x.dtype)
     m = torch.empty_like(t)
     s = torch.empty_like(t)
-    pair_lse_kernel[(triton.cdiv(n, bm),)](t, lab, m, s, n, BM=bm, BN=bm, ACC=acc)
+    pair_lse_kernel[(triton.cdiv(n, bm),)](t, lab, m, s, n, BM=bm, BN=bn, ACC=acc)
     # log(1 + sum_i s_i e^{m_i}): rows without a lower-labelled pair have m = -inf and drop out.
     loss = torch.logsumexp(torch.cat([t.new_zeros(1), m + s.log()]), 0)
     if not compute_grad:
         empty = x.new_empty((0,))
         return loss, empty, empty
     dt = torch.empty_like(t)
-    pair_grad_kernel[(triton.cdiv(n, bm),)](t, lab, loss.reshape(1), dt, n, BM=bm, BN=bm, ACC=acc)
+    pair_grad_kernel[(triton.cdiv(n, bm),)](t, lab, loss.reshape(1), dt, n, BM=bm, BN=bn, ACC=acc)
     dx, dy = backward(dt * scale)
     return loss, dx.to(x.dtype), dy.to(x.dtype)
 
