@@ -6,7 +6,8 @@ runs on its `torch` (and, on CUDA, `triton`) backends.
 
 The extension `embedloss_kernels._C` (the `cpp` backend, csrc/) is built with ninja through
 torch.utils.cpp_extension. A failed compile does not fail the install: setup prints a warning and installs the
-pure-Python package, which then runs on the `torch` backend.
+pure-Python package, which then runs on the `torch` backend (scripts/setup.sh then fails, naming the reason, where a
+C++ compiler exists). pyproject.toml holds only the build system, so pip always builds through PEP 517/660.
 """
 
 import os
@@ -69,7 +70,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy"],
     extras_require={
-        "triton": ["triton>=3.6"],
+        "triton": ["triton>=3.6,<3.10"],  # 3.6 (oldest, CI's second job) to 3.9 (newest, the main CI job)
         "st": ["sentence-transformers>=6.2"],
         "test": ["pytest", "sentence-transformers==6.2.0"],
         "bench": ["tqdm", "matplotlib"],

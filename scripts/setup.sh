@@ -1,14 +1,28 @@
 #!/usr/bin/env bash
 # One-time (idempotent) setup of a fresh machine: dependencies, then the package with its C++ extension.
 # Where torch is already installed (e.g. a GPU machine with its own CUDA build), it is left as it is.
+# Fails (non-zero) when a C++ compiler is present but the extension did not build (EMBEDLOSS_NO_EXT=1 skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PIP="python -m pip --disable-pip-version-check"
-if python -c "import torch" 2>/dev/null; then
+PYTHON="${PYTHON:-python}"
+PIP="$PYTHON -m pip --disable-pip-version-check"
+if $PYTHON -c "import torch" 2>/dev/null; then
   grep -v '^torch==' requirements.txt > /tmp/embedloss_requirements.txt
 else
   cp requirements.txt /tmp/embedloss_requirements.txt
 fi
 $PIP install -q -r /tmp/embedloss_requirements.txt
+# pyproject.toml makes this the PEP 660 path; --no-build-isolation builds against the torch installed above.
 $PIP install -q --no-build-isolation -e .
-python -c "import embedloss_kernels as ek; print('embedloss_kernels ready; backends:', ek.available_backends())"
+$PYTHON -c "import embedloss_kernels as ek; print('embedloss_kernels ready; backends:', ek.available_backends())"
+if [ "${EMBEDLOSS_NO_EXT:-0}" = "0" ]; then  # as setup.py: unset, empty or 0 means build it
+  if command -v "${CXX:-c++}" >/dev/null 2>&1; then
+    if ! $PYTHON -c "import sys, embedloss_kernels as ek; sys.exit('cpp' not in ek.available_backends('cpu'))"; then
+      why=$($PYTHON -c "from embedloss_kernels import _backends; print(_backends.why_not('cpp', 'cpu'))")
+      echo "ERROR: a C++ compiler (${CXX:-c++}) is here but the C++ extension did not build or load: $why" >&2
+      echo "       rerun '$PIP install --no-build-isolation -e .' without -q for the compiler output;" >&2
+      echo "       set EMBEDLOSS_NO_EXT=1 to install without it on purpose." >&2
+      exit 1
+    fi
+  fi
+fi
