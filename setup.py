@@ -17,6 +17,20 @@ from setuptools import find_packages, setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def _supported_versions() -> dict:
+    """The constants of embedloss_kernels/_versions.py, read without importing the package (which needs torch)."""
+    namespace: dict = {}
+    with open(os.path.join(HERE, "embedloss_kernels", "_versions.py")) as f:
+        exec(f.read(), namespace)
+    return namespace
+
+
+VERSIONS = _supported_versions()
+_TEXT = VERSIONS["as_text"]
+_TRITON_LOW, _TRITON_HIGH = VERSIONS["TRITON_RANGE"]
+_ST = VERSIONS["SENTENCE_TRANSFORMERS_SERIES"]
+
+
 def _ext_modules():
     """The `embedloss_kernels._C` extension and its build command, or nothing when EMBEDLOSS_NO_EXT=1."""
     if os.environ.get("EMBEDLOSS_NO_EXT", "0") not in ("", "0"):
@@ -67,12 +81,14 @@ setup(
     version="0.1.0",
     description="Fused, exact, memory-lean contrastive losses (MNRL/InfoNCE, CoSENT, AnglE) for embedding models",
     packages=find_packages(include=["embedloss_kernels", "embedloss_kernels.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.11", "numpy"],
+    python_requires=f">={_TEXT(VERSIONS['PYTHON_MIN'])}",
+    install_requires=[f"torch>={_TEXT(VERSIONS['TORCH_MIN'])}", "numpy"],
     extras_require={
-        "triton": ["triton>=3.6,<3.10"],  # 3.6 (oldest, CI's second job) to 3.9 (newest, the main CI job)
-        "st": ["sentence-transformers>=6.2"],
-        "test": ["pytest", "sentence-transformers==6.2.0"],
+        # major.minor inclusive ranges from embedloss_kernels/_versions.py: triton 3.6 (oldest, CI's second job) to
+        # 3.9 (newest, the main CI job), sentence-transformers 6.2.x
+        "triton": [f"triton>={_TEXT(_TRITON_LOW)},<{_TRITON_HIGH[0]}.{_TRITON_HIGH[1] + 1}"],
+        "st": [f"sentence-transformers>={_TEXT(_ST)},<{_ST[0]}.{_ST[1] + 1}"],
+        "test": ["pytest", f"sentence-transformers>={_TEXT(_ST)},<{_ST[0]}.{_ST[1] + 1}"],
         "bench": ["tqdm", "matplotlib"],
     },
     ext_modules=ext_modules,

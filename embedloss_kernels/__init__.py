@@ -4,7 +4,14 @@ Drop-in sentence-transformers losses in :mod:`embedloss_kernels.losses`, a funct
 :mod:`embedloss_kernels.functional`, and backend selection (``EMBEDLOSS_BACKEND``) shared by every op.
 """
 
+import warnings as _warnings
+
+import torch as _torch
+
 from ._backends import BackendUnavailableError, available_backends, current_backend
+from ._versions import TORCH_MIN as _TORCH_MIN
+from ._versions import as_text as _as_text
+from ._versions import major_minor as _major_minor
 from .functional import (
     angle_loss,
     cosent_loss,
@@ -12,20 +19,31 @@ from .functional import (
     matryoshka_mnrl_loss,
     multiple_negatives_ranking_loss,
 )
-from .losses import (
-    AnglELoss,
-    CoSENTLoss,
-    MultipleNegativesRankingLoss,
-    MultipleNegativesSymmetricRankingLoss,
-)
 from .patching import patch_sentence_transformers, unpatch_sentence_transformers
 
 __version__ = "0.1.0"
 
+if _major_minor(_torch.__version__) < _TORCH_MIN:
+    _warnings.warn(
+        f"embedloss_kernels supports torch >= {_as_text(_TORCH_MIN)}; found torch {_torch.__version__}.", stacklevel=2
+    )
+
+# The drop-in modules import sentence-transformers (for its default similarity functions) when it is installed, which
+# takes seconds: they load on first use, so the functional API stays light.
+_MODULE_CLASSES = (
+    "AnglELoss",
+    "CachedMultipleNegativesRankingLoss",
+    "CachedMultipleNegativesSymmetricRankingLoss",
+    "CoSENTLoss",
+    "Matryoshka2dLoss",
+    "MatryoshkaLoss",
+    "MultipleNegativesRankingLoss",
+    "MultipleNegativesSymmetricRankingLoss",
+)
+
 
 def __getattr__(name: str):
-    if name in ("CachedMultipleNegativesRankingLoss", "CachedMultipleNegativesSymmetricRankingLoss", "MatryoshkaLoss",
-                "Matryoshka2dLoss"):
+    if name in _MODULE_CLASSES:
         from . import losses
 
         return getattr(losses, name)

@@ -4,7 +4,7 @@ tensors through the Triton interpreter when ``TRITON_INTERPRET=1``.
 
 Strategies for the gradient (:func:`infonce_strategy` picks one per shape; ``EMBEDLOSS_TRITON_STRATEGY`` forces one):
 
-* ``fused`` (gradient in the forward pass, DESIGN.md): per row block, ``S = X_g Y^T`` once by cuBLAS (fp32 out),
+* ``fused`` (gradient in the forward pass, docs/DESIGN.md): per row block, ``S = X_g Y^T`` once by cuBLAS (fp32 out),
   one Triton row pass (:func:`row_pass_kernel`: exact LSE, scale, masks, hardness, ``G~`` written in place over S
   in the input dtype), then ``G~ Y`` and ``G~^T X`` on tensor cores: three matmul-equivalents.
 * ``workspace``: :func:`row_lse_kernel` streams the column tiles for the row LSE, :func:`softmax_grad_kernel`
@@ -24,6 +24,7 @@ from contextlib import nullcontext as _nullcontext
 import torch
 from torch import Tensor
 
+from .._versions import TRITON_RANGE, as_text, major_minor
 from . import (
     COSENT_SCHEMA,
     DOC_TO_DOC,
@@ -45,7 +46,7 @@ from .torch_ops import (
     work_dtype,
 )
 
-SUPPORTED_TRITON = ((3, 6), (3, 9))
+SUPPORTED_TRITON = TRITON_RANGE
 _PEN_MODE = {HARDNESS_NONE: 0, HARDNESS_IN_BATCH: 1, HARDNESS_HARD: 2, HARDNESS_ALL: 3}
 MASK_NONE, MASK_SELF, MASK_OWN_DOCS = 0, 1, 2
 
@@ -76,9 +77,10 @@ def _interpreted() -> bool:
 def why_not(device: torch.device) -> str | None:
     if _IMPORT_ERROR:
         return _IMPORT_ERROR
-    version = tuple(int(p) for p in triton.__version__.split(".")[:2])
+    version = major_minor(triton.__version__)
     if not SUPPORTED_TRITON[0] <= version <= SUPPORTED_TRITON[1]:
-        return f"triton {triton.__version__} is outside the supported 3.6-3.9"
+        low, high = map(as_text, SUPPORTED_TRITON)
+        return f"triton {triton.__version__} is outside the supported {low}-{high}"
     if device.type == "cuda":
         return None if torch.cuda.is_available() else "torch.cuda.is_available() is False"
     if device.type == "cpu":
