@@ -63,17 +63,43 @@ def check_directions(directions, partition_mode) -> tuple[str, ...]:
     return directions
 
 
-def _check_finite() -> bool:
-    # One host sync per call; EMBEDLOSS_CHECK_FINITE=0 turns it off. Skipped while torch.compile traces (a
-    # data-dependent branch would break the graph) and under torch.func transforms (vmap cannot turn one entry's
-    # isfinite into a Python bool, and a grad/jvp-wrapped input would be checked once per nesting level).
+FINITE_ENV = "EMBEDLOSS_CHECK_FINITE"
+_TRUE_WORDS = ("1", "true", "yes", "on")
+_FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def finite_check_setting() -> bool | None:
+    """``EMBEDLOSS_CHECK_FINITE`` as a boolean: ``None`` when unset or empty (each caller's default applies), else
+    True for 1/true/yes/on and False for 0/false/no/off (any case); any other value raises ``ValueError``."""
+    raw = os.environ.get(FINITE_ENV, "")
+    value = raw.strip().lower()
+    if not value:
+        return None
+    if value in _TRUE_WORDS:
+        return True
+    if value in _FALSE_WORDS:
+        return False
+    raise ValueError(
+        f"{FINITE_ENV} must be one of {'/'.join(_TRUE_WORDS)} (check) or {'/'.join(_FALSE_WORDS)} (do not check), "
+        f"or unset; got {raw!r}"
+    )
+
+
+def check_finite_inputs(strict: bool = True) -> bool:
+    """Whether to check inputs for NaN/Inf (one host sync per tensor) and raise. ``strict``: the caller's default
+    when the variable is unset: True for the functional API, False for the drop-in modules (which, as
+    sentence-transformers, return a NaN loss instead). Skipped while torch.compile traces (a data-dependent branch
+    would break the graph) and under torch.func transforms (vmap cannot turn one entry's isfinite into a Python
+    bool, and a grad/jvp-wrapped input would be checked once per nesting level)."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
-    return os.environ.get("EMBEDLOSS_CHECK_FINITE", "1") != "0"
+    setting = finite_check_setting()
+    return strict if setting is None else setting
 
 
-def check_embeddings(tensors: Sequence[Tensor], names: Sequence[str], min_count: int = 2) -> None:
-    """Columns of embeddings: 2-D float tensors of one dtype and device, equal batch sizes and dims, finite."""
+def check_embeddings(tensors: Sequence[Tensor], names: Sequence[str], min_count: int = 2, strict: bool = True) -> None:
+    """Columns of embeddings: 2-D float tensors of one dtype and device, equal batch sizes and dims, and finite
+    (see :func:`check_finite_inputs`; ``strict=False`` for the drop-in modules)."""
     if len(tensors) < min_count:
         raise ValueError(f"Expected at least {min_count} embeddings, got {len(tensors)}")
     for t, name in zip(tensors, names):
@@ -97,13 +123,13 @@ def check_embeddings(tensors: Sequence[Tensor], names: Sequence[str], min_count:
         raise ValueError(f"{first_name} is an empty batch (batch size 0); expected at least one row")
     if first.shape[1] == 0:
         raise ValueError(f"{first_name} has embedding dim 0; expected at least 1")
-    if _check_finite():
+    if check_finite_inputs(strict):
         for t, name in zip(tensors, names):
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name} contains NaN or Inf values; the loss would be NaN")
 
 
-def check_labels(labels, batch_size: int, owner: str) -> Tensor:
+def check_labels(labels, batch_size: int, owner: str, strict: bool = True) -> Tensor:
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.numel() != batch_size:
@@ -112,7 +138,7 @@ def check_labels(labels, batch_size: int, owner: str) -> Tensor:
             f"but got {labels.numel()} labels with shape {tuple(labels.shape)}."
         )
     labels = labels.reshape(-1)
-    if labels.is_floating_point() and _check_finite() and not bool(torch.isfinite(labels).all()):
+    if labels.is_floating_point() and check_finite_inputs(strict) and not bool(torch.isfinite(labels).all()):
         raise ValueError("labels contain NaN or Inf values")
     if labels.is_complex():
         raise TypeError(f"labels must be real numbers, got {labels.dtype}")

@@ -151,10 +151,17 @@ def _compile_one(job: tuple[str, str, dict, int]) -> tuple:
 def main(argv: list[str] | None = None) -> int:
     """``--quick``: one penalty/mask variant per kernel, tile config, dtype and target (the modes only change
     elementwise code); the default compiles every combination the launchers can pick."""
+    import argparse
     import concurrent.futures
 
-    argv = sys.argv[1:] if argv is None else argv
-    quick = "--quick" in argv
+    parser = argparse.ArgumentParser(
+        prog="python -m embedloss_kernels.compile_check",
+        description="Compile every Triton kernel and tile config the launchers can pick for sm_80 and sm_90 (no GPU "
+        "needed); print registers, spills and shared memory; exit 1 on a compile failure or a register spill.",
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="one penalty/mask variant per kernel, tile config, dtype and target (a fast local check)")
+    quick = parser.parse_args(sys.argv[1:] if argv is None else argv).quick
     jobs, seen = [], set()
     for name, dt, arch, cst in _configs():
         key = (name, dt, arch, repr(sorted(cst.items())))

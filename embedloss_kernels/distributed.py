@@ -20,9 +20,10 @@ padding rows are dropped before the op, so they are never scored.
 **ring** (``embedloss_kernels.ring``): no rank ever holds the world's columns. Each rank's column block travels round
 the ring while the current one is computed on: a forward pass of per-row log-sum-exp statistics, then, in backward,
 a second circle carrying each block's column-gradient accumulator back to its owner. Memory per rank: a few local
-blocks instead of ``2 W`` of them; communication ``(3W - 2)`` block hops instead of ``2 (W - 1)``, overlapped with
-compute. It uses the ``torch`` backend's maths whatever ``backend`` says, and covers cosine and dot similarity; any
-other ``similarity_fct`` runs the gather schedule (with a warning).
+blocks instead of ``2 W`` of them; communication ``(3W - 2)`` block hops instead of ``2 (W - 1)``, posted to
+overlap compute (not measured yet: only gloo on one host has run). It uses the ``torch`` backend's maths whatever
+``backend`` says, and covers cosine and dot similarity; any other ``similarity_fct`` runs the gather schedule (with
+a warning).
 """
 
 from __future__ import annotations

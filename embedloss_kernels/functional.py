@@ -33,10 +33,36 @@ _PAIR_SIMS = {"cosine": SIM_COSINE, "cos": SIM_COSINE, "dot": SIM_DOT, "angle": 
 _ST_PAIR_NAMES = {"pairwise_cos_sim": SIM_COSINE, "pairwise_dot_score": SIM_DOT, "pairwise_angle_sim": SIM_ANGLE}
 
 
+_warned_callables: dict[tuple, tuple] = {}
+
+
 def warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
         logger.warning(message)
+
+
+def warn_once_per_callable(kind: str, fn: Callable, message: str) -> None:
+    """Log ``message`` the first time ``fn`` is used for ``kind`` ("infonce" / "cosent"). Keyed by the callable's
+    identity (a bound method by its function and instance), not its name: two lambdas are two callables. The
+    callable is kept alive, so its id cannot be reused by a later one."""
+    owner, func = getattr(fn, "__self__", None), getattr(fn, "__func__", None)
+    key = (kind, id(owner), id(func)) if owner is not None and func is not None else (kind, id(fn))
+    if key not in _warned_callables:
+        _warned_callables[key] = (fn, owner)
+        logger.warning(message)
+
+
+class unfused:  # noqa: N801 - used like a function: ``unfused(similarity)``
+    """A similarity wrapped so that the plain materialized path computes it, without the "not fused" warning (the
+    modules use it where the fused kernels do not apply, e.g. an infinite hardness penalty)."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+        self.__name__ = getattr(fn, "__name__", type(fn).__name__)
+
+    def __call__(self, a: Tensor, b: Tensor) -> Tensor:
+        return self.fn(a, b)
 
 
 def _is_st_function(fn) -> bool:
@@ -51,6 +77,8 @@ def resolve_similarity(similarity) -> str | None:
         return _MATRIX_SIMS[similarity.lower()]
     if not callable(similarity):
         raise TypeError(f"similarity_fct must be callable or 'cosine'/'dot', got {type(similarity).__name__}")
+    if isinstance(similarity, unfused):
+        return None
     if similarity is reference.cos_sim:
         return "cosine"
     if similarity is reference.dot_score:
@@ -68,6 +96,8 @@ def resolve_pair_similarity(similarity) -> int | None:
         return _PAIR_SIMS[similarity.lower()]
     if not callable(similarity):
         raise TypeError(f"similarity_fct must be callable or a name, got {type(similarity).__name__}")
+    if isinstance(similarity, unfused):
+        return None
     ours = {reference.pairwise_cos_sim: SIM_COSINE, reference.pairwise_dot_score: SIM_DOT,
             reference.pairwise_angle_sim: SIM_ANGLE}
     if similarity in ours:
@@ -104,11 +134,13 @@ def infonce_from_columns(
     row_count = queries.shape[0] - row_start if row_count is None else row_count
     kind = resolve_similarity(similarity)
     if kind is None:
-        warn_once(
-            f"unfused:{_similarity_name(similarity)}",
-            f"similarity_fct {_similarity_name(similarity)} is not fused (only cosine and dot product are); "
-            "running the plain materialized PyTorch computation.",
-        )
+        if not isinstance(similarity, unfused):
+            warn_once_per_callable(
+                "infonce",
+                similarity,
+                f"similarity_fct {_similarity_name(similarity)} is not fused (only cosine and dot product are); "
+                "running the plain materialized PyTorch computation.",
+            )
         return reference.infonce_reference(
             queries, docs, scale, similarity, directions, partition_mode, hardness_mode, hardness_strength,
             row_start, row_count,
@@ -290,11 +322,13 @@ def cosent_from_pairs(
     """CoSENT on already-validated pairs and flat labels."""
     code = resolve_pair_similarity(similarity)
     if code is None:
-        warn_once(
-            f"unfused:{_similarity_name(similarity)}",
-            f"similarity_fct {_similarity_name(similarity)} is not fused (only pairwise cosine, dot and angle "
-            "are); running the plain PyTorch computation.",
-        )
+        if not isinstance(similarity, unfused):
+            warn_once_per_callable(
+                "cosent",
+                similarity,
+                f"similarity_fct {_similarity_name(similarity)} is not fused (only pairwise cosine, dot and angle "
+                "are); running the plain PyTorch computation.",
+            )
         return reference.cosent_pairs_reference(x, y, labels, scale, similarity)
     if labels.dtype == torch.bool:
         labels = labels.int()
@@ -308,6 +342,7 @@ def cosent_loss(
     x: Tensor,
     y: Tensor,
     labels: Tensor,
+    *,
     scale: float = 20.0,
     similarity: str | Callable = "cosine",
     backend: str | None = None,
@@ -325,21 +360,24 @@ def cosent_loss(
     return cosent_from_pairs(x, y, labels, scale=check_scale(scale), similarity=similarity, backend=backend)
 
 
-def angle_pairs(embeddings: Sequence[Tensor], labels: Tensor | None, owner: str) -> tuple[Tensor, Tensor, Tensor]:
+def angle_pairs(
+    embeddings: Sequence[Tensor], labels: Tensor | None, owner: str, strict: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
     """AnglE's input forms as pairs: (anchor, positive, negative...) tuples become (anchor, doc) pairs labelled
-    ``labels`` (or 1) for the positive and ``1 - labels`` for each negative; plain pairs need labels."""
+    ``labels`` (or 1) for the positive and ``1 - labels`` for each negative; plain pairs need labels. ``strict``:
+    NaN/Inf labels raise (see ``_validate.check_finite_inputs``)."""
     if len(embeddings) > 2:
         anchor = embeddings[0]
         batch = anchor.shape[0]
         if labels is None:
             labels = torch.ones(batch, device=anchor.device)
-        labels = check_labels(labels, batch, owner)
+        labels = check_labels(labels, batch, owner, strict)
         n_neg = len(embeddings) - 2
         pair_labels = torch.cat([labels, (1 - labels).repeat(n_neg)])
         return anchor.repeat(len(embeddings) - 1, 1), torch.cat(list(embeddings[1:]), dim=0), pair_labels
     if labels is None:
         raise ValueError("AnglELoss requires labels for datasets with pairs.")
-    return embeddings[0], embeddings[1], check_labels(labels, embeddings[0].shape[0], owner)
+    return embeddings[0], embeddings[1], check_labels(labels, embeddings[0].shape[0], owner, strict)
 
 
 def angle_loss(

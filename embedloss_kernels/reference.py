@@ -85,7 +85,9 @@ def infonce_reference(
             penalized[local, rows] = False
         else:
             raise ValueError(f"unknown hardness_mode {hardness_mode!r}")
-        blocks["query_to_doc"] = blocks["query_to_doc"] + hardness_strength * sim_qd.detach() * penalized
+        # the penalty is zero (not alpha * sim * 0) off the penalized columns: an infinite alpha stays +-inf there
+        penalty = (hardness_strength * sim_qd.detach()).masked_fill(~penalized, 0.0)
+        blocks["query_to_doc"] = blocks["query_to_doc"] + penalty
     if "query_to_query" in directions:
         sim = scale * similarity_fct(queries[rows], queries)  # (R, Bq)
         blocks["query_to_query"] = sim.masked_fill(F.one_hot(rows, bq).bool(), float("-inf"))

@@ -5,7 +5,8 @@ normalizes (cosine) its columns once into one transfer block laid out ``[Q (B_ma
 queries at rows ``0 .. B_l - 1`` and ``A_l`` contiguous from row ``B_max`` (so both are views, whatever the rank's
 size); padding rows travel but are never scored. Blocks move around the ring ``l -> l + 1``; the next block's
 send/receive (one ``batch_isend_irecv`` pair, so the same code runs on gloo and NCCL) is posted before the current
-block is computed on, so communication overlaps compute.
+block is computed on, so communication can overlap compute (not measured yet: only gloo on one CPU host has
+run).
 
 Pass 1 (forward): for the local anchor rows against each visiting block, the logits of every selected direction come
 from :func:`~embedloss_kernels.ops.torch_ops.direction_logits` (the same maths as the fused op; the rank's own block

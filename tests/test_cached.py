@@ -242,11 +242,12 @@ def test_progress_bars(tiny_model, capsys):
 
 def test_bad_input(tiny_model):
     model = copy.deepcopy(tiny_model).eval()
+    # the constructor takes any mini_batch_size, as sentence-transformers'; forward fails on a bad one
     for bad in (0, -3):
         with pytest.raises(ValueError, match="mini_batch_size must be a positive integer"):
-            ek.CachedMultipleNegativesRankingLoss(model, mini_batch_size=bad)
-    with pytest.raises(TypeError, match="mini_batch_size must be an int"):
-        ek.CachedMultipleNegativesRankingLoss(model, mini_batch_size=2.5)
+            ek.CachedMultipleNegativesRankingLoss(model, mini_batch_size=bad)(features(model, 2, batch=4), None)
+    with pytest.raises(TypeError, match="mini_batch_size must be a positive integer, got float"):
+        ek.CachedMultipleNegativesRankingLoss(model, mini_batch_size=2.5)(features(model, 2, batch=4), None)
     with pytest.raises(ValueError, match="mini_batch_num_tokens"):
         ek.CachedMultipleNegativesRankingLoss(model, mini_batch_num_tokens=0)
     with pytest.raises(ValueError, match="Scale must be a positive value"):

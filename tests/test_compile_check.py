@@ -32,3 +32,18 @@ def test_compile_check_compiles_every_kernel_and_variant_without_spills():
         ("pen0", "mask0"), ("pen1", "mask0"), ("pen2", "mask0"), ("pen3", "mask0"), ("pen0", "mask1"),
         ("pen0", "mask2")}
     assert all(r[-1] == "ok" and r[-3] == "0" for r in rows), out[-4000:]
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_compile_check_help_prints_usage_and_compiles_nothing(flag):
+    proc = subprocess.run([sys.executable, "-m", "embedloss_kernels.compile_check", flag], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--quick" in proc.stdout and "sm_80" in proc.stdout
+    assert "compiles" not in proc.stdout  # the summary line of a real run
+
+
+def test_compile_check_rejects_an_unknown_option():
+    proc = subprocess.run([sys.executable, "-m", "embedloss_kernels.compile_check", "--quik"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "--quik" in proc.stderr

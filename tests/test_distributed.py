@@ -215,7 +215,7 @@ def _worker(rank, world, init_file, out_dir, backends_, combo_list, unequal_size
             partition_mode=c["partition_mode"],
         )
         cols = local_slice(cols_world, sizes, rank)
-        loss = ours_mod.compute_loss_from_embeddings(cols)
+        loss = ours_mod.compute_loss_from_embeddings(cols, None)
         loss.backward()
         res["module"] = ((loss.detach(), [t.grad.clone() for t in cols]), _st(local_slice(cols_world, sizes, rank), c))
         # a process group without reduce-scatter: the backward falls back to all_reduce + slice

@@ -151,10 +151,11 @@ def test_cosent_and_angle_float64_match_sentence_transformers(backend, seed):
     x, y, z = (torch.randn(batch, dim, generator=gen, dtype=torch.float64).to(DEVICE) for _ in range(3))
     labels = (torch.randint(0, 4, (batch,), generator=gen).double() / 3).to(DEVICE)  # ties on purpose
     cases = [
-        (st_losses.CoSENTLoss(None, scale=scale), lambda c: functional.cosent_loss(*c, labels, scale, backend=backend),
-         [x, y]),
+        (st_losses.CoSENTLoss(None, scale=scale),
+         lambda c: functional.cosent_loss(*c, labels, scale=scale, backend=backend), [x, y]),
         (st_losses.CoSENTLoss(None, scale=scale, similarity_fct=st_util.pairwise_dot_score),
-         lambda c: functional.cosent_loss(*c, labels, scale, similarity="dot", backend=backend), [x * 0.3, y * 0.3]),
+         lambda c: functional.cosent_loss(*c, labels, scale=scale, similarity="dot", backend=backend),
+         [x * 0.3, y * 0.3]),
         (st_losses.AnglELoss(None, scale=scale),
          lambda c: functional.angle_loss(*c, labels=labels, scale=scale, backend=backend), [x, y]),
         (st_losses.AnglELoss(None, scale=scale),

@@ -44,7 +44,7 @@ def test_gradcheck_cosent(backend, similarity):
     labels = torch.tensor([0.1, 0.5, 0.5, 0.9, 0.2], dtype=torch.float64, device=DEVICE)
     scale = 5.0 if similarity == "dot" else 20.0
     assert torch.autograd.gradcheck(
-        lambda a, b: functional.cosent_loss(a, b, labels, scale, similarity=similarity, backend=backend), (x, y)
+        lambda a, b: functional.cosent_loss(a, b, labels, scale=scale, similarity=similarity, backend=backend), (x, y)
     )
 
 

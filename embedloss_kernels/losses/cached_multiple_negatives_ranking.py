@@ -1,7 +1,7 @@
 """Drop-in ``CachedMultipleNegativesRankingLoss`` / ``CachedMultipleNegativesSymmetricRankingLoss``: GradCache with
 the loss step done by one fused call.
 
-The three steps of DESIGN.md (embed each mini-batch without grad keeping its RNG state; the loss and the
+The three steps of docs/DESIGN.md (embed each mini-batch without grad keeping its RNG state; the loss and the
 embedding gradients of the whole batch; re-embed each mini-batch with grad replaying its RNG state and
 back-propagate the cached gradients times ``grad_output``) are orchestrated by sentence-transformers'
 ``CachedLossMixin`` — the same machinery its own cached losses use, so dropout replay, DDP no-sync handling,
@@ -22,6 +22,7 @@ sentence-transformers' cached loss (and plain MNRL, which pads a column to its l
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -32,9 +33,10 @@ from sentence_transformers.base.losses.gradcache import (
     has_static_embedding_input,
 )
 from torch import Tensor, nn
+from typing_extensions import deprecated
 
-from .. import reference
-from .multiple_negatives_ranking import MultipleNegativesRankingLoss
+from ._common import COS_SIM
+from .multiple_negatives_ranking import SYMMETRIC_DEPRECATION, MultipleNegativesRankingLoss
 
 _CITATION_GRADCACHE = """
 @misc{gao2021scaling,
@@ -95,7 +97,7 @@ class CachedMultipleNegativesRankingLoss(CachedLossMixin, nn.Module):
         self,
         model,
         scale: float = 20.0,
-        similarity_fct: Callable[[Tensor, Tensor], Tensor] = reference.cos_sim,
+        similarity_fct: Callable[[Tensor, Tensor], Tensor] = COS_SIM,
         mini_batch_size: int = 32,
         mini_batch_num_tokens: int | None = None,
         gather_across_devices: bool = False,
@@ -117,7 +119,9 @@ class CachedMultipleNegativesRankingLoss(CachedLossMixin, nn.Module):
             model: a SentenceTransformer whose inputs can be split into mini-batches (not a StaticEmbedding).
             scale, similarity_fct, gather_across_devices, directions, partition_mode, hardness_mode,
                 hardness_strength: as :class:`~embedloss_kernels.losses.MultipleNegativesRankingLoss`.
-            mini_batch_size: rows embedded per forward pass; any positive int. Memory, not the result, depends on it.
+            mini_batch_size: rows embedded per forward pass: a positive integer (Python or NumPy). Memory, not the
+                result, depends on it. As in sentence-transformers, the constructor takes any value and a value
+                that is not a positive integer (``0``, ``2.5``) fails in ``forward`` (ValueError / TypeError).
             mini_batch_num_tokens: if set, mini-batches are cut by token count instead (sentence-transformers'
                 rule).
             show_progress_bar: tqdm bars for both embedding passes.
@@ -150,10 +154,6 @@ class CachedMultipleNegativesRankingLoss(CachedLossMixin, nn.Module):
                 "whose inputs cannot be split into mini-batches along a batch dimension. "
                 "Consider using MultipleNegativesRankingLoss instead."
             )
-        if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int):
-            raise TypeError(f"mini_batch_size must be an int, got {type(mini_batch_size).__name__}")
-        if mini_batch_size <= 0:
-            raise ValueError(f"mini_batch_size must be a positive integer, got {mini_batch_size}")
         _validate_mini_batch_num_tokens(mini_batch_num_tokens)
         if not isinstance(sort_by_length, bool):
             raise TypeError(f"sort_by_length must be a bool, got {type(sort_by_length).__name__}")
@@ -205,7 +205,21 @@ class CachedMultipleNegativesRankingLoss(CachedLossMixin, nn.Module):
             loss = loss.detach()
         return loss
 
-    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
+    def _check_mini_batch_size(self) -> None:
+        """What sentence-transformers' ``range(0, batch, mini_batch_size)`` accepts: an integer (``__index__``:
+        int, NumPy integer, bool) above 0; otherwise the same exception type, naming the argument."""
+        size = self.mini_batch_size
+        try:
+            value = operator.index(size)
+        except TypeError:
+            raise TypeError(
+                f"mini_batch_size must be a positive integer, got {type(size).__name__} ({size!r})"
+            ) from None
+        if value <= 0:
+            raise ValueError(f"mini_batch_size must be a positive integer, got {size!r}")
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
+        self._check_mini_batch_size()
         sentence_features = list(sentence_features)
         if len(sentence_features) < 2:
             raise ValueError(f"Expected at least 2 inputs, got {len(sentence_features)}")
@@ -237,12 +251,14 @@ class CachedMultipleNegativesRankingLoss(CachedLossMixin, nn.Module):
         return _CITATION_GRADCACHE
 
 
+@deprecated(SYMMETRIC_DEPRECATION.format(name="CachedMultipleNegativesSymmetricRankingLoss",
+                                         base="CachedMultipleNegativesRankingLoss"))
 class CachedMultipleNegativesSymmetricRankingLoss(CachedMultipleNegativesRankingLoss):
     def __init__(
         self,
         model,
         scale: float = 20.0,
-        similarity_fct: Callable[[Tensor, Tensor], Tensor] = reference.cos_sim,
+        similarity_fct: Callable[[Tensor, Tensor], Tensor] = COS_SIM,
         mini_batch_size: int = 32,
         mini_batch_num_tokens: int | None = None,
         gather_across_devices: bool = False,
@@ -251,7 +267,8 @@ class CachedMultipleNegativesSymmetricRankingLoss(CachedMultipleNegativesRanking
         sort_by_length: bool = True,
     ) -> None:
         """The symmetric loss (query_to_doc and doc_to_query, one softmax each, averaged) with a gradient cache;
-        a drop-in for ``sentence_transformers.losses.CachedMultipleNegativesSymmetricRankingLoss``.
+        a drop-in for ``sentence_transformers.losses.CachedMultipleNegativesSymmetricRankingLoss``. Deprecated, as
+        in sentence-transformers 6.2: constructing one emits a ``DeprecationWarning``.
 
         Args: as :class:`CachedMultipleNegativesRankingLoss`, without the direction/partition/hardness options.
         """

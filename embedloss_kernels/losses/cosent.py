@@ -5,11 +5,19 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from .. import functional, reference
-from .._validate import check_embeddings, check_labels, check_scale
-from ._common import embed_columns, similarity_name
+from .. import functional
+from .._validate import check_embeddings, check_finite_inputs, check_labels, check_scale
+from ._common import (
+    PAIRWISE_ANGLE_SIM,
+    PAIRWISE_COS_SIM,
+    check_similarity_callable,
+    embed_columns,
+    similarity_name,
+    warn_if_nonfinite,
+)
 
 _CITATION_COSENT = """
 @article{10531646,
@@ -37,17 +45,19 @@ class CoSENTLoss(nn.Module):
         self,
         model=None,
         scale: float = 20.0,
-        similarity_fct: Callable[[Tensor, Tensor], Tensor] = reference.pairwise_cos_sim,
+        similarity_fct: Callable[[Tensor, Tensor], Tensor] = PAIRWISE_COS_SIM,
     ) -> None:
         """CoSENT: ``log(1 + sum exp(scale * (s(k, l) - s(i, j))))`` over pairs of pairs whose label of ``(i, j)``
         is higher than that of ``(k, l)``; computed by sorting on the label, O(B log B), no B x B tensor.
 
-        A drop-in for ``sentence_transformers.losses.CoSENTLoss``.
+        A drop-in for ``sentence_transformers.losses.CoSENTLoss`` (6.2). NaN or Inf embeddings give a NaN/Inf
+        loss and one warning; NaN labels give what sentence-transformers gives (``EMBEDLOSS_CHECK_FINITE=1``
+        raises on either instead).
 
         Args:
             model: a SentenceTransformer, or ``None`` for :meth:`compute_loss_from_embeddings` only.
             scale: inverse temperature, finite and > 0.
-            similarity_fct: pairwise similarity; cosine (default; ``util.pairwise_cos_sim``), dot
+            similarity_fct: pairwise similarity; cosine (default: ``util.pairwise_cos_sim`` itself), dot
                 (``util.pairwise_dot_score``) and AnglE (``util.pairwise_angle_sim``) are fused, any other
                 callable runs the plain computation.
 
@@ -74,19 +84,27 @@ class CoSENTLoss(nn.Module):
         super().__init__()
         self.model = model
         self.scale = check_scale(scale)
-        functional.resolve_pair_similarity(similarity_fct)  # type check only
-        self.similarity_fct = similarity_fct
+        self.similarity_fct = similarity_fct  # any value, as sentence-transformers; called (checked) in forward
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
         return self.compute_loss_from_embeddings(embed_columns(self.model, sentence_features), labels)
 
     def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor) -> Tensor:
         embeddings = list(embeddings)
-        check_embeddings(embeddings[:2], ["embeddings[0]", "embeddings[1]"])
-        labels = check_labels(labels, embeddings[0].shape[0], type(self).__name__)
-        return functional.cosent_from_pairs(
-            embeddings[0], embeddings[1], labels, scale=self.scale, similarity=self.similarity_fct
-        )
+        strict = check_finite_inputs(strict=False)
+        check_embeddings(embeddings[:2], ["embeddings[0]", "embeddings[1]"], strict=strict)
+        labels = check_labels(labels, embeddings[0].shape[0], type(self).__name__, strict=strict)
+        return self._pairs_loss(embeddings[0], embeddings[1], labels)
+
+    def _pairs_loss(self, x: Tensor, y: Tensor, labels: Tensor) -> Tensor:
+        check_similarity_callable(self.similarity_fct)
+        similarity = self.similarity_fct
+        if labels.is_floating_point() and not bool(torch.isfinite(labels).all()):
+            # NaN / Inf labels (one host sync on the labels): the plain sorted computation with autograd orders and
+            # groups them as sentence-transformers does (NaN sorts last), so loss and gradients are its own
+            similarity = functional.unfused(similarity)
+        loss = functional.cosent_from_pairs(x, y, labels, scale=self.scale, similarity=similarity)
+        return warn_if_nonfinite(self, loss)
 
     def get_config_dict(self) -> dict[str, Any]:
         return {"scale": self.scale, "similarity_fct": similarity_name(self.similarity_fct)}
@@ -111,14 +129,15 @@ class AnglELoss(CoSENTLoss):
             become (anchor, positive) pairs labelled ``labels`` (default 1) and (anchor, negative) pairs labelled
             ``1 - labels``.
         """
-        super().__init__(model, scale, similarity_fct=reference.pairwise_angle_sim)
+        super().__init__(model, scale, similarity_fct=PAIRWISE_ANGLE_SIM)
 
     def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None) -> Tensor:
         embeddings = list(embeddings)
         names = [f"embeddings[{i}]" for i in range(len(embeddings))]
-        check_embeddings(embeddings, names)
-        x, y, pair_labels = functional.angle_pairs(embeddings, labels, type(self).__name__)
-        return functional.cosent_from_pairs(x, y, pair_labels, scale=self.scale, similarity=self.similarity_fct)
+        strict = check_finite_inputs(strict=False)
+        check_embeddings(embeddings, names, strict=strict)
+        x, y, pair_labels = functional.angle_pairs(embeddings, labels, type(self).__name__, strict=strict)
+        return self._pairs_loss(x, y, pair_labels)
 
     @property
     def citation(self) -> str:

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import Tensor, nn
+from typing_extensions import deprecated
 
-from .. import distributed, functional, reference
-from .._validate import check_directions, check_embeddings, check_hardness, check_scale
-from ._common import embed_columns, similarity_name
+from .. import distributed, functional
+from .._validate import VALID_HARDNESS_MODES, check_directions, check_embeddings, check_finite_inputs, check_scale
+from ._common import (
+    COS_SIM,
+    check_similarity_callable,
+    embed_columns,
+    module_hardness_strength,
+    similarity_name,
+    warn_if_nonfinite,
+)
 
 logger = logging.getLogger("embedloss_kernels")
 
@@ -63,7 +72,7 @@ class MultipleNegativesRankingLoss(nn.Module):
         self,
         model=None,
         scale: float = 20.0,
-        similarity_fct: Callable[[Tensor, Tensor], Tensor] = reference.cos_sim,
+        similarity_fct: Callable[[Tensor, Tensor], Tensor] = COS_SIM,
         gather_across_devices: bool = False,
         directions: tuple[str, ...] = ("query_to_doc",),
         partition_mode: str = "joint",
@@ -72,15 +81,18 @@ class MultipleNegativesRankingLoss(nn.Module):
     ) -> None:
         """InfoNCE with in-batch negatives, computed by a fused op that never keeps a B x N matrix.
 
-        A drop-in for ``sentence_transformers.losses.MultipleNegativesRankingLoss`` (6.x): same arguments,
-        defaults, validation errors and numbers. Each query should score its own positive above every other
-        document in the batch (and, with more directions, above the other queries / documents).
+        A drop-in for ``sentence_transformers.losses.MultipleNegativesRankingLoss`` (6.2): same arguments,
+        defaults, validation errors and numbers (the deliberate differences are listed in the README). Each query
+        should score its own positive above every other document in the batch (and, with more directions, above the
+        other queries / documents). NaN or Inf embeddings give a NaN/Inf loss and one warning, as
+        sentence-transformers returns them (``EMBEDLOSS_CHECK_FINITE=1`` raises instead).
 
         Args:
             model: a SentenceTransformer, or ``None`` when only :meth:`compute_loss_from_embeddings` is used.
             scale: inverse temperature (``scale = 1 / temperature``); finite and > 0.
-            similarity_fct: cosine (default; ``sentence_transformers.util.cos_sim`` is recognised) or dot product
-                (``util.dot_score``) run fused; any other callable runs the plain computation, with a warning.
+            similarity_fct: cosine (default: ``sentence_transformers.util.cos_sim`` itself when it is importable)
+                or dot product (``util.dot_score``) run fused; any other callable runs the plain computation, with
+                a warning.
             gather_across_devices: gather embeddings over torch.distributed ranks: each rank scores its own
                 rows against every rank's columns (a no-op, with a warning, when not distributed). The schedule
                 comes from ``EMBEDLOSS_DISTRIBUTED_SCHEDULE`` (``gather``, the default, or ``ring``; see
@@ -91,7 +103,8 @@ class MultipleNegativesRankingLoss(nn.Module):
                 direction, averaged; only with query_to_doc / doc_to_query).
             hardness_mode: ``None``, ``"in_batch_negatives"``, ``"hard_negatives"`` or ``"all_negatives"``:
                 which query_to_doc logits get ``hardness_strength * stop_grad(sim)`` added.
-            hardness_strength: the ``alpha`` of the hardness penalty, >= 0.
+            hardness_strength: the ``alpha`` of the hardness penalty, >= 0 (``inf`` is accepted, as
+                sentence-transformers does, and computed by the plain materialized path).
 
         Requirements:
             (anchor, positive) pairs, or (anchor, positive, negative_1, ..., negative_n) tuples.
@@ -121,39 +134,55 @@ class MultipleNegativesRankingLoss(nn.Module):
         super().__init__()
         self.model = model
         self.scale = check_scale(scale)
-        functional.resolve_similarity(similarity_fct)  # type check only
-        self.similarity_fct = similarity_fct
+        self.similarity_fct = similarity_fct  # any value, as sentence-transformers; called (checked) in forward
         self.gather_across_devices = bool(gather_across_devices)
         self.directions = check_directions(directions, partition_mode)
         self.partition_mode = partition_mode
-        self.hardness_strength = check_hardness(hardness_mode, hardness_strength)
+        if hardness_mode not in VALID_HARDNESS_MODES:
+            raise ValueError(f"hardness_mode must be one of {set(VALID_HARDNESS_MODES)}, got {hardness_mode!r}")
         self.hardness_mode = hardness_mode
-        if hardness_mode is not None and self.hardness_strength == 0.0:
+        module_hardness_strength(hardness_strength)
+        self.hardness_strength = hardness_strength  # as given, as sentence-transformers (get_config_dict shows it)
+        if hardness_mode is not None and hardness_strength == 0.0:
             logger.warning(
                 f"hardness_mode={hardness_mode!r} is set but hardness_strength=0.0, so hardness weighting has no "
                 "effect. Set hardness_strength to a positive value to enable hardness weighting."
             )
 
-    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
         return self.compute_loss_from_embeddings(embed_columns(self.model, sentence_features), labels)
 
-    def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None = None) -> Tensor:
+    def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor) -> Tensor:
+        """The loss of already-embedded columns (anchors, positives, negatives...); ``labels`` is unused, as in
+        sentence-transformers."""
         embeddings = list(embeddings)
         names = ["embeddings[0] (queries)"] + [f"embeddings[{i}]" for i in range(1, len(embeddings))]
+        check_similarity_callable(self.similarity_fct)
+        strength = module_hardness_strength(self.hardness_strength)
+        similarity = self.similarity_fct
+        if math.isinf(strength) and self.hardness_mode is not None:
+            # an infinite penalty turns logits into +-inf (NaN where sim = 0): the plain path gives exactly what
+            # sentence-transformers gives; the fused kernels are written for finite logits
+            similarity = functional.unfused(similarity)
         options = dict(
-            scale=self.scale, similarity=self.similarity_fct, directions=self.directions,
-            partition_mode=self.partition_mode, hardness_mode=self.hardness_mode,
-            hardness_strength=self.hardness_strength,
+            scale=self.scale, similarity=similarity, directions=self.directions,
+            partition_mode=self.partition_mode, hardness_mode=self.hardness_mode, hardness_strength=strength,
         )
+        strict = check_finite_inputs(strict=False)  # EMBEDLOSS_CHECK_FINITE=1: raise on NaN/Inf, as the functional API
+
+        def check() -> None:
+            check_embeddings(embeddings, names, strict=strict)
+
         if self.gather_across_devices:
             # Validated inside, so that a bad input on one rank stops every rank instead of hanging the others;
             # schedule=None: EMBEDLOSS_DISTRIBUTED_SCHEDULE ("gather" or "ring"), read on every call.
-            return distributed.infonce_across_devices(
-                embeddings[0], embeddings[1:], check=lambda: check_embeddings(embeddings, names), schedule=None,
-                **options,
+            loss = distributed.infonce_across_devices(
+                embeddings[0], embeddings[1:], check=check, schedule=None, **options
             )
-        check_embeddings(embeddings, names)
-        return functional.infonce_from_columns(embeddings[0], embeddings[1:], **options)
+        else:
+            check()
+            loss = functional.infonce_from_columns(embeddings[0], embeddings[1:], **options)
+        return warn_if_nonfinite(self, loss)
 
     def get_config_dict(self) -> dict[str, Any]:
         return {
@@ -175,16 +204,26 @@ class MultipleNegativesRankingLoss(nn.Module):
         return mnrl_citation(self.directions, self.partition_mode)
 
 
+SYMMETRIC_DEPRECATION = (
+    "{name} is deprecated in sentence-transformers 6.2, and so here: use {base}(model, directions=('query_to_doc', "
+    "'doc_to_query'), partition_mode='per_direction'), which computes the same loss."
+)
+
+
+@deprecated(SYMMETRIC_DEPRECATION.format(name="MultipleNegativesSymmetricRankingLoss",
+                                         base="MultipleNegativesRankingLoss"))
 class MultipleNegativesSymmetricRankingLoss(MultipleNegativesRankingLoss):
     def __init__(
         self,
         model=None,
         scale: float = 20.0,
-        similarity_fct: Callable[[Tensor, Tensor], Tensor] = reference.cos_sim,
+        similarity_fct: Callable[[Tensor, Tensor], Tensor] = COS_SIM,
         gather_across_devices: bool = False,
     ) -> None:
         """Symmetric InfoNCE: :class:`MultipleNegativesRankingLoss` with ``directions=("query_to_doc",
         "doc_to_query")`` and ``partition_mode="per_direction"`` (each direction's loss, averaged).
+
+        Deprecated, as in sentence-transformers 6.2: constructing one emits a ``DeprecationWarning``.
 
         Args:
             model: a SentenceTransformer, or ``None`` for :meth:`compute_loss_from_embeddings` only.

@@ -1,4 +1,4 @@
-"""The op contract every backend implements (maths: ``../shared/DESIGN.md``; oracle: ``embedloss_kernels.reference``).
+"""The op contract every backend implements (maths: ``docs/DESIGN.md``; oracle: ``embedloss_kernels.reference``).
 
 InfoNCE / MNRL op (one per backend: ``embedloss_torch::infonce``, ``embedloss_cpp::infonce``,
 ``embedloss_triton::infonce``), schema::

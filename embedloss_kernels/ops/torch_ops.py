@@ -1,4 +1,4 @@
-"""The ``torch`` backend: the row-block algorithm of DESIGN.md in plain PyTorch, on any device.
+"""The ``torch`` backend: the row-block algorithm of docs/DESIGN.md in plain PyTorch, on any device.
 
 Reads top to bottom: normalization helpers -> InfoNCE row-block forward (loss and gradients together) ->
 CoSENT sorted forward -> registered ops (``embedloss_torch::infonce``, ``embedloss_torch::cosent``) with their
