@@ -10,7 +10,7 @@ bytes each rank sends per step (gather: 2 (W-1) blocks of B x C x D; ring: those
 Our losses pick the schedule from ``EMBEDLOSS_DISTRIBUTED_SCHEDULE``, set here per provider. Writes
 ``--out``/distributed.json and distributed.png (time and memory against the local batch).
 
-    python benchmarks/bench_distributed.py [--world 2] [--batches 512 1024 2048 4096] [--dim 256] [--negatives 0]
+    python benchmarks/bench_distributed.py [--world 2] [--batches 512 1024 2048 4096 8192] [--dim 256] [--negatives 0]
         [--schedule gather|ring|both]
 
 RSS is what the allocator holds, not what tensors need: repeated runs of the same row vary by up to ~30% for ours
@@ -127,7 +127,7 @@ def plot(rows, env, args, path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world", type=int, default=2)
-    parser.add_argument("--batches", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    parser.add_argument("--batches", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--negatives", type=int, default=0)
     parser.add_argument("--schedule", choices=["gather", "ring", "both"], default="gather",

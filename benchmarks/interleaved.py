@@ -1,0 +1,132 @@
+"""Time ratios on a shared machine: every provider in one process, interleaved round by round.
+
+    python benchmarks/interleaved.py                                   # MNRL, B=8192, D=256, 1 hard negative
+    python benchmarks/interleaved.py --loss cosent --batch 65536 --rounds 7
+
+``throughput.py`` runs each provider in its own process, one after the other, which is what a clean peak-memory
+figure needs; but when other jobs share the CPU, the load changes between those processes and their time ratios
+drift with it. Here each round runs every provider once (in a rotated order), so the providers see the same load,
+and the figures are per-provider medians over rounds plus the median of the per-round ratios to
+sentence-transformers and to the floor. Memory is not measured here (use ``throughput.py``). The machine (``lscpu``
+model name, cores), the load average before and after, versions and commit are printed and written to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from throughput import _cosent_step, _mnrl_step  # noqa: E402
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or platform.machine()
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE.parent, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--loss", choices=["mnrl", "cosent"], default="mnrl")
+    parser.add_argument("--batch", type=int, default=8192)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--negatives", type=int, default=1, help="hard-negative columns (MNRL)")
+    parser.add_argument("--directions", nargs="+", default=["query_to_doc"])
+    parser.add_argument("--backends", nargs="+", default=None, help="our backends (default: every available one)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=HERE / "out")
+    args = parser.parse_args(argv)
+
+    import sentence_transformers
+    import torch
+
+    import embedloss_kernels as ek
+
+    torch.manual_seed(0)
+    backends = args.backends or ek.available_backends("cpu")
+    providers = [("ours", b) for b in backends] + [("sentence-transformers", None)]
+    if args.loss == "mnrl":
+        providers.append(("floor", None))
+    n_cols = 2 + args.negatives if args.loss == "mnrl" else 2
+    cols = [torch.randn(args.batch, args.dim, requires_grad=True) for _ in range(n_cols)]
+    labels = torch.rand(args.batch)
+    steps = {}
+    for provider, backend in providers:
+        spec = {"provider": provider, "backend": backend, "directions": args.directions}
+        if args.loss == "mnrl":
+            fn = _mnrl_step(spec, torch)
+            steps[(provider, backend)] = lambda fn=fn: fn(cols)
+        else:
+            fn = _cosent_step(spec, torch)
+            steps[(provider, backend)] = lambda fn=fn: fn(cols, labels)
+
+    env = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(), "commit": commit(),
+           "torch": torch.__version__, "sentence_transformers": sentence_transformers.__version__,
+           "python": platform.python_version(), "loadavg_before": os.getloadavg()}
+    print(f"{args.loss} B={args.batch} D={args.dim} fp32 on {env['cpu']} ({env['cores']} cores), commit "
+          f"{env['commit']}, torch {env['torch']}, sentence-transformers {env['sentence_transformers']}; "
+          f"load average before {env['loadavg_before'][0]:.2f}")
+    keys = list(steps)
+    for key in keys:  # warm-up
+        steps[key]()
+        for c in cols:
+            c.grad = None
+    times = {key: [] for key in keys}
+    for r in range(args.rounds):
+        order = keys[r % len(keys):] + keys[: r % len(keys)]
+        for key in order:
+            for c in cols:
+                c.grad = None
+            start = time.perf_counter()
+            steps[key]()
+            times[key].append((time.perf_counter() - start) * 1e3)
+    env["loadavg_after"] = os.getloadavg()
+
+    st_key = ("sentence-transformers", None)
+    rows = []
+    for key in keys:
+        row = {"provider": key[0] if key[1] is None else f"ours[{key[1]}]", "median_ms": statistics.median(times[key]),
+               "times_ms": times[key],
+               "ratio_to_st": statistics.median(t / s for t, s in zip(times[key], times[st_key]))}
+        if ("floor", None) in times:
+            row["ratio_to_floor"] = statistics.median(t / f for t, f in zip(times[key], times[("floor", None)]))
+        rows.append(row)
+    print(f"{'provider':24} {'median ms':>10} {'min':>8} {'max':>8} {'/ ST':>6} {'/ floor':>8}")
+    for row in rows:
+        floor = f"{row['ratio_to_floor']:.2f}" if "ratio_to_floor" in row else "-"
+        print(f"{row['provider']:24} {row['median_ms']:10.1f} {min(row['times_ms']):8.1f} {max(row['times_ms']):8.1f} "
+              f"{row['ratio_to_st']:6.2f} {floor:>8}")
+    print(f"load average after {env['loadavg_after'][0]:.2f}; {args.rounds} rounds")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"interleaved_{args.loss}_{args.batch}.json"
+    path.write_text(json.dumps({"environment": env, "args": {k: str(v) for k, v in vars(args).items()},
+                                "results": rows}, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
