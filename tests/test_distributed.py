@@ -252,14 +252,21 @@ def _worker(rank, world, init_file, out_dir, backends_, combo_list, unequal_size
         except ValueError as exc:
             res["error"] = str(exc)
         dist.barrier()  # the group still works after the error
-        # NaN embeddings on rank 0 only: through the module, every rank raises instead of the others hanging
+        # NaN embeddings on rank 0 only: the module returns a NaN loss on every rank, as sentence-transformers does
+        # (rank 0's columns reach every rank); with EMBEDLOSS_CHECK_FINITE=1 every rank raises instead of the others
+        # hanging
         cols = [t.requires_grad_(True) for t in world_columns(rank, 3, 2)]
         if rank == 0:
             cols[1].data[1, 2] = float("nan")
+        loss_fn = MultipleNegativesRankingLoss(None, gather_across_devices=True)
+        res["nan_loss"] = loss_fn.compute_loss_from_embeddings(cols, None).item()
+        os.environ["EMBEDLOSS_CHECK_FINITE"] = "1"
         try:
-            MultipleNegativesRankingLoss(None, gather_across_devices=True).compute_loss_from_embeddings(cols, None)
+            loss_fn.compute_loss_from_embeddings(cols, None)
         except ValueError as exc:
             res["nan_error"] = str(exc)
+        finally:
+            del os.environ["EMBEDLOSS_CHECK_FINITE"]
         dist.barrier()
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     except Exception:
@@ -372,6 +379,7 @@ def test_gather_across_devices_matches_st_and_world_oracle(world, unequal_sizes,
     # mismatched embedding dims: every rank raised the same clear ValueError
     errors = [res["error"] for res in results]
     assert all(e is not None and "same embedding dim" in e for e in errors), errors
+    assert all(res["nan_loss"] != res["nan_loss"] for res in results), [res["nan_loss"] for res in results]
     nan_errors = [res.get("nan_error") for res in results]
     assert "NaN or Inf" in nan_errors[0], nan_errors
     assert all("rank(s) [0] failed validation" in e for e in nan_errors[1:]), nan_errors
