@@ -76,16 +76,21 @@ def module_hardness_strength(hardness_strength) -> float:
     return value if value > 0.0 else 0.0
 
 
+def may_inspect_values() -> bool:
+    """Whether the modules may look at tensor values on the host (a sync): not while torch.compile traces (a
+    data-dependent branch breaks the graph), not under torch.func transforms (vmap has no single value to look at),
+    not with ``EMBEDLOSS_CHECK_FINITE=0``."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    return finite_check_setting() is not False
+
+
 def warn_if_nonfinite(module, loss: Tensor) -> Tensor:
     """Log once per module when its loss is NaN or Inf (NaN/Inf embeddings or labels, as sentence-transformers
     returns them: GradScaler and the Trainer's NaN filter can then skip the step). One host sync on the 0-dim loss
     per call until it has warned; none with ``EMBEDLOSS_CHECK_FINITE=0``, while torch.compile traces or under
     torch.func transforms."""
-    if getattr(module, "_warned_nonfinite", False):
-        return loss
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return loss  # no data-dependent branch in a traced graph; vmap has no single value to look at
-    if finite_check_setting() is False:
+    if getattr(module, "_warned_nonfinite", False) or not may_inspect_values():
         return loss
     if not bool(torch.isfinite(loss.detach())):
         object.__setattr__(module, "_warned_nonfinite", True)

@@ -15,6 +15,7 @@ from ._common import (
     PAIRWISE_COS_SIM,
     check_similarity_callable,
     embed_columns,
+    may_inspect_values,
     similarity_name,
     warn_if_nonfinite,
 )
@@ -99,9 +100,10 @@ class CoSENTLoss(nn.Module):
     def _pairs_loss(self, x: Tensor, y: Tensor, labels: Tensor) -> Tensor:
         check_similarity_callable(self.similarity_fct)
         similarity = self.similarity_fct
-        if labels.is_floating_point() and not bool(torch.isfinite(labels).all()):
-            # NaN / Inf labels (one host sync on the labels): the plain sorted computation with autograd orders and
-            # groups them as sentence-transformers does (NaN sorts last), so loss and gradients are its own
+        if labels.is_floating_point() and may_inspect_values() and not bool(torch.isfinite(labels).all()):
+            # NaN / Inf labels (one host sync on the labels; not looked for under torch.compile, torch.func or
+            # EMBEDLOSS_CHECK_FINITE=0): the plain sorted computation with autograd orders and groups them as
+            # sentence-transformers does (NaN sorts last), so loss and gradients are its own
             similarity = functional.unfused(similarity)
         loss = functional.cosent_from_pairs(x, y, labels, scale=self.scale, similarity=similarity)
         return warn_if_nonfinite(self, loss)
