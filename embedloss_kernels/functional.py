@@ -397,3 +397,9 @@ def angle_loss(
     check_embeddings(columns, ["anchor", "positive"] + [f"negatives[{i}]" for i in range(len(negatives))])
     x, y, pair_labels = angle_pairs(columns, labels, "angle_loss")
     return cosent_from_pairs(x, y, pair_labels, scale=check_scale(scale), similarity="angle", backend=backend)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GIST (guided in-batch negatives): embedloss_kernels/gist.py
+# ----------------------------------------------------------------------------------------------------------------
+from .gist import gist_loss  # noqa: E402, F401 - the public name

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import EPS
+from .ops import EPS, GIST_EPS
 
 SimilarityFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -155,3 +155,53 @@ def matryoshka_reference(
             shrink(queries, dim), [shrink(d, dim) for d in docs], similarity_fct=similarity_fct, **infonce_options
         )
     return loss
+
+
+def cosine_normalize(x: Tensor) -> Tensor:
+    """``x / max(||x||, 1e-8)`` with the clamp held constant for autograd: ``nn.CosineSimilarity``'s normalization
+    (its gradient keeps the radial term of a row shorter than eps, unlike ``F.normalize``)."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clone()
+    with torch.no_grad():
+        norm.clamp_min_(GIST_EPS)
+    return x / norm
+
+
+def gist_reference(
+    anchor: Tensor,
+    docs: Sequence[Tensor],
+    anchor_guide: Tensor,
+    docs_guide: Sequence[Tensor],
+    temperature: float = 0.01,
+    margin_strategy: str = "absolute",
+    margin: float = 0.0,
+    contrast_anchors: bool = True,
+    contrast_positives: bool = True,
+    row_start: int = 0,
+) -> Tensor:
+    """GISTEmbedLoss of the contract, materialized: ``anchor`` (B, D) this rank's anchors, ``docs`` the (Bw, D)
+    columns ``[positives, negatives...]`` of the world batch (anchor ``i``'s positive is row ``row_start + i``), and
+    the guide's embeddings of the same rows (no gradient reaches them)."""
+    b = anchor.shape[0]
+    local = torch.arange(b, device=anchor.device)
+    own = local + row_start
+    a, ps = cosine_normalize(anchor), [cosine_normalize(d) for d in docs]
+    with torch.no_grad():
+        ag, pgs = cosine_normalize(anchor_guide), [cosine_normalize(d) for d in docs_guide]
+        t = (ag * pgs[0][own]).sum(-1, keepdim=True)  # (B, 1): each row's threshold
+        bound = t - margin if margin_strategy == "absolute" else t - t.abs() * margin
+
+    def masked(sim: Tensor, guide_sim: Tensor, keep_positive: bool = False) -> Tensor:
+        mask = guide_sim > bound
+        if keep_positive:
+            mask[local, own] = False
+        return sim.masked_fill(mask, float("-inf"))
+
+    blocks = [masked(a @ ps[0].T, ag @ pgs[0].T, keep_positive=True)]
+    if contrast_anchors:
+        blocks.append(masked(a @ a.T, ag @ ag.T))
+    if contrast_positives:
+        blocks.append(masked(ps[0][own] @ ps[0].T, pgs[0][own] @ pgs[0].T))
+    for neg, neg_g in zip(ps[1:], pgs[1:]):
+        blocks.append(masked(a @ neg.T, ag @ neg_g.T))
+    logits = torch.cat(blocks, dim=1) / temperature
+    return F.cross_entropy(logits, own)

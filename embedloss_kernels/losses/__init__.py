@@ -5,12 +5,15 @@ from .multiple_negatives_ranking import MultipleNegativesRankingLoss, MultipleNe
 
 _CACHED = ("CachedMultipleNegativesRankingLoss", "CachedMultipleNegativesSymmetricRankingLoss")
 _MATRYOSHKA = ("MatryoshkaLoss", "Matryoshka2dLoss")
+_GIST = ("GISTEmbedLoss", "CachedGISTEmbedLoss")
 
 __all__ = [
     "AnglELoss",
     "CachedMultipleNegativesRankingLoss",
+    "CachedGISTEmbedLoss",
     "CachedMultipleNegativesSymmetricRankingLoss",
     "CoSENTLoss",
+    "GISTEmbedLoss",
     "Matryoshka2dLoss",
     "MatryoshkaLoss",
     "MultipleNegativesRankingLoss",
@@ -28,4 +31,9 @@ def __getattr__(name: str):
         from . import matryoshka
 
         return getattr(matryoshka, name)
+    if name in _GIST:
+        # subclasses of sentence-transformers' GIST losses: imported only when asked for
+        from . import gist_embed
+
+        return getattr(gist_embed, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -45,7 +45,34 @@ Matryoshka MNRL op (``embedloss_torch_matryoshka::matryoshka``, ``embedloss_cpp:
   prefix is L2-normalized (sentence-transformers' ``MatryoshkaLoss`` ``shrink``), so the similarity is always the
   cosine of the prefixes. Loss and gradients (w.r.t. the raw ``q``, ``a``) as for infonce.
 
-Cosine similarity normalizes with ``x / max(||x||, EPS)`` (``EPS`` = 1e-12, as ``F.normalize``).
+GIST (guided in-batch negatives, sentence-transformers' ``GISTEmbedLoss``) op, schema::
+
+    gist(Tensor anchor, Tensor candidates, Tensor anchor_guide, Tensor candidates_guide, int columns,
+         int row_start, float scale, int margin_strategy, float margin, bool contrast_anchors,
+         bool contrast_positives, bool compute_grad, int block_rows) -> (Tensor loss, Tensor grad_anchor,
+         Tensor grad_candidates)
+
+* ``anchor`` (B, D): this rank's anchors (never gathered); ``candidates`` (columns*Bw, D): the pool
+  ``[P; N_1; ...]`` of the (world) batch, Bw rows per column; anchor ``i``'s positive is candidate row
+  ``row_start + i``. ``anchor_guide`` (B, D') and ``candidates_guide`` (columns*Bw, D'): the guide model's
+  embeddings of the same rows (their own dtype and dim D'; same device). All contiguous, validated before the op.
+* Every similarity is cosine as ``nn.CosineSimilarity(dim=-1)`` computes it: ``x / max(||x||, GIST_EPS)``
+  (``GIST_EPS`` = 1e-8; the clamp is a constant for autograd, so the gradient of a row with ``0 < ||x|| < eps``
+  keeps its radial term scaled by ``max(||x||, eps) / ||x||``, and a zero row gets ``g / eps``).
+* Row threshold ``t_i = cos(a'_i, p'_{row_start+i})``; a candidate ``j`` of a block is masked (logit -inf) where
+  its guide similarity ``> t_i - margin`` (:data:`GIST_ABSOLUTE`) or ``> t_i - |t_i| * margin``
+  (:data:`GIST_RELATIVE`), strictly; the guide similarities and ``t`` are computed in the guide's work dtype.
+  The anchor's own positive is never masked; nothing else is exempt (the anchor-anchor diagonal follows the rule).
+* Blocks of row ``i``: anchor-positive ``cos(a_i, P)`` (Bw), anchor-anchor ``cos(a_i, A)`` (B, local anchors) if
+  ``contrast_anchors``, positive-positive ``cos(p_{row_start+i}, P)`` (Bw) if ``contrast_positives``,
+  anchor-negative ``cos(a_i, N_k)`` (Bw each). One softmax over all of them times ``scale`` (= 1/temperature),
+  target the positive; ``loss`` = the mean over the B rows, float32 (float64 for float64 inputs). A row whose every
+  candidate but its positive is masked contributes 0.
+* ``grad_anchor``, ``grad_candidates``: d loss / d anchor and d loss / d candidates (shapes and dtypes of the
+  inputs) when ``compute_grad``, else empty (0,) tensors. The guide gets no gradient. No tensor of size B x N is
+  kept: one row block at a time, the guide's products are one extra product per block, forward only.
+
+Cosine similarity (infonce, cosent) normalizes with ``x / max(||x||, EPS)`` (``EPS`` = 1e-12, as ``F.normalize``).
 """
 
 QUERY_TO_DOC = 1
@@ -76,6 +103,11 @@ SIM_ANGLE = 2
 
 EPS = 1e-12
 
+GIST_ABSOLUTE = 0
+GIST_RELATIVE = 1
+GIST_MARGIN_STRATEGIES = {"absolute": GIST_ABSOLUTE, "relative": GIST_RELATIVE}
+GIST_EPS = 1e-8  # nn.CosineSimilarity's eps
+
 INFONCE_SCHEMA = (
     "(Tensor q, Tensor a, int row_start, int row_count, float scale, bool cosine, int directions, bool joint, "
     "int hardness_mode, float hardness_strength, bool compute_grad, int block_rows) "
@@ -88,4 +120,9 @@ MATRYOSHKA_SCHEMA = (
     "(Tensor q, Tensor a, int[] dims, float[] weights, int row_start, int row_count, float scale, int directions, "
     "bool joint, int hardness_mode, float hardness_strength, bool compute_grad, int block_rows) "
     "-> (Tensor, Tensor, Tensor)"
+)
+GIST_SCHEMA = (
+    "(Tensor anchor, Tensor candidates, Tensor anchor_guide, Tensor candidates_guide, int columns, int row_start, "
+    "float scale, int margin_strategy, float margin, bool contrast_anchors, bool contrast_positives, "
+    "bool compute_grad, int block_rows) -> (Tensor, Tensor, Tensor)"
 )

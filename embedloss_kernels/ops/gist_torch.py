@@ -1,0 +1,181 @@
+"""GIST on the ``torch`` backend: ``embedloss_torch::gist`` (contract: ``embedloss_kernels/ops/__init__.py``).
+
+The row-block algorithm of the InfoNCE op with one more product per block: the guide's similarities of the block,
+compared with each row's threshold and turned into a ``-inf`` mask on the model's logits, then dropped. No
+normalized copies of the inputs are made: every product is taken on the raw rows and scaled by the inverse norms,
+and the gradients are accumulated with respect to the normalized rows (times their inverse norms) and mapped back
+through the normalization once at the end. Reads top to bottom: norms -> forward (loss and gradients together) ->
+registered op with its fake implementation and autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import GIST_ABSOLUTE, GIST_EPS, GIST_SCHEMA
+from .torch_ops import backward_scaled_grads, block_budget_bytes, setup_saved_grads, work_dtype
+
+
+def inverse_norms(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``1 / max(||x||, GIST_EPS)`` (the factor ``nn.CosineSimilarity`` divides by) and ``1 / ||x||`` (0 for a zero
+    row), both (n,)."""
+    norm = torch.linalg.vector_norm(x, dim=1)
+    inv_clamped = norm.clamp_min(GIST_EPS).reciprocal_()
+    inv_true = torch.where(norm > 0, norm.reciprocal(), torch.zeros_like(norm))
+    return inv_clamped, inv_true
+
+
+def normalization_backward_(x: Tensor, inv_clamped: Tensor, inv_true: Tensor, h: Tensor) -> Tensor:
+    """In place on ``h``: d loss / d x from ``h = (d loss / d x_hat) / max(||x||, eps)``, ``x_hat = x / max(||x||,
+    eps)`` with the clamp held constant (as ``nn.CosineSimilarity``)::
+
+        dx = h - x <x, h> / (max(||x||, eps) ||x||)        (the radial term is 0 for a zero row)
+    """
+    radial = (x * h).sum(dim=1).mul_(inv_clamped).mul_(inv_true)
+    return h.addcmul_(x, radial[:, None], value=-1.0)
+
+
+def row_thresholds(t: Tensor, margin_strategy: int, margin: float) -> Tensor:
+    """The guide similarity above which a candidate is masked: ``t - margin`` or ``t - |t| * margin``."""
+    return t - margin if margin_strategy == GIST_ABSOLUTE else t - t.abs() * margin
+
+
+def _auto_block_rows(width: int, elem: int) -> int:
+    # the block's logits (width), the guide product of its largest sub-block and its boolean mask, and the LSE's
+    # temporaries: three buffers of the block's width stay inside the budget
+    return max(1, int(block_budget_bytes() // (3 * elem * max(width, 1))))
+
+
+def gist_forward(
+    anchor: Tensor,
+    candidates: Tensor,
+    anchor_guide: Tensor,
+    candidates_guide: Tensor,
+    columns: int,
+    row_start: int,
+    scale: float,
+    margin_strategy: int,
+    margin: float,
+    contrast_anchors: bool,
+    contrast_positives: bool,
+    compute_grad: bool,
+    block_rows: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """GIST loss and (when ``compute_grad``) d loss / d anchor, d loss / d candidates, one block of anchor rows at a
+    time. With ``^`` the cosine-normalized rows, ``'`` the guide's and ``own = row_start + i``::
+
+        t_i = a'^_i . p'^_own;   mask(g) = g > t_i - margin  (or t_i - |t_i| margin), never at the positive
+        L = s * [a^_i C^T | a^_i A^T | p^_own P^T]   masked where mask(the guide's same product)
+        loss_i = LSE(L_i) - L_i[own];   G = (softmax - onehot) * s / B
+        d a^_i += G_c C^ + G_aa A^;  d C^ += G_c^T a^_i;  d A^ += G_aa^T a^_i
+        d p^_own += G_pp P^;  d P^ += G_pp^T p^_own
+    """
+    wd, gwd = work_dtype(anchor.dtype), work_dtype(anchor_guide.dtype)
+    a, c = anchor.to(wd), candidates.to(wd)
+    ag, cg = anchor_guide.to(gwd), candidates_guide.to(gwd)
+    b, bw = a.shape[0], c.shape[0] // columns
+    p, pg = c[:bw], cg[:bw]
+    inv_a, tinv_a = inverse_norms(a)
+    inv_c, tinv_c = inverse_norms(c)
+    ginv_a, _ = inverse_norms(ag)
+    ginv_c, _ = inverse_norms(cg)
+    inv_p, ginv_p = inv_c[:bw], ginv_c[:bw]
+
+    width = c.shape[0] + (b if contrast_anchors else 0) + (bw if contrast_positives else 0)
+    rows_per_block = block_rows if block_rows > 0 else _auto_block_rows(width, torch.finfo(wd).bits // 8)
+    ha = torch.zeros_like(a) if compute_grad else None  # d loss / d a^, divided by max(||a||, eps)
+    hc = torch.zeros_like(c) if compute_grad else None
+    loss_sum = torch.zeros((), dtype=wd, device=a.device)
+    neg_inf = float("-inf")
+
+    for r0 in range(0, b, rows_per_block):
+        r1 = min(r0 + rows_per_block, b)
+        n = r1 - r0
+        ar = torch.arange(n, device=a.device)
+        own = ar + (row_start + r0)  # the positive's row in the pool
+        a_blk, ag_blk = a[r0:r1], ag[r0:r1]
+        s_a = inv_a[r0:r1] * scale
+
+        # -- anchor vs the pool: the guide's similarities give the thresholds and the mask --
+        guide = (ag_blk @ cg.T).mul_(ginv_a[r0:r1, None]).mul_(ginv_c)  # (n, columns*Bw)
+        thr = row_thresholds(guide[ar, own], margin_strategy, margin)[:, None]
+        mask = guide > thr
+        del guide
+        mask[ar, own] = False
+        blocks = [(a_blk @ c.T).mul_(s_a[:, None]).mul_(inv_c).masked_fill_(mask, neg_inf)]
+        positive = blocks[0][ar, own].clone()
+        if contrast_anchors:
+            mask = (ag_blk @ ag.T).mul_(ginv_a[r0:r1, None]).mul_(ginv_a) > thr  # (n, B)
+            blocks.append((a_blk @ a.T).mul_(s_a[:, None]).mul_(inv_a).masked_fill_(mask, neg_inf))
+        if contrast_positives:
+            p0, p1 = row_start + r0, row_start + r1
+            mask = (pg[p0:p1] @ pg.T).mul_(ginv_p[p0:p1, None]).mul_(ginv_p) > thr  # (n, Bw)
+            blocks.append((p[p0:p1] @ p.T).mul_((inv_p[p0:p1] * scale)[:, None]).mul_(inv_p)
+                          .masked_fill_(mask, neg_inf))
+        del mask
+
+        # -- exact row LSE over every block (the positive is never masked, so the max is finite) --
+        row_max = torch.stack([blk.amax(dim=1) for blk in blocks]).amax(0)
+        total = sum(blk.sub_(row_max[:, None]).exp_().sum(1) for blk in blocks)
+        loss_sum += (row_max + total.log() - positive).sum()
+        if not compute_grad:
+            continue
+
+        # -- G = (softmax - onehot) * s / B, times the rows' and columns' inverse norms; then the products --
+        weight = (scale / b) / total
+        blocks[0].mul_((weight * inv_a[r0:r1])[:, None])
+        blocks[0][ar, own] -= (scale / b) * inv_a[r0:r1]
+        ha[r0:r1].addmm_(blocks[0].mul_(inv_c), c)
+        hc.addmm_(blocks[0].T, a_blk)
+        k = 1
+        if contrast_anchors:
+            g_aa = blocks[k].mul_((weight * inv_a[r0:r1])[:, None]).mul_(inv_a)
+            ha[r0:r1].addmm_(g_aa, a)
+            ha.addmm_(g_aa.T, a_blk)
+            k += 1
+        if contrast_positives:
+            g_pp = blocks[k].mul_((weight * inv_p[p0:p1])[:, None]).mul_(inv_p)
+            hc[p0:p1].addmm_(g_pp, p)
+            hc[:bw].addmm_(g_pp.T, p[p0:p1])
+        del blocks
+
+    loss = loss_sum / b
+    if not compute_grad:
+        return loss, anchor.new_empty((0,)), candidates.new_empty((0,))
+    da = normalization_backward_(a, inv_a, tinv_a, ha)
+    dc = normalization_backward_(c, inv_c, tinv_c, hc)
+    return loss, da.to(anchor.dtype), dc.to(candidates.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registered op
+# ----------------------------------------------------------------------------------------------------------------
+_lib = torch.library.Library("embedloss_torch", "FRAGMENT")
+_lib.define("gist" + GIST_SCHEMA)
+torch.library.impl("embedloss_torch::gist", "CompositeExplicitAutograd", lib=_lib)(gist_forward)
+
+
+def register_gist_fake(namespace: str, lib=None) -> None:
+    """Fake (meta) implementation of ``<namespace>::gist`` (every backend's op shares the contract's shapes)."""
+
+    def gist_fake(anchor, candidates, anchor_guide, candidates_guide, columns, row_start, scale, margin_strategy,
+                  margin, contrast_anchors, contrast_positives, compute_grad, block_rows):
+        loss = anchor.new_empty((), dtype=work_dtype(anchor.dtype))
+        if not compute_grad:
+            return loss, anchor.new_empty((0,)), anchor.new_empty((0,))
+        return loss, torch.empty_like(anchor), torch.empty_like(candidates)
+
+    torch.library.register_fake(f"{namespace}::gist", gist_fake, lib=lib)
+
+
+register_gist_fake("embedloss_torch", _lib)
+torch.library.register_autograd("embedloss_torch::gist", backward_scaled_grads, setup_context=setup_saved_grads,
+                                lib=_lib)
+
+
+def why_not(device: torch.device) -> str | None:
+    return None
+
+
+gist = torch.ops.embedloss_torch.gist
