@@ -47,6 +47,31 @@ def _auto_block_rows(width: int, elem: int) -> int:
     return max(1, int(block_budget_bytes() // (3 * elem * max(width, 1))))
 
 
+def masked_logits(
+    x: Tensor,
+    y: Tensor,
+    x_guide: Tensor,
+    y_guide: Tensor,
+    row_factor: Tensor,
+    col_inv: Tensor,
+    guide_row_inv: Tensor,
+    guide_col_inv: Tensor,
+    bound: Tensor,
+    exempt_start: int | None,
+) -> Tensor:
+    """One block of logits: ``x @ y.T`` times ``row_factor[i] * col_inv[j]`` (scale and inverse norms), ``-inf``
+    where the guide's similarity ``(x_guide @ y_guide.T) * guide_row_inv[i] * guide_col_inv[j] > bound[i]``, except
+    at column ``exempt_start + i`` (the row's own positive) when given. (n, m), in x's dtype.
+
+    The guide's product is the one extra product of the block (forward only); the triton backend computes the
+    same block in one kernel (``embedloss_kernels/triton/gist_kernels.py``)."""
+    mask = (x_guide @ y_guide.T).mul_(guide_row_inv[:, None]).mul_(guide_col_inv) > bound[:, None]
+    if exempt_start is not None:
+        ar = torch.arange(x.shape[0], device=x.device)
+        mask[ar, ar + exempt_start] = False
+    return (x @ y.T).mul_(row_factor[:, None]).mul_(col_inv).masked_fill_(mask, float("-inf"))
+
+
 def gist_forward(
     anchor: Tensor,
     candidates: Tensor,
@@ -61,6 +86,7 @@ def gist_forward(
     contrast_positives: bool,
     compute_grad: bool,
     block_rows: int,
+    block_logits=masked_logits,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """GIST loss and (when ``compute_grad``) d loss / d anchor, d loss / d candidates, one block of anchor rows at a
     time. With ``^`` the cosine-normalized rows, ``'`` the guide's and ``own = row_start + i``::
@@ -70,6 +96,9 @@ def gist_forward(
         loss_i = LSE(L_i) - L_i[own];   G = (softmax - onehot) * s / B
         d a^_i += G_c C^ + G_aa A^;  d C^ += G_c^T a^_i;  d A^ += G_aa^T a^_i
         d p^_own += G_pp P^;  d P^ += G_pp^T p^_own
+
+    ``block_logits``: the function forming one masked block (:func:`masked_logits`; the triton backend passes its
+    kernel's launcher), so the loss maths is written once.
     """
     wd, gwd = work_dtype(anchor.dtype), work_dtype(anchor_guide.dtype)
     a, c = anchor.to(wd), candidates.to(wd)
@@ -81,39 +110,34 @@ def gist_forward(
     ginv_a, _ = inverse_norms(ag)
     ginv_c, _ = inverse_norms(cg)
     inv_p, ginv_p = inv_c[:bw], ginv_c[:bw]
+    # every row's threshold t_i = cos(a'_i, p'_own), in the guide's precision
+    own_all = slice(row_start, row_start + b)
+    t = (ag * pg[own_all]).sum(1).mul_(ginv_a).mul_(ginv_p[own_all])
+    bounds = row_thresholds(t, margin_strategy, margin)
+    s_a, s_p = inv_a * scale, inv_p * scale
 
     width = c.shape[0] + (b if contrast_anchors else 0) + (bw if contrast_positives else 0)
     rows_per_block = block_rows if block_rows > 0 else _auto_block_rows(width, torch.finfo(wd).bits // 8)
     ha = torch.zeros_like(a) if compute_grad else None  # d loss / d a^, divided by max(||a||, eps)
     hc = torch.zeros_like(c) if compute_grad else None
     loss_sum = torch.zeros((), dtype=wd, device=a.device)
-    neg_inf = float("-inf")
 
     for r0 in range(0, b, rows_per_block):
         r1 = min(r0 + rows_per_block, b)
-        n = r1 - r0
-        ar = torch.arange(n, device=a.device)
-        own = ar + (row_start + r0)  # the positive's row in the pool
-        a_blk, ag_blk = a[r0:r1], ag[r0:r1]
-        s_a = inv_a[r0:r1] * scale
+        p0, p1 = row_start + r0, row_start + r1
+        ar = torch.arange(r1 - r0, device=a.device)
+        own = ar + p0  # the positive's row in the pool
+        a_blk, bound = a[r0:r1], bounds[r0:r1]
 
-        # -- anchor vs the pool: the guide's similarities give the thresholds and the mask --
-        guide = (ag_blk @ cg.T).mul_(ginv_a[r0:r1, None]).mul_(ginv_c)  # (n, columns*Bw)
-        thr = row_thresholds(guide[ar, own], margin_strategy, margin)[:, None]
-        mask = guide > thr
-        del guide
-        mask[ar, own] = False
-        blocks = [(a_blk @ c.T).mul_(s_a[:, None]).mul_(inv_c).masked_fill_(mask, neg_inf)]
+        # -- the masked blocks: anchor vs the pool (its positive exempt), anchor vs anchors, positive vs positives --
+        blocks = [block_logits(a_blk, c, ag[r0:r1], cg, s_a[r0:r1], inv_c, ginv_a[r0:r1], ginv_c, bound, p0)]
         positive = blocks[0][ar, own].clone()
         if contrast_anchors:
-            mask = (ag_blk @ ag.T).mul_(ginv_a[r0:r1, None]).mul_(ginv_a) > thr  # (n, B)
-            blocks.append((a_blk @ a.T).mul_(s_a[:, None]).mul_(inv_a).masked_fill_(mask, neg_inf))
+            blocks.append(block_logits(a_blk, a, ag[r0:r1], ag, s_a[r0:r1], inv_a, ginv_a[r0:r1], ginv_a, bound,
+                                       None))
         if contrast_positives:
-            p0, p1 = row_start + r0, row_start + r1
-            mask = (pg[p0:p1] @ pg.T).mul_(ginv_p[p0:p1, None]).mul_(ginv_p) > thr  # (n, Bw)
-            blocks.append((p[p0:p1] @ p.T).mul_((inv_p[p0:p1] * scale)[:, None]).mul_(inv_p)
-                          .masked_fill_(mask, neg_inf))
-        del mask
+            blocks.append(block_logits(p[p0:p1], p, pg[p0:p1], pg, s_p[p0:p1], inv_p, ginv_p[p0:p1], ginv_p, bound,
+                                       None))
 
         # -- exact row LSE over every block (the positive is never masked, so the max is finite) --
         row_max = torch.stack([blk.amax(dim=1) for blk in blocks]).amax(0)
@@ -153,7 +177,13 @@ def gist_forward(
 # ----------------------------------------------------------------------------------------------------------------
 _lib = torch.library.Library("embedloss_torch", "FRAGMENT")
 _lib.define("gist" + GIST_SCHEMA)
-torch.library.impl("embedloss_torch::gist", "CompositeExplicitAutograd", lib=_lib)(gist_forward)
+
+
+@torch.library.impl("embedloss_torch::gist", "CompositeExplicitAutograd", lib=_lib)
+def _gist_torch(anchor, candidates, anchor_guide, candidates_guide, columns, row_start, scale, margin_strategy, margin,
+                contrast_anchors, contrast_positives, compute_grad, block_rows):
+    return gist_forward(anchor, candidates, anchor_guide, candidates_guide, columns, row_start, scale,
+                        margin_strategy, margin, contrast_anchors, contrast_positives, compute_grad, block_rows)
 
 
 def register_gist_fake(namespace: str, lib=None) -> None:
