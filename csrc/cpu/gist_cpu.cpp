@@ -41,7 +41,7 @@ namespace {
 // exp(r) by its degree-6 Taylor-Horner polynomial (relative error ~2e-7), times 2^n built in the exponent bits.
 GIST_INLINE float exp_nonpositive(float x) {
   const float xc = std::max(x, -87.0f);
-  const float n = std::nearbyint(xc * 1.44269504088896341f);
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest: 1.5 * 2^23
   const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
   float p = 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
@@ -270,7 +270,9 @@ int64_t gist_block_rows(int64_t width, int64_t elem, int64_t rows) {
       mib = v;
     }
   }
-  // the logits and the guide similarities take a quarter of the budget together (the InfoNCE kernel's rule)
+  // the InfoNCE kernel's rule: the block's logits take a quarter of the budget (rows, not memory, set the BLAS
+  // efficiency: a block of the same rows as the InfoNCE op's runs its products as fast); the guide's similarities
+  // take as much again in the guide's dtype
   int64_t r = static_cast<int64_t>(mib * (1 << 20) / 4) / std::max<int64_t>(width * elem, 1);
   r = r >= 16 ? r / 8 * 8 : std::max<int64_t>(r, 1);
   return std::max<int64_t>(1, std::min(r, rows));
@@ -333,7 +335,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_cpu(
   p.compute_grad = compute_grad;
   const int64_t width = p.pool + (contrast_anchors ? b : 0) + (contrast_positives ? bw : 0);
   p.rows_per_block = block_rows > 0 ? std::min(block_rows, b)
-                                    : gist_block_rows(width, at::elementSize(work) + at::elementSize(gwork), b);
+                                    : gist_block_rows(width, at::elementSize(work), b);
 
   at::Tensor ha = compute_grad ? at::zeros_like(a) : at::Tensor();
   at::Tensor hc = compute_grad ? at::zeros_like(c) : at::Tensor();
