@@ -479,3 +479,47 @@ def test_trainer_two_steps_real_minilm_matches_sentence_transformers(tmp_path):
     assert moved > 1e-6  # the run did train
     for k in ref:
         torch.testing.assert_close(ours[k], ref[k], rtol=0, atol=1e-4, msg=lambda m: f"{k}: {m}")
+
+
+_COMPILE_SCRIPT = """
+import torch, triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from embedloss_kernels.compile_check import _ptxas, _usage
+from embedloss_kernels.ops.gist_triton import _tiles
+from embedloss_kernels.triton.gist_kernels import gist_masked_logits_kernel as fn
+
+for dt, torch_dt in (("fp32", torch.float32), ("fp64", torch.float64)):
+    acc = tl.float64 if dt == "fp64" else tl.float32
+    for prec in (("ieee", "tf32") if dt == "fp32" else ("ieee",)):
+        for dim in (16, 384):
+            bm, bn, bk = _tiles(dim, torch_dt, interpreted=False)
+            cst = dict(HAS_EXEMPT=True, BM=bm, BN=bn, BK=bk, BKG=bk, ACC=acc, GACC=acc, PREC=prec, GPREC=prec)
+            sig = {a: "constexpr" if a in cst else f"*{dt}" if a.endswith("_ptr") else "i32" for a in fn.arg_names}
+            for arch in (80, 90):
+                compiled = triton.compile(ASTSource(fn, sig, cst), target=GPUTarget("cuda", arch, 32),
+                                          options={"num_warps": 4})
+                regs, spills = _usage(compiled.asm["ptx"], arch, _ptxas(arch))
+                print(dt, prec, dim, arch, regs, spills)
+"""
+
+
+def test_triton_kernel_compiles_for_sm80_sm90_without_spills():
+    """No GPU here: the GIST kernel is compiled ahead of time (in a process without the interpreter) for every
+    tile config its launcher picks on a GPU (fp32 ieee/tf32, fp64; BK 16 and 32) and ptxas reports no spill."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    out = proc.stdout + proc.stderr
+    if "No module named 'triton.backends.nvidia" in out:
+        pytest.skip("this triton build has no NVIDIA backend to compile for")
+    assert proc.returncode == 0, out[-4000:]
+    rows = [line.split() for line in proc.stdout.splitlines()]
+    assert len(rows) == 12, out
+    for dt, prec, dim, arch, regs, spills in rows:
+        assert int(regs) > 0 and spills == "0", f"{dt} {prec} D={dim} sm_{arch}: {spills} bytes spilled ({regs} regs)"
