@@ -7,7 +7,6 @@ import here.
 
 from __future__ import annotations
 
-import importlib
 import math
 import numbers
 from collections.abc import Sequence
@@ -19,14 +18,8 @@ from torch import Tensor
 from . import _backends
 from ._validate import check_embeddings
 from .ops import GIST_MARGIN_STRATEGIES
+from .ops.autograd import loss_from_op, needs_grad
 from .ops.torch_ops import block_budget_bytes
-
-# The module holding each backend's gist op (kept apart from the backends' other ops).
-_GIST_MODULES = {
-    "torch": "embedloss_kernels.ops.gist_torch",
-    "cpp": "embedloss_kernels.ops.gist_cpp",
-    "triton": "embedloss_kernels.ops.gist_triton",
-}
 
 
 def check_temperature(temperature) -> float:
@@ -77,12 +70,23 @@ def check_guide(columns: Sequence[Tensor], guide, names: Sequence[str]) -> list[
 _loaded: dict[str, object] = {}
 
 
+def _import_gist(name: str):
+    # Plain import statements (as _backends does): torch.compile traces them, not importlib.import_module.
+    if name == "torch":
+        from .ops import gist_torch as module
+    elif name == "cpp":
+        from .ops import gist_cpp as module
+    else:
+        from .ops import gist_triton as module
+    return module
+
+
 def _gist_module(name: str):
-    """The backend's gist module, or a string saying why it could not be imported (cached: torch.compile traces
-    the lookup, not the import)."""
+    """The module holding backend ``name``'s gist op (kept apart from its other ops), or a string saying why it could
+    not be imported."""
     if name not in _loaded:
         try:
-            _loaded[name] = importlib.import_module(_GIST_MODULES[name])
+            _loaded[name] = _import_gist(name)
         except Exception as exc:  # noqa: BLE001 - any import failure makes the op unavailable on this backend
             _loaded[name] = f"{type(exc).__name__}: {exc}"
     return _loaded[name]
@@ -131,13 +135,11 @@ def gist_from_columns(
         anchor_guide = anchor_guide.detach().contiguous()
     a = anchor.contiguous()
     op = _gist_op(a.device, backend)
-    needs_grad = torch.is_grad_enabled() and (a.requires_grad or candidates.requires_grad)
-    loss, _, _ = op(
-        a, candidates, anchor_guide, candidates_guide, len(docs), row_start, 1.0 / temperature,
+    return loss_from_op(
+        op, a, candidates, anchor_guide, candidates_guide, len(docs), row_start, 1.0 / temperature,
         GIST_MARGIN_STRATEGIES[margin_strategy], margin, bool(contrast_anchors), bool(contrast_positives),
-        needs_grad, block_rows,
+        needs_grad(a, candidates), block_rows,
     )
-    return loss
 
 
 def gist_loss(

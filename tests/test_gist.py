@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 from conftest import DEVICE, is_interpreted
-from tiny_model import make_tiny_sentence_transformer, sentences
+from tiny_model import make_tiny_sentence_transformer, on_device, sentences
 
 from embedloss_kernels import _backends, functional, reference
 from embedloss_kernels.ops import GIST_ABSOLUTE, GIST_RELATIVE
@@ -372,7 +372,7 @@ def test_module_matches_sentence_transformers_config_and_errors(tiny_model):
 
 
 def _features(model, n_cols, batch, seed):
-    return [model.preprocess(sentences(batch, seed + c)) for c in range(n_cols)]
+    return [on_device(model.preprocess(sentences(batch, seed + c)), model.device) for c in range(n_cols)]
 
 
 def _param_grads(model):
@@ -457,10 +457,10 @@ def test_trainer_two_steps_real_minilm_matches_sentence_transformers(tmp_path):
                                         "negative": sentences(16, 3)})
     params = []
     for name, cls in (("st", st_losses.GISTEmbedLoss), ("ours", losses.GISTEmbedLoss)):
-        model = SentenceTransformer(path, device="cpu")
-        guide = SentenceTransformer(path, device="cpu")
+        model = SentenceTransformer(path, device=str(DEVICE))
+        guide = SentenceTransformer(path, device=str(DEVICE))
         args = Args(output_dir=str(tmp_path / name), per_device_train_batch_size=8, max_steps=2, report_to=[],
-                    save_strategy="no", use_cpu=True, learning_rate=1e-4, seed=11, data_seed=11,
+                    save_strategy="no", use_cpu=DEVICE.type == "cpu", learning_rate=1e-4, seed=11, data_seed=11,
                     dataloader_drop_last=True)
         trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train,
                                              loss=cls(model, guide, margin=0.05))
@@ -474,8 +474,8 @@ def test_trainer_two_steps_real_minilm_matches_sentence_transformers(tmp_path):
             card = (tmp_path / "saved" / "README.md").read_text()
             assert "GISTEmbedLoss" in card and '"margin": 0.05' in card
     ref, ours = params
-    moved = max((ref[k].float() - v.float()).abs().max().item() for k, v in SentenceTransformer(
-        path, device="cpu").state_dict().items())
+    moved = max((ref[k].float() - v.float().to(ref[k].device)).abs().max().item() for k, v in SentenceTransformer(
+        path, device=str(DEVICE)).state_dict().items())
     assert moved > 1e-6  # the run did train
     for k in ref:
         torch.testing.assert_close(ours[k], ref[k], rtol=0, atol=1e-4, msg=lambda m: f"{k}: {m}")

@@ -1,6 +1,6 @@
-"""GIST with gather_across_devices on 2 and 3 gloo ranks: each rank's loss and gradients (anchor, positive, negative
-embeddings) equal sentence-transformers' GISTEmbedLoss with gather_across_devices=True under the same process group,
-on every CPU backend, float64."""
+"""GIST with gather_across_devices on 2 and 3 gloo ranks (CPU on purpose: gloo): each rank's loss and gradients
+(anchor, positive, negative embeddings) equal sentence-transformers' GISTEmbedLoss with gather_across_devices=True
+under the same process group, on every CPU backend, float64."""
 
 from __future__ import annotations
 
