@@ -220,6 +220,8 @@ def _gist_step(spec, torch):
 def run_worker(spec: dict) -> dict:
     import torch
 
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     device = torch.device(spec["device"])
     dtype = getattr(torch, spec["dtype"])
@@ -346,7 +348,7 @@ def build_specs(args, device: str) -> list[dict]:
     except ImportError:
         have_st = False
     specs = []
-    common = dict(device=device, dtype=args.dtype, dim=args.dim, repeats=args.repeats)
+    common = dict(device=device, dtype=args.dtype, dim=args.dim, repeats=args.repeats, threads=args.threads)
     for loss in args.losses:
         sizes = {"mnrl": args.batch_sizes, "cosent": args.cosent_batch_sizes,
                  "matryoshka": args.matryoshka_batch_sizes, "gist": args.gist_batch_sizes}[loss]
@@ -496,6 +498,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per measurement (default: torch's); 1 on a loaded shared machine, where "
+                             "idle-waiting threads distort multi-threaded timings")
     parser.add_argument("--reference-max-batch", type=int, default=8192)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per measurement process")
     parser.add_argument("--out", type=Path, default=HERE / "out")
