@@ -72,7 +72,8 @@ GIST (guided in-batch negatives, sentence-transformers' ``GISTEmbedLoss``) op, s
   inputs) when ``compute_grad``, else empty (0,) tensors. The guide gets no gradient. No tensor of size B x N is
   kept: one row block at a time, the guide's products are one extra product per block, forward only.
 
-Cosine similarity (infonce, cosent) normalizes with ``x / max(||x||, EPS)`` (``EPS`` = 1e-12, as ``F.normalize``).
+Cosine similarity (infonce, cosent, matryoshka) normalizes with ``x / max(||x||, EPS)`` (``EPS`` = 1e-12, as
+``F.normalize``).
 """
 
 QUERY_TO_DOC = 1
