@@ -371,6 +371,20 @@ def test_module_matches_sentence_transformers_config_and_errors(tiny_model):
         ours.compute_loss_from_embeddings(emb, emb)
 
 
+@pytest.mark.parametrize("name", ["GISTEmbedLoss", "CachedGISTEmbedLoss"])
+def test_signatures_match_sentence_transformers(name):
+    """Constructor, forward and calculate_loss: the same parameter names, kinds and defaults as 6.2's."""
+    import inspect
+
+    def params(fn):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    ours, theirs = getattr(_modules(), name), getattr(st_losses, name)
+    for method in ("__init__", "forward", "calculate_loss", "get_config_dict"):
+        if hasattr(theirs, method):
+            assert params(getattr(ours, method)) == params(getattr(theirs, method)), method
+
+
 def _features(model, n_cols, batch, seed):
     return [on_device(model.preprocess(sentences(batch, seed + c)), model.device) for c in range(n_cols)]
 

@@ -135,7 +135,7 @@ class GISTEmbedLoss(_STGISTEmbedLoss):
         )
         _check_options(self)
 
-    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
         sentence_features = list(sentence_features)
         # shallow copies for the guide: a model writes its outputs into the features it is given
         guide_features = [dict(feature) for feature in sentence_features]
