@@ -110,8 +110,13 @@ def test_mnrl_float32_error_within_4x_sentence_transformers(backend, seed):
     floor = 2e-6
     assert loss.dtype == torch.float64  # .double() of a float32 loss
     assert rel_err(loss, exact_loss) <= 4 * rel_err(st32_loss, exact_loss) + floor, cfg
+    # A gradient that is exactly zero in float64 (a saturated softmax, D=1 under cosine) has no relative error to
+    # compare: there a difference of one fp32 ulp of a softmax entry times the scale counts as round-off (the
+    # exp2/LSE of the Triton kernels round such an entry to 1 - 2^-24 where sentence-transformers gets exactly 1).
+    zero_floor = cfg["scale"] * torch.finfo(torch.float32).eps
     for i, (g, g_st, ref) in enumerate(zip(grads, st32_grads, exact_grads)):
-        assert rel_err(g, ref) <= 4 * rel_err(g_st, ref) + floor, f"column {i} ({cfg})"
+        err = rel_err(g, ref, floor=zero_floor if ref.norm() < zero_floor else 1e-10)
+        assert err <= 4 * rel_err(g_st, ref) + floor, f"column {i} ({cfg})"
 
 
 def test_fp32_loss_dtype_and_grad_dtype(backend):

@@ -114,7 +114,10 @@ def finish_grad(x: Tensor, rx: Tensor, v: Tensor, cosine: bool, out: Tensor) -> 
     for r0, r1 in _row_chunks(x):
         vr = v[r0:r1]
         if cosine:
-            xh = x[r0:r1].to(v.dtype) * rx[r0:r1, None]
+            # x / max(|x|, EPS), divided as F.normalize does: x * rx rounds twice, and a row whose gradient is
+            # exactly zero (D=1, or v parallel to x) would keep a round-off residue of v's size.
+            xr = x[r0:r1].to(v.dtype)
+            xh = xr / torch.linalg.vector_norm(xr, dim=1, keepdim=True).clamp_min_(EPS)
             clamped = rx[r0:r1, None] >= (1 - 1e-6) / EPS  # norm <= EPS (rx rounded in fp32)
             radial = (xh * vr).sum(1, keepdim=True).masked_fill_(clamped, 0.0)
             vr = vr - xh * radial
