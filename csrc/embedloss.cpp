@@ -1,8 +1,12 @@
 // embedloss_cpp ops: schemas, CPU kernels, autograd and the Python module embedloss_kernels._C.
 //
-// Every op returns (loss, grad_first, grad_second) with the gradients computed in the forward pass; the autograd
-// kernel saves them and its backward calls embedloss_cpp::scaled_grads (grad_output * saved gradients) through the
-// dispatcher. Double backward is refused: nothing of the loss's graph is kept.
+// Every op returns (loss, grad_first, grad_second, grad_scale) with the gradients computed in the forward pass; the
+// autograd kernel saves the input gradients and its backward calls embedloss_cpp::scaled_grads (grad_output * saved
+// gradients) through the dispatcher. Double backward is refused: nothing of the loss's graph is kept. The saved
+// gradients are SavedVariables, released by the first backward: a second one without retain_graph raises PyTorch's
+// "Trying to backward through the graph a second time". (The Python layer, embedloss_kernels/ops/autograd.py, wraps
+// these ops in its own autograd.Function for forward mode, torch.func and the scale's gradient; this one serves
+// direct calls of torch.ops.embedloss_cpp.*.)
 #include <Python.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -26,8 +30,9 @@ variable_list backward_from_saved(AutogradContext* ctx, const variable_list& gra
   TORCH_CHECK(!at::GradMode::is_enabled(),
               "embedloss_kernels losses do not support double backward (create_graph=True): their gradient is "
               "computed in the forward pass. Use embedloss_kernels.reference for higher-order derivatives.");
-  const at::Tensor grad_first = ctx->saved_data["grad_first"].toTensor();
-  const at::Tensor grad_second = ctx->saved_data["grad_second"].toTensor();
+  const variable_list saved = ctx->get_saved_variables();  // raises once a backward has released them
+  const at::Tensor& grad_first = saved[0];
+  const at::Tensor& grad_second = saved[1];
   TORCH_CHECK(ctx->saved_data["compute_grad"].toBool(),
               "the loss was computed without gradients (compute_grad=False) but backward was called");
   variable_list out(n_inputs);
@@ -40,11 +45,10 @@ variable_list backward_from_saved(AutogradContext* ctx, const variable_list& gra
 }
 
 void save_grads(AutogradContext* ctx, const at::Tensor& grad_first, const at::Tensor& grad_second,
-                bool compute_grad) {
+                const at::Tensor& grad_scale, bool compute_grad) {
   ctx->saved_data["compute_grad"] = compute_grad;
-  ctx->saved_data["grad_first"] = grad_first;
-  ctx->saved_data["grad_second"] = grad_second;
-  ctx->mark_non_differentiable({grad_first, grad_second});
+  ctx->save_for_backward({grad_first, grad_second});
+  ctx->mark_non_differentiable({grad_first, grad_second, grad_scale});
 }
 
 class InfonceFunction : public torch::autograd::Function<InfonceFunction> {
@@ -57,10 +61,10 @@ class InfonceFunction : public torch::autograd::Function<InfonceFunction> {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("embedloss_cpp::infonce", "")
                          .typed<decltype(infonce_cpu)>();
-    auto [loss, grad_q, grad_a] = op.call(q, a, row_start, row_count, scale, cosine, directions, joint,
-                                          hardness_mode, hardness_strength, compute_grad, block_rows);
-    save_grads(ctx, grad_q, grad_a, compute_grad);
-    return {loss, grad_q, grad_a};
+    auto [loss, grad_q, grad_a, grad_scale] = op.call(q, a, row_start, row_count, scale, cosine, directions, joint,
+                                                      hardness_mode, hardness_strength, compute_grad, block_rows);
+    save_grads(ctx, grad_q, grad_a, grad_scale, compute_grad);
+    return {loss, grad_q, grad_a, grad_scale};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -76,9 +80,9 @@ class CosentFunction : public torch::autograd::Function<CosentFunction> {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("embedloss_cpp::cosent", "")
                          .typed<decltype(cosent_cpu)>();
-    auto [loss, grad_x, grad_y] = op.call(x, y, labels, scale, similarity, compute_grad);
-    save_grads(ctx, grad_x, grad_y, compute_grad);
-    return {loss, grad_x, grad_y};
+    auto [loss, grad_x, grad_y, grad_scale] = op.call(x, y, labels, scale, similarity, compute_grad);
+    save_grads(ctx, grad_x, grad_y, grad_scale, compute_grad);
+    return {loss, grad_x, grad_y, grad_scale};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -86,20 +90,20 @@ class CosentFunction : public torch::autograd::Function<CosentFunction> {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_autograd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_autograd(
     const at::Tensor& q, const at::Tensor& a, int64_t row_start, int64_t row_count, double scale, bool cosine,
     int64_t directions, bool joint, int64_t hardness_mode, double hardness_strength, bool compute_grad,
     int64_t block_rows) {
   auto out = InfonceFunction::apply(q, a, row_start, row_count, scale, cosine, directions, joint, hardness_mode,
                                     hardness_strength, compute_grad, block_rows);
-  return {out[0], out[1], out[2]};
+  return {out[0], out[1], out[2], out[3]};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cosent_autograd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cosent_autograd(
     const at::Tensor& x, const at::Tensor& y, const at::Tensor& labels, double scale, int64_t similarity,
     bool compute_grad) {
   auto out = CosentFunction::apply(x, y, labels, scale, similarity, compute_grad);
-  return {out[0], out[1], out[2]};
+  return {out[0], out[1], out[2], out[3]};
 }
 
 }  // namespace
@@ -110,10 +114,10 @@ TORCH_LIBRARY(embedloss_cpp, m) {
   m.def(
       "infonce(Tensor q, Tensor a, int row_start, int row_count, float scale, bool cosine, int directions, "
       "bool joint, int hardness_mode, float hardness_strength, bool compute_grad, int block_rows) "
-      "-> (Tensor, Tensor, Tensor)");
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "cosent(Tensor x, Tensor y, Tensor labels, float scale, int similarity, bool compute_grad) "
-      "-> (Tensor, Tensor, Tensor)");
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("scaled_grads(Tensor grad_loss, Tensor grad_first, Tensor grad_second) -> (Tensor, Tensor)");
 }
 

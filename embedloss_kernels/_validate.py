@@ -15,13 +15,43 @@ VALID_PARTITION_MODES = ("joint", "per_direction")
 VALID_HARDNESS_MODES = (None, "in_batch_negatives", "hard_negatives", "all_negatives")
 
 
-def check_scale(scale, name: str = "scale") -> float:
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+def scale_value(scale) -> float:
+    """The value of a scale as the ops take it: a float (a symbolic one under ``torch.compile(dynamic=True)``).
+
+    A tensor scale is read with one host sync (``float(tensor)``), which ``torch.compile(fullgraph=True)`` cannot trace
+    unless ``torch._dynamo.config.capture_scalar_outputs`` is set.
+    """
+    if isinstance(scale, torch.SymFloat):
+        return scale
+    if isinstance(scale, torch.SymInt):
+        return torch.sym_float(scale)
+    if isinstance(scale, Tensor):
+        return float(scale.detach().reshape(()))
+    return float(scale)
+
+
+def check_scale(scale, name: str = "scale", *, positive: bool = True, finite: bool = True):
+    """``scale`` checked: a real number (bools and numpy scalars included, as sentence-transformers takes them) or a
+    one-element real tensor (kept as it is, so that a learnable scale gets its gradient). ``positive``: the value must
+    be > 0 (MNRL); else any value but NaN (CoSENT / AnglE, where 0 and negative scales are meaningful). ``finite``:
+    reject infinity (the functional API; the drop-in modules accept ``inf`` as sentence-transformers does, and give
+    its NaN). Returns ``scale`` (a number as a float)."""
+    if isinstance(scale, Tensor):
+        if scale.numel() != 1 or scale.is_complex():
+            raise TypeError(f"{name} must be a real number or a one-element real tensor, got a tensor of shape "
+                            f"{tuple(scale.shape)} and dtype {scale.dtype}")
+        value = scale_value(scale)
+    elif isinstance(scale, (numbers.Real, torch.SymInt, torch.SymFloat)):
+        value = scale = scale_value(scale)
+    else:
         raise TypeError(f"{name} must be a real number, got {type(scale).__name__} ({scale!r})")
-    if not isinstance(scale, torch.SymFloat):  # a symbolic float under torch.compile(dynamic=True) stays symbolic
-        scale = float(scale)
-    if not (0 < scale < math.inf):  # comparisons, not math.isfinite: torch.compile traces them on a symbolic float
-        raise ValueError(f"Scale must be a positive value. Got {name}={scale!r}; expected a finite number > 0.")
+    # Comparisons, not math.isfinite / math.isnan: torch.compile traces them on a symbolic float.
+    if positive and not value > 0:
+        raise ValueError(f"Scale must be a positive value. Got {name}={value!r}; expected a number > 0.")
+    if not positive and not value == value:
+        raise ValueError(f"{name} must not be NaN, got {name}={value!r}")
+    if finite and not -math.inf < value < math.inf:
+        raise ValueError(f"{name} must be finite, got {name}={value!r}")
     return scale
 
 

@@ -28,6 +28,7 @@ a warning).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 
@@ -36,6 +37,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import functional, ring
+from ._validate import scale_value
 
 _META_FIELDS = 5  # rows, dim, columns, dtype code, schedule: gathered before the embeddings, every rank checks them
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
@@ -243,12 +245,15 @@ def infonce_across_devices(
             return functional.matryoshka_from_columns(queries, docs, *matryoshka, **options)
         return functional.infonce_from_columns(queries, docs, **options)
     kind = functional.resolve_similarity(options.get("similarity", "cosine"))
-    use_ring = chosen[0] == "ring" and kind is not None and matryoshka is None
+    scale = scale_value(options.get("scale", 20.0))
+    # the ring needs a fused similarity and a finite, non-zero scale (the gather schedule's op handles the rest)
+    use_ring = (chosen[0] == "ring" and kind is not None and matryoshka is None and scale != 0
+                and -math.inf < scale < math.inf)
     if chosen[0] == "ring" and matryoshka is not None:
         functional.warn_once(
             "ring-matryoshka", "the ring schedule does not cover the Matryoshka loss; it runs the gather schedule."
         )
-    elif chosen[0] == "ring" and not use_ring:
+    elif chosen[0] == "ring" and kind is None:
         functional.warn_once(
             "ring-unfused-similarity",
             "the ring schedule covers cosine and dot similarity only; this similarity_fct runs the gather schedule.",

@@ -6,6 +6,7 @@ No sentence-transformers import here: these functions serve users with their own
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -19,6 +20,7 @@ from ._validate import (
     check_labels,
     check_matryoshka_dims,
     check_scale,
+    scale_value,
 )
 from .ops import DIRECTION_BITS, HARDNESS_CODES, SIM_ANGLE, SIM_COSINE, SIM_DOT
 from .ops.autograd import loss_from_op, needs_grad
@@ -111,6 +113,22 @@ def _similarity_name(fn) -> str:
     return getattr(fn, "__qualname__", None) or type(fn).__name__
 
 
+def _fused_scale(scale) -> tuple[float | None, Tensor | None]:
+    """The scale's value for a fused op and the tensor that gets its gradient (``None`` for a number); value
+    ``None`` when the fused op must not run: an infinite scale (every logit is infinite: the loss is NaN, as
+    sentence-transformers', which the plain computation reproduces) or a learnable scale at 0 (its gradient
+    identity divides by the scale)."""
+    value = scale_value(scale)
+    param = scale if isinstance(scale, Tensor) else None
+    if not -math.inf < value < math.inf:
+        warn_once("infinite-scale", f"scale={value}: every logit is infinite, so the loss and its gradients are NaN "
+                  "(as sentence-transformers'); running the plain PyTorch computation.")
+        return None, param
+    if param is not None and value == 0:
+        return None, param
+    return value, param
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # MNRL / InfoNCE
 # ----------------------------------------------------------------------------------------------------------------
@@ -133,6 +151,7 @@ def infonce_from_columns(
     and the loss averages over anchor rows ``row_start .. row_start + row_count - 1``."""
     row_count = queries.shape[0] - row_start if row_count is None else row_count
     kind = resolve_similarity(similarity)
+    value, param = _fused_scale(scale)
     if kind is None:
         if not isinstance(similarity, unfused):
             warn_once_per_callable(
@@ -141,8 +160,12 @@ def infonce_from_columns(
                 f"similarity_fct {_similarity_name(similarity)} is not fused (only cosine and dot product are); "
                 "running the plain materialized PyTorch computation.",
             )
+    if kind is None or value is None:
+        plain = similarity if kind is None else {"cosine": reference.cos_sim, "dot": reference.dot_score}[kind]
+        if len(docs) == 1 and docs[0].shape[0] != queries.shape[0]:  # a candidate pool [P; N_1; ...] in one tensor
+            docs = list(docs[0].view(-1, *queries.shape).unbind(0))
         return reference.infonce_reference(
-            queries, docs, scale, similarity, directions, partition_mode, hardness_mode, hardness_strength,
+            queries, docs, scale, plain, directions, partition_mode, hardness_mode, hardness_strength,
             row_start, row_count,
         )
     if block_rows == 0:
@@ -155,8 +178,8 @@ def infonce_from_columns(
     q = queries.contiguous()
     op = _backends.get_backend(q.device, backend).infonce
     return loss_from_op(
-        op, q, candidates, row_start, row_count, scale, kind == "cosine", bits, partition_mode == "joint", hardness,
-        hardness_strength, needs_grad(q, candidates), block_rows,
+        op, q, candidates, row_start, row_count, value, kind == "cosine", bits, partition_mode == "joint", hardness,
+        hardness_strength, needs_grad(q, candidates, *(() if param is None else (param,))), block_rows, scale=param,
     )
 
 
@@ -179,7 +202,8 @@ def multiple_negatives_ranking_loss(
         queries: (B, D) anchors.
         positives: (B, D) the positive document of each query.
         *negatives: any number of (B, D) hard-negative columns.
-        scale: inverse temperature, finite and > 0.
+        scale: inverse temperature, finite and > 0: a number, or a one-element tensor (an ``nn.Parameter`` gets
+            its gradient ``d loss / d scale``, computed in the same fused pass; reading its value costs one host sync).
         similarity: ``"cosine"``, ``"dot"``, or a callable ``(a, b) -> (n, m)`` (not fused: plain PyTorch).
         directions, partition_mode, hardness_mode, hardness_strength: as sentence-transformers'
             ``MultipleNegativesRankingLoss``.
@@ -192,7 +216,7 @@ def multiple_negatives_ranking_loss(
     columns = [queries, positives, *negatives]
     names = ["queries", "positives"] + [f"negatives[{i}]" for i in range(len(negatives))]
     check_embeddings(columns, names)
-    scale = check_scale(scale)
+    scale = check_scale(scale, positive=True, finite=True)
     directions = check_directions(directions, partition_mode)
     hardness_strength = check_hardness(hardness_mode, hardness_strength)
     if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 0:
@@ -252,6 +276,12 @@ def matryoshka_from_columns(
             partition_mode=partition_mode, hardness_mode=hardness_mode, hardness_strength=hardness_strength,
             row_start=row_start, row_count=row_count,
         )
+    if isinstance(scale, Tensor) and scale.requires_grad:
+        raise NotImplementedError(
+            "embedloss_kernels: the fused Matryoshka loss has no gradient for a learnable (requires_grad) scale yet; "
+            "pass a number, or a tensor that does not require grad"
+        )
+    scale = scale_value(scale)
     if block_rows == 0:
         block_budget_bytes()
     bits = 0
@@ -301,7 +331,7 @@ def matryoshka_mnrl_loss(
     names = ["queries", "positives"] + [f"negatives[{i}]" for i in range(len(negatives))]
     check_embeddings(columns, names)
     dims, weights = check_matryoshka_dims(dims, weights, queries.shape[1])
-    scale = check_scale(scale)
+    scale = check_scale(scale, positive=True, finite=True)
     directions = check_directions(directions, partition_mode)
     hardness_strength = check_hardness(hardness_mode, hardness_strength)
     if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 0:
@@ -321,6 +351,8 @@ def cosent_from_pairs(
 ) -> Tensor:
     """CoSENT on already-validated pairs and flat labels."""
     code = resolve_pair_similarity(similarity)
+    value = scale_value(scale)
+    param = scale if isinstance(scale, Tensor) else None
     if code is None:
         if not isinstance(similarity, unfused):
             warn_once_per_callable(
@@ -330,12 +362,18 @@ def cosent_from_pairs(
                 "are); running the plain PyTorch computation.",
             )
         return reference.cosent_pairs_reference(x, y, labels, scale, similarity)
+    if not -math.inf < value < math.inf:
+        _fused_scale(scale)  # says why the plain computation runs
+        plain = {SIM_COSINE: reference.pairwise_cos_sim, SIM_DOT: reference.pairwise_dot_score,
+                 SIM_ANGLE: reference.pairwise_angle_sim}[code]
+        return reference.cosent_pairs_reference(x, y, labels, scale, plain)
     if labels.dtype == torch.bool:
         labels = labels.int()
     labels = labels.to(device=x.device, dtype=torch.float64)
     x, y = x.contiguous(), y.contiguous()
     op = _backends.get_backend(x.device, backend).cosent
-    return loss_from_op(op, x, y, labels, scale, code, needs_grad(x, y))
+    tensors = (x, y) if param is None else (x, y, param)
+    return loss_from_op(op, x, y, labels, value, code, needs_grad(*tensors), scale=param)
 
 
 def cosent_loss(
@@ -352,12 +390,14 @@ def cosent_loss(
     Args:
         x, y: (B, D) the two sides of each pair.
         labels: (B,) similarity labels (float, int or bool); ties never form a pair.
-        scale: inverse temperature, finite and > 0.
+        scale: a finite number (0 and negative values allowed, as sentence-transformers'), or a one-element tensor
+            (an ``nn.Parameter`` gets its gradient).
         similarity: ``"cosine"``, ``"dot"``, ``"angle"`` or a pairwise callable ``(a, b) -> (n,)``.
     """
     check_embeddings([x, y], ["x", "y"])
     labels = check_labels(labels, x.shape[0], "cosent_loss")
-    return cosent_from_pairs(x, y, labels, scale=check_scale(scale), similarity=similarity, backend=backend)
+    scale = check_scale(scale, positive=False, finite=True)
+    return cosent_from_pairs(x, y, labels, scale=scale, similarity=similarity, backend=backend)
 
 
 def angle_pairs(
@@ -396,7 +436,8 @@ def angle_loss(
     columns = [anchor, positive, *negatives]
     check_embeddings(columns, ["anchor", "positive"] + [f"negatives[{i}]" for i in range(len(negatives))])
     x, y, pair_labels = angle_pairs(columns, labels, "angle_loss")
-    return cosent_from_pairs(x, y, pair_labels, scale=check_scale(scale), similarity="angle", backend=backend)
+    scale = check_scale(scale, positive=False, finite=True)
+    return cosent_from_pairs(x, y, pair_labels, scale=scale, similarity="angle", backend=backend)
 
 
 # ----------------------------------------------------------------------------------------------------------------

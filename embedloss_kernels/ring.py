@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ._validate import scale_value
 from .ops import DIRECTION_BITS, HARDNESS_CODES, HARDNESS_NONE, torch_ops
 
 _TAG_COLUMNS, _TAG_GRADS = 11, 12  # gloo matches messages on (peer, tag); NCCL on issue order, the same everywhere
@@ -149,7 +150,7 @@ def _visiting_blocks(ring: _Ring, own: Tensor, send_own: Tensor | None, docs: in
 
 class _RingInfoNCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, ring: _Ring, *columns: Tensor) -> Tensor:
+    def forward(ctx, ring: _Ring, scale: Tensor | None, *columns: Tensor) -> Tensor:
         b, d = columns[0].shape
         docs = len(columns) - 1
         bmax = max(ring.sizes)
@@ -197,6 +198,7 @@ class _RingInfoNCE(torch.autograd.Function):
         loss = ((lse.mean(0) - positive).sum() / b).to(wd)
         ctx.ring, ctx.dims = ring, (b, d, docs)
         ctx.in_dtype = columns[0].dtype
+        ctx.scale_like = None if scale is None else (scale.dtype, scale.shape)
         ctx.save_for_backward(own, send_own, q_norm, a_norm, lse)
         return loss
 
@@ -221,6 +223,10 @@ class _RingInfoNCE(torch.autograd.Function):
 
         dq_rows = torch.zeros_like(q_own)
         da_rows = torch.zeros_like(a_own)  # the anchors' positives are its first b rows
+        # d loss / d scale: sum <v, dv> over every vector this rank's logits touched (its rows, and each visiting
+        # block's columns with this rank's share of their gradient) is 2 s grad_output dL/ds (ops/__init__.py)
+        want_scale = ctx.scale_like is not None and ctx.needs_input_grad[1]
+        radial = own.new_zeros(())
         accs: list[Tensor] = []
         acc_in = torch.empty_like(own) if world > 1 else None
         acc_reqs: list = []
@@ -247,6 +253,8 @@ class _RingInfoNCE(torch.autograd.Function):
                 torch_ops.accumulate_block_grads(logits, q_own[i0:i1], p_rows, q_cols, a_cols, dq_rows[i0:i1],
                                                  da_rows[i0:i1], dq_cols, da_cols)
                 del logits
+            if want_scale:  # this rank's share only: the partial sum from rank - 1 is added below
+                radial += torch.vdot(work.reshape(-1), acc.reshape(-1))
             if world > 1:
                 if t > 0:
                     _wait(acc_reqs)
@@ -257,6 +265,12 @@ class _RingInfoNCE(torch.autograd.Function):
             total = acc_in
         else:
             total = accs[0]
+        d_scale = None
+        if want_scale:
+            radial += torch.vdot(q_own.reshape(-1), dq_rows.reshape(-1))
+            radial += torch.vdot(a_own.reshape(-1), da_rows.reshape(-1))
+            dtype, shape = ctx.scale_like
+            d_scale = (radial / (2.0 * ring.scale)).to(dtype).reshape(shape)
         dq_cols, da_cols = _views(total, b, bmax, docs)
         dq = dq_rows.add_(dq_cols)
         da = da_rows.add_(da_cols)
@@ -264,7 +278,7 @@ class _RingInfoNCE(torch.autograd.Function):
             dq = torch_ops.normalize_rows_backward(q_own, q_norm, dq)
             da = torch_ops.normalize_rows_backward(a_own, a_norm, da)
         grads = [dq, *da.view(docs, b, d).unbind(0)]
-        return None, *(g.to(ctx.in_dtype) for g in grads)
+        return None, d_scale, *(g.to(ctx.in_dtype) for g in grads)
 
 
 def infonce_ring(
@@ -272,7 +286,7 @@ def infonce_ring(
     sizes: Sequence[int],
     group=None,
     *,
-    scale: float,
+    scale: float | Tensor,
     cosine: bool,
     directions: Sequence[str],
     partition_mode: str,
@@ -291,8 +305,8 @@ def infonce_ring(
         bits |= DIRECTION_BITS[name]
     hardness = HARDNESS_CODES[hardness_mode] if hardness_strength > 0 else HARDNESS_NONE
     ring = _Ring(
-        sizes=tuple(int(s) for s in sizes), rank=dist.get_rank(group), group=group, scale=float(scale),
+        sizes=tuple(int(s) for s in sizes), rank=dist.get_rank(group), group=group, scale=scale_value(scale),
         cosine=bool(cosine), directions=bits, joint=partition_mode == "joint", hardness_mode=hardness,
         alpha=float(hardness_strength) if hardness != HARDNESS_NONE else 0.0, block_rows=int(block_rows),
     )
-    return _RingInfoNCE.apply(ring, *columns)
+    return _RingInfoNCE.apply(ring, scale if isinstance(scale, Tensor) else None, *columns)

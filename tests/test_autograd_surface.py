@@ -230,3 +230,47 @@ def test_compile_fullgraph_is_the_first_call_in_a_fresh_process(backend, dynamic
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0 and "compiled ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+# -- 4. the cpp op's own autograd (direct calls of torch.ops.embedloss_cpp.*) ----------------------------------------
+def test_cpp_op_backward_twice_raises_like_pytorch():
+    # the C++ extension computes on CPU: this test runs on CPU on purpose, whatever DEVICE is
+    from embedloss_kernels import _backends
+
+    reason = _backends.why_not("cpp", "cpu")
+    if reason is not None:
+        pytest.skip(f"cpp backend unavailable: {reason}")
+    from embedloss_kernels.ops import QUERY_TO_DOC, SIM_COSINE
+
+    q, a = (torch.randn(4, 6, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    labels = torch.tensor([0.1, 0.5, 0.2, 0.9], dtype=torch.float64)
+    for out in (torch.ops.embedloss_cpp.infonce(q, a, 0, 4, 20.0, True, QUERY_TO_DOC, True, 0, 0.0, True, 0),
+                torch.ops.embedloss_cpp.cosent(q, a, labels, 20.0, SIM_COSINE, True)):
+        loss = out[0]
+        loss.backward()
+        grad = q.grad.clone()
+        with pytest.raises(RuntimeError, match="Trying to backward through the graph a second time"):
+            loss.backward()
+        torch.testing.assert_close(q.grad, grad)  # not doubled
+        torch.testing.assert_close(grad, out[1])
+        q.grad = None
+
+
+# -- 5. very large norms: normalized before the products, as F.normalize (sentence-transformers) does ----------------
+@pytest.mark.parametrize("dtype,magnitude", [(torch.float32, 1e19), (torch.float32, 3e18), (torch.bfloat16, 1e30),
+                                             (torch.float32, 1.5e19), (torch.float64, 1e150)])
+def test_large_norms_do_not_overflow(backend, dtype, magnitude):
+    gen = torch.Generator().manual_seed(11)
+    cols = [(torch.randn(5, 3, generator=gen, dtype=torch.float64) * magnitude).to(dtype).to(DEVICE)
+            for _ in range(3)]
+    ours = [c.clone().requires_grad_() for c in cols]
+    loss = functional.multiple_negatives_ranking_loss(*ours, directions=reference_directions(), backend=backend)
+    loss.backward()
+    ref_cols = [c.clone().requires_grad_() for c in cols]  # the reference normalizes in the input dtype, as ST
+    ref = reference.infonce_reference(ref_cols[0], ref_cols[1:], directions=reference_directions())
+    ref.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(c.grad).all() for c in ours)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.float(), ref.float(), **tol)
+    for c, r in zip(ours, ref_cols):
+        torch.testing.assert_close(c.grad.double() * magnitude, r.grad.double() * magnitude, **tol)

@@ -34,7 +34,7 @@ at::Tensor angle_partner(const at::Tensor& v, double sign) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cosent_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cosent_cpu(
     const at::Tensor& x, const at::Tensor& y, const at::Tensor& labels, double scale, int64_t similarity,
     bool compute_grad) {
   TORCH_CHECK(x.dim() == 2 && x.sizes() == y.sizes(), "embedloss_cpp::cosent: x and y must be (B, D) alike, got ",
@@ -67,7 +67,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosent_cpu(
   } else {
     z = (xf * yf).sum(1);
   }
-  at::Tensor t = (similarity == kSimAngle ? z.abs() : z).to(at::kDouble).mul_(scale).contiguous();
+  const at::Tensor sim = (similarity == kSimAngle ? z.abs() : z).to(at::kDouble).contiguous();
+  at::Tensor t = sim * scale;
   at::Tensor lab = labels.to(at::kDouble).contiguous();
 
   // -- sort by label, then running log-sum-exps --
@@ -97,14 +98,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosent_cpu(
   }
   at::Tensor loss_t = at::scalar_tensor(loss, x.options().dtype(work));
   if (!compute_grad) {
-    // Two distinct tensors: outputs of an op must not alias each other.
-    return {loss_t, at::empty({0}, x.options()), at::empty({0}, x.options())};
+    // Distinct tensors: outputs of an op must not alias each other.
+    return {loss_t, at::empty({0}, x.options()), at::empty({0}, x.options()), at::empty({0}, loss_t.options())};
   }
 
+  // d loss / d t_k, and d loss / d scale = sum_k d loss / d t_k sim_k directly (any scale, 0 included)
   at::Tensor dsim = at::empty({B}, x.options().dtype(at::kDouble));
   double* dp = dsim.data_ptr<double>();
+  const double* simp = sim.data_ptr<double>();
+  double grad_scale = 0.0;
   for (int64_t k = 0; k < B; ++k) {
-    dp[order[k]] = (std::exp(as_lower[k] - loss) - std::exp(as_higher[k] - loss)) * scale;
+    const double dt = std::exp(as_lower[k] - loss) - std::exp(as_higher[k] - loss);
+    grad_scale += dt * simp[order[k]];
+    dp[order[k]] = dt * scale;
   }
   at::Tensor dx, dy;
   if (similarity == kSimAngle) {
@@ -120,7 +126,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosent_cpu(
     dx = normalize_rows_backward_(xf, x_norm, dx).narrow(1, 0, D);
     dy = normalize_rows_backward_(yf, y_norm, dy).narrow(1, 0, D);
   }
-  return {loss_t, dx.to(x.scalar_type()).contiguous(), dy.to(y.scalar_type()).contiguous()};
+  return {loss_t, dx.to(x.scalar_type()).contiguous(), dy.to(y.scalar_type()).contiguous(),
+          at::scalar_tensor(grad_scale, loss_t.options())};
 }
 
 }  // namespace embedloss

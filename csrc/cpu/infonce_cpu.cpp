@@ -336,7 +336,7 @@ at::Tensor normalize_rows_backward_(const at::Tensor& x_hat, const at::Tensor& n
   return grad_hat.addcmul_(x_hat, radial, -1.0).div_(norm);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_cpu(
     const at::Tensor& q, const at::Tensor& a, int64_t row_start, int64_t row_count, double scale, bool cosine,
     int64_t directions, bool joint, int64_t hardness_mode, double hardness_strength, bool compute_grad,
     int64_t block_rows) {
@@ -359,7 +359,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_cpu(
 
   const auto work = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // fp32/fp64 inputs are used in place (no copy); fp16/bf16 are widened once.
-  const at::Tensor qf = q.detach().to(work).contiguous(), af = a.detach().to(work).contiguous();
+  const at::Tensor q_in = q.detach().to(work).contiguous(), a_in = a.detach().to(work).contiguous();
 
   InfonceArgs p;
   p.bq = bq;
@@ -376,11 +376,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_cpu(
   p.use_qq = directions & kQueryToQuery;
   p.use_dq = directions & kDocToQuery;
   p.use_dd = directions & kDocToDoc;
+  // Cosine runs its products on the raw rows (no normalized copies), scaled by 1/||row|| in the row pass. Rows so
+  // long that a raw product could overflow (||q|| ||a|| near the dtype's max, e.g. 1e19 in fp32) are normalized
+  // first, exactly as F.normalize does (so a norm that itself overflows gives zeros, as there): the kernel then sees
+  // unit rows, and d/dv = (d/du) / ||v|| after the normalization's backward. Rows clamped at eps keep their clamp.
+  at::Tensor rescale_q, rescale_a;  // the norms divided out up front, when that was needed
+  at::Tensor qf = q_in, af = a_in;
   if (cosine) {
     p.nq = qf.norm(2, {1}).clamp_min_(kEps);
     p.na = af.norm(2, {1}).clamp_min_(kEps);
-    p.inv_nq = p.nq.reciprocal();
-    p.inv_na = p.na.reciprocal();
+    const double largest = std::max(p.nq.max().item<double>(), p.na.max().item<double>());
+    const double limit = std::sqrt((work == at::kDouble ? std::numeric_limits<double>::max()
+                                                        : static_cast<double>(std::numeric_limits<float>::max())) / 16);
+    if (!(largest <= limit)) {
+      rescale_q = p.nq;
+      rescale_a = p.na;
+      qf = qf / rescale_q.unsqueeze(1);
+      af = af / rescale_a.unsqueeze(1);
+      // unit rows now; rows clamped at eps keep a norm <= eps so that their backward takes no radial part
+      p.nq = at::where(rescale_q <= kEps, rescale_q, at::ones_like(rescale_q));
+      p.na = at::where(rescale_a <= kEps, rescale_a, at::ones_like(rescale_a));
+      p.inv_nq = at::ones_like(p.nq);
+      p.inv_na = at::ones_like(p.na);
+    } else {
+      p.inv_nq = p.nq.reciprocal();
+      p.inv_na = p.na.reciprocal();
+    }
   }
   const int64_t width = p.cols * (1 + p.use_dd) + bq * (p.use_qq + p.use_dq);
   p.rows_per_block = block_rows > 0 ? std::min(block_rows, row_count)
@@ -394,16 +415,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_cpu(
   });
   at::Tensor loss = at::scalar_tensor(loss_sum / static_cast<double>(row_count), q.options().dtype(work));
   if (!compute_grad) {
-    // Two distinct tensors: outputs of an op must not alias each other.
-    return {loss, at::empty({0}, q.options()), at::empty({0}, q.options())};
+    // Distinct tensors: outputs of an op must not alias each other.
+    return {loss, at::empty({0}, q.options()), at::empty({0}, q.options()), at::empty({0}, loss.options())};
   }
+  // d loss / d scale: each logit s sim(v, w) sends s G sim to both of its vectors, so sum <v, d/dv> over the rows
+  // the products ran on is 2 s dL/ds; under cosine the accumulators hold (d/dv_hat) / ||v||, and <v, acc> is
+  // <v_hat, d/dv_hat> again. scale > 0 here (the Python layer routes 0 to the direct computation).
+  at::Tensor grad_scale = (at::vdot(qf.reshape(-1), dq.reshape(-1)) + at::vdot(af.reshape(-1), da.reshape(-1)))
+                              .div_(2.0 * scale);
   if (cosine) {
     AT_DISPATCH_FLOATING_TYPES(qf.scalar_type(), "embedloss_infonce_normalize_backward", [&] {
       scaled_normalize_backward_<scalar_t>(qf, p.nq, dq);
       scaled_normalize_backward_<scalar_t>(af, p.na, da);
     });
+    if (rescale_q.defined()) {
+      dq.div_(rescale_q.unsqueeze(1));
+      da.div_(rescale_a.unsqueeze(1));
+    }
   }
-  return {loss, dq.to(q.scalar_type()), da.to(a.scalar_type())};
+  return {loss, dq.to(q.scalar_type()), da.to(a.scalar_type()), grad_scale};
 }
 
 }  // namespace embedloss

@@ -23,12 +23,14 @@ constexpr int64_t kSimAngle = 2;
 
 constexpr double kEps = 1e-12;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_cpu(
+// Both ops return (loss, d loss / d first, d loss / d second, d loss / d scale); the gradients are empty (0,) tensors
+// without compute_grad.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_cpu(
     const at::Tensor& q, const at::Tensor& a, int64_t row_start, int64_t row_count, double scale, bool cosine,
     int64_t directions, bool joint, int64_t hardness_mode, double hardness_strength, bool compute_grad,
     int64_t block_rows);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cosent_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cosent_cpu(
     const at::Tensor& x, const at::Tensor& y, const at::Tensor& labels, double scale, int64_t similarity,
     bool compute_grad);
 

@@ -84,7 +84,8 @@ class CoSENTLoss(nn.Module):
         """
         super().__init__()
         self.model = model
-        self.scale = check_scale(scale)
+        check_scale(scale, positive=False, finite=False)
+        self.scale = scale  # kept as given (an nn.Parameter gets its gradient), as sentence-transformers does
         self.similarity_fct = similarity_fct  # any value, as sentence-transformers; called (checked) in forward
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
@@ -124,7 +125,7 @@ class AnglELoss(CoSENTLoss):
 
         Args:
             model: a SentenceTransformer, or ``None`` for :meth:`compute_loss_from_embeddings` only.
-            scale: inverse temperature, finite and > 0.
+            scale: as :class:`CoSENTLoss` (any real number or a one-element tensor; a Parameter is learned).
 
         Requirements:
             Sentence pairs with float labels, or (anchor, positive, negative_1, ..., negative_n) tuples: those

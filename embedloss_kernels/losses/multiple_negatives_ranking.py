@@ -133,7 +133,8 @@ class MultipleNegativesRankingLoss(nn.Module):
         """
         super().__init__()
         self.model = model
-        self.scale = check_scale(scale)
+        check_scale(scale, positive=True, finite=False)
+        self.scale = scale  # kept as given (an nn.Parameter gets its gradient), as sentence-transformers does
         self.similarity_fct = similarity_fct  # any value, as sentence-transformers; called (checked) in forward
         self.gather_across_devices = bool(gather_across_devices)
         self.directions = check_directions(directions, partition_mode)
@@ -227,7 +228,7 @@ class MultipleNegativesSymmetricRankingLoss(MultipleNegativesRankingLoss):
 
         Args:
             model: a SentenceTransformer, or ``None`` for :meth:`compute_loss_from_embeddings` only.
-            scale: inverse temperature, finite and > 0.
+            scale: inverse temperature, > 0; a number or a one-element tensor (a Parameter is learned).
             similarity_fct: cosine (default) or dot product are fused; other callables run plain PyTorch.
             gather_across_devices: gather embeddings over torch.distributed ranks.
 

@@ -5,7 +5,7 @@ InfoNCE / MNRL op (one per backend: ``embedloss_torch::infonce``, ``embedloss_cp
 
     infonce(Tensor q, Tensor a, int row_start, int row_count, float scale, bool cosine, int directions,
             bool joint, int hardness_mode, float hardness_strength, bool compute_grad, int block_rows)
-        -> (Tensor loss, Tensor grad_q, Tensor grad_a)
+        -> (Tensor loss, Tensor grad_q, Tensor grad_a, Tensor grad_scale)
 
 * ``q`` (Bq, D): every query (the world batch under ``gather_across_devices``); ``a`` (K*Bq, D): the candidate
   pool ``[P; N_1; ...; N_{K-1}]``, so the docs of query ``g`` are rows ``g + c*Bq``. Same dtype and device,
@@ -19,17 +19,23 @@ InfoNCE / MNRL op (one per backend: ``embedloss_torch::infonce``, ``embedloss_cp
 * ``loss``: 0-dim, the mean over local rows; float32 (float64 for float64 inputs).
 * ``grad_q``, ``grad_a``: d loss / d q and d loss / d a (shapes and dtypes of ``q`` and ``a``) when
   ``compute_grad``; else empty tensors of shape (0,). Backward multiplies them by ``grad_output``.
+* ``grad_scale``: d loss / d scale, 0-dim in the loss's dtype, when ``compute_grad`` (else empty (0,)): the sum of
+  ``G * sim`` over every logit (the hardness penalty is stop-gradient, so it adds nothing). It costs one reduction:
+  each logit ``s * sim(x, y)`` sends ``s * G * sim`` to both of its vectors, so ``sum <v, dv>`` over the vectors that
+  enter the products (normalized under cosine, before the normalization's backward) is ``2 s dL/ds``.
+  ``scale`` is > 0 here (MNRL); the module layer never calls the op with 0.
 * ``block_rows``: anchor rows per block; 0 lets the backend choose (a hint a backend may ignore).
 
 CoSENT / AnglE op, schema::
 
     cosent(Tensor x, Tensor y, Tensor labels, float scale, int similarity, bool compute_grad)
-        -> (Tensor loss, Tensor grad_x, Tensor grad_y)
+        -> (Tensor loss, Tensor grad_x, Tensor grad_y, Tensor grad_scale)
 
 * ``x``, ``y`` (B, D), ``labels`` (B,) float64; ``similarity``: :data:`SIM_COSINE` | :data:`SIM_DOT` |
   :data:`SIM_ANGLE` (``|cos + sin|`` of AnglE, dims ``i`` and ``i + ceil(D/2)`` paired, odd D zero-padded).
 * ``loss = log(1 + sum_{y_i > y_j} exp(t_j - t_i))`` with ``t = scale * sim(x, y)``; float32 (float64 for
-  float64 inputs). Gradients as for infonce.
+  float64 inputs). Gradients as for infonce; ``grad_scale = sum_k d loss / d t_k * sim_k`` directly, so any real
+  ``scale`` (0 and negative values too) is allowed.
 
 Matryoshka MNRL op (``embedloss_torch_matryoshka::matryoshka``, ``embedloss_cpp::matryoshka``,
 ``embedloss_triton_matryoshka::matryoshka``; maths in ``embedloss_kernels/ops/torch_matryoshka.py``), schema::
@@ -112,10 +118,11 @@ GIST_EPS = 1e-8  # nn.CosineSimilarity's eps
 INFONCE_SCHEMA = (
     "(Tensor q, Tensor a, int row_start, int row_count, float scale, bool cosine, int directions, bool joint, "
     "int hardness_mode, float hardness_strength, bool compute_grad, int block_rows) "
-    "-> (Tensor, Tensor, Tensor)"
+    "-> (Tensor, Tensor, Tensor, Tensor)"
 )
 COSENT_SCHEMA = (
-    "(Tensor x, Tensor y, Tensor labels, float scale, int similarity, bool compute_grad) -> (Tensor, Tensor, Tensor)"
+    "(Tensor x, Tensor y, Tensor labels, float scale, int similarity, bool compute_grad) "
+    "-> (Tensor, Tensor, Tensor, Tensor)"
 )
 MATRYOSHKA_SCHEMA = (
     "(Tensor q, Tensor a, int[] dims, float[] weights, int row_start, int row_count, float scale, int directions, "

@@ -96,6 +96,14 @@ def _row_chunks(x: Tensor):
         yield r0, min(r0 + step, x.shape[0])
 
 
+def radial_sum(x: Tensor, v: Tensor) -> Tensor:
+    """``sum_i <x_i, v_i>`` in ``v``'s dtype, a few rows at a time (no full-size upcast copy of ``x``)."""
+    total = torch.zeros((), dtype=v.dtype, device=v.device)
+    for r0, r1 in _row_chunks(x):
+        total += torch.vdot(x[r0:r1].to(v.dtype).reshape(-1), v[r0:r1].reshape(-1))
+    return total
+
+
 def inv_norms(x: Tensor, cosine: bool) -> Tensor:
     """``1 / max(||x_i||, EPS)`` per row in the accumulator dtype (ones for dot products), a few rows at a time
     so that no full-size upcast copy of ``x`` exists."""
@@ -140,6 +148,8 @@ class BlockGrads:
         self.dq = torch.zeros_like(q)
         self.vq = None if self.direct_q else torch.zeros(q.shape, dtype=acc, device=q.device)
         self.va = torch.zeros(a.shape, dtype=acc, device=a.device)
+        # sum <x, v> over every row of q and a: <x, dX^ / |x|> = <x^, dX^>, what d loss / d scale is made of
+        self.radial = torch.zeros((), dtype=acc, device=q.device)
 
     def _sides(self, name: str):
         """(row inputs, their v accumulator, column inputs, their v accumulator) of a direction block."""
@@ -151,6 +161,7 @@ class BlockGrads:
         if name == "qd" and self.direct_q:  # dQ of these rows is complete after this one product
             u = mm_acc(g, y)
             u.mul_(self.alpha)
+            self.radial += radial_sum(x[r0:r1], u)
             finish_grad(x[r0:r1], self.rq[r0:r1], u, self.cosine, self.dq[r0:r1])
         else:
             addmm_acc_(vx[r0:r1], g, y, self.alpha)
@@ -161,18 +172,26 @@ class BlockGrads:
         rows ``r0 .. r1 - 1`` and ``gtx = G~^T X`` for every column, both without ``alpha``."""
         (x, vx), (_, vy) = self._sides(name)
         if name == "qd" and self.direct_q:
-            finish_grad(x[r0:r1], self.rq[r0:r1], gy.mul_(self.alpha), self.cosine, self.dq[r0:r1])
+            gy.mul_(self.alpha)
+            self.radial += radial_sum(x[r0:r1], gy)
+            finish_grad(x[r0:r1], self.rq[r0:r1], gy, self.cosine, self.dq[r0:r1])
         else:
             vx[r0:r1].add_(gy, alpha=self.alpha)
         vy.add_(gtx, alpha=self.alpha)
 
     def finish(self) -> tuple[Tensor, Tensor]:
         if self.vq is not None:
+            self.radial += radial_sum(self.q, self.vq)
             finish_grad(self.q, self.rq, self.vq, self.cosine, self.dq)
             self.vq = None
+        self.radial += radial_sum(self.a, self.va)
         da = finish_grad(self.a, self.ra, self.va, self.cosine, torch.empty_like(self.a))
         self.va = None
         return self.dq, da
+
+    def scale_grad(self, scale: float) -> Tensor:
+        """d loss / d scale after :meth:`finish`: ``sum <x^, dX^> / (2 scale)`` (ops/__init__.py); scale != 0."""
+        return self.radial / (2.0 * scale)
 
 
 def block_budget(device: torch.device) -> float:

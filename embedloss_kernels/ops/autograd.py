@@ -1,13 +1,14 @@
 """One autograd for every backend's loss-and-gradients op: reverse mode, forward mode, ``torch.func`` and compile.
 
-Every op of the contract (``ops/__init__.py``) returns ``(loss, grad_first, grad_second)`` with the gradients of the
-scalar loss already computed in its forward pass. :func:`loss_from_op` calls it through :class:`LossFromSavedGrads`,
-which gives the loss every derivative PyTorch can ask of a scalar function whose gradient is known:
+Every op of the contract (``ops/__init__.py``) returns ``(loss, grad_first, grad_second, grad_scale)`` with the
+gradients of the scalar loss already computed in its forward pass. :func:`loss_from_op` calls it through
+:class:`LossFromSavedGrads`, which gives the loss every derivative PyTorch can ask of a scalar function whose
+gradient is known:
 
 * reverse mode (``backward``, ``torch.autograd.grad``, ``torch.func.grad`` / ``vjp`` / ``jacrev``):
-  ``d first = grad_output * grad_first`` (and ``second`` likewise);
+  ``d first = grad_output * grad_first`` (``second`` and a tensor ``scale`` likewise);
 * forward mode (``torch.autograd.forward_ad``, ``torch.func.jvp`` / ``jacfwd``): the loss's tangent is
-  ``<grad_first, tangent_first> + <grad_second, tangent_second>``;
+  ``<grad_first, tangent_first> + <grad_second, tangent_second> (+ grad_scale * tangent_scale)``;
 * ``torch.func.vmap``: the op runs once per batch entry (the :meth:`LossFromSavedGrads.vmap` rule);
 * ``torch.compile(fullgraph=True)``: dynamo cannot trace an ``autograd.Function`` with a custom ``jvp``, so while
   compiling the same function without it (:class:`CompiledLossFromSavedGrads`) is used (forward mode then raises
@@ -85,42 +86,54 @@ def _dot(saved: Tensor, tangent: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 class CompiledLossFromSavedGrads(torch.autograd.Function):
-    """``apply(op, first, second, *rest) -> (loss, grad_first, grad_second)`` with ``op(first, second, *rest)`` a
-    loss-and-gradients op; the loss is differentiable, the gradients are not. No forward mode (traceable by dynamo)."""
+    """``apply(op, scale, first, second, *rest) -> (loss, grad_first, grad_second, grad_scale)`` with
+    ``op(first, second, *rest)`` a loss-and-gradients op (``rest`` holds the scale's value as a float) and ``scale``
+    the scale as the user gave it: a tensor (a learnable scale gets ``grad_output * grad_scale``) or a number. The
+    loss is differentiable, the gradients are not. No forward mode (traceable by dynamo)."""
 
     @staticmethod
-    def forward(op, first: Tensor, second: Tensor, *rest):
+    def forward(op, scale, first: Tensor, second: Tensor, *rest):
         return op(first, second, *rest)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        _, first, second, *_ = inputs
-        _, grad_first, grad_second = output
-        ctx.mark_non_differentiable(grad_first, grad_second)
-        ctx.save_for_backward(grad_first, grad_second, first, second)
-        ctx.n_rest = len(inputs) - 3
+        _, scale, first, second, *_ = inputs
+        # an op without the scale's gradient (three outputs) serves number scales only (loss_from_op checks)
+        grad_first, grad_second, grad_scale = (*output[1:], None)[:3]
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(grad_first, grad_second, grad_scale, first, second)
+        ctx.scale_like = (scale.dtype, scale.shape) if isinstance(scale, Tensor) else None
+        ctx.n_rest = len(inputs) - 4
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, *_unused):
         nested = transforms_active()
         if torch.is_grad_enabled() and not nested:
             raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
-        grad_first, grad_second, first, second = ctx.saved_tensors  # a second backward raises PyTorch's error here
+        # a second backward through a freed graph raises PyTorch's own error here
+        grad_first, grad_second, grad_scale, first, second = ctx.saved_tensors
         _check_computed(grad_first, grad_second, "backward")
         grads = [grad_first * grad_loss.to(grad_first.dtype), grad_second * grad_loss.to(grad_second.dtype)]
+        d_scale = None
+        if ctx.scale_like is not None and ctx.needs_input_grad[1] and grad_scale is not None:
+            dtype, shape = ctx.scale_like
+            d_scale = (grad_scale * grad_loss.to(grad_scale.dtype)).to(dtype).reshape(shape)
         if torch.is_grad_enabled():  # torch.func builds a graph of every gradient: make differentiating it raise
             grads = [_FirstOrderOnly.apply(g, first, second) for g in grads]
-        return (None, *grads) + (None,) * ctx.n_rest
+            if d_scale is not None:
+                d_scale = _FirstOrderOnly.apply(d_scale, first, second)
+        return (None, d_scale, *grads) + (None,) * ctx.n_rest
 
     @staticmethod
-    def vmap(info, in_dims, op, first, second, *rest):
+    def vmap(info, in_dims, op, scale, first, second, *rest):
         """The op once per batch entry (the kernels take one batch of embeddings), stacked."""
-        args = (first, second, *rest)
+        args = (scale, first, second, *rest)
         outs = []
         for i in range(info.batch_size):
             entry = [a.select(d, i) if d is not None else a for a, d in zip(args, in_dims[1:])]
             outs.append(LossFromSavedGrads.apply(op, *entry))
-        return tuple(torch.stack(out) for out in zip(*outs)), (0, 0, 0)
+        stacked = tuple(torch.stack(out) for out in zip(*outs))
+        return stacked, (0,) * len(stacked)
 
 
 class LossFromSavedGrads(CompiledLossFromSavedGrads):
@@ -129,27 +142,35 @@ class LossFromSavedGrads(CompiledLossFromSavedGrads):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         CompiledLossFromSavedGrads.setup_context(ctx, inputs, output)
-        _, first, second, *_ = inputs
-        _, grad_first, grad_second = output
-        ctx.save_for_forward(grad_first, grad_second, first, second)
+        _, _, first, second, *_ = inputs
+        grad_first, grad_second, grad_scale = (*output[1:], None)[:3]
+        ctx.save_for_forward(grad_first, grad_second, grad_scale, first, second)
         ctx.loss_dtype = output[0].dtype
+        ctx.n_outputs = len(output)
 
     @staticmethod
-    def jvp(ctx, _op, tangent_first, tangent_second, *_rest):
-        grad_first, grad_second, first, second = ctx.saved_tensors
+    def jvp(ctx, _op, tangent_scale, tangent_first, tangent_second, *_rest):
+        grad_first, grad_second, grad_scale, first, second = ctx.saved_tensors
         _check_computed(grad_first, grad_second, "forward-mode AD (jvp)")
         tangent = None
-        for grad, t in ((grad_first, tangent_first), (grad_second, tangent_second)):
+        pairs = [(grad_first, tangent_first), (grad_second, tangent_second)]
+        if isinstance(tangent_scale, Tensor) and grad_scale is not None:
+            pairs.append((grad_scale, tangent_scale))
+        for grad, t in pairs:
             if t is not None:
                 term = _dot(grad, t, ctx.loss_dtype)
                 tangent = term if tangent is None else tangent + term
         # Nested transforms, or reverse mode over this forward mode, would differentiate the tangent: make that raise.
         if transforms_active() or (torch.is_grad_enabled() and (first.requires_grad or second.requires_grad)):
             tangent = _FirstOrderOnly.apply(tangent, first, second)
-        return tangent, None, None
+        return (tangent,) + (None,) * (ctx.n_outputs - 1)
 
 
-def loss_from_op(op, first: Tensor, second: Tensor, *rest) -> Tensor:
-    """The differentiable loss of ``op(first, second, *rest)`` (its gradients computed in the forward pass)."""
+def loss_from_op(op, first: Tensor, second: Tensor, *rest, scale=None) -> Tensor:
+    """The differentiable loss of ``op(first, second, *rest)`` (its gradients computed in the forward pass);
+    ``scale``: the scale when it is a tensor (it then gets a gradient), else ``None``."""
     fn = CompiledLossFromSavedGrads if torch.compiler.is_compiling() else LossFromSavedGrads
-    return fn.apply(op, first, second, *rest)[0]
+    out = fn.apply(op, scale, first, second, *rest)
+    if scale is not None and len(out) < 4 and scale.requires_grad:
+        raise NotImplementedError(f"embedloss_kernels: {op} gives no gradient for a learnable scale")
+    return out[0]

@@ -68,6 +68,21 @@ def normalize_rows_backward(x_hat: Tensor, norm: Tensor, grad_hat: Tensor) -> Te
     return grad_hat.addcmul(x_hat, radial, value=-1.0).div_(norm)
 
 
+def scale_grad_from_radial(x: Tensor, dx: Tensor, y: Tensor, dy: Tensor, scale: float) -> Tensor:
+    """d loss / d scale of a loss of the logits ``s * <x_i, y_j>`` (plus stop-gradient terms), from the gradients
+    ``dx``, ``dy`` with respect to the vectors that entered the products (the normalized ones under cosine, before
+    the normalization's backward): every logit's ``d/ds = sim`` reaches both of its vectors as ``s * G * sim``, so
+    ``sum <x, dx> + sum <y, dy> = 2 s sum(G * sim) = 2 s dL/ds``. ``scale`` must not be 0 (callers route it to the
+    direct computation)."""
+    radial = torch.vdot(x.reshape(-1), dx.reshape(-1)) + torch.vdot(y.reshape(-1), dy.reshape(-1))
+    return radial / (2.0 * scale)
+
+
+def no_grads(loss: Tensor, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The op's outputs without gradients: three distinct empty tensors (outputs of an op must not alias)."""
+    return loss, like.new_empty((0,)), like.new_empty((0,)), loss.new_empty((0,))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # InfoNCE / MNRL
 # ----------------------------------------------------------------------------------------------------------------
@@ -183,8 +198,9 @@ def infonce_forward(
     hardness_strength: float,
     compute_grad: bool,
     block_rows: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Loss and (when ``compute_grad``) d loss / d q, d loss / d a, one row block of anchors at a time.
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Loss and (when ``compute_grad``) d loss / d q, d loss / d a, d loss / d scale, one row block of anchors at a
+    time.
 
     Per block of anchor rows ``g`` (global indices), with ``Q``, ``A`` the (normalized) queries and candidates
     and ``P = A[:Bq]`` the positives::
@@ -249,12 +265,12 @@ def infonce_forward(
 
     loss = loss_sum * inv_rows
     if not compute_grad:
-        empty = q.new_empty((0,))
-        return loss, empty, empty
+        return no_grads(loss, q)
+    grad_scale = scale_grad_from_radial(qf, dq, af, da, scale)
     if cosine:
         dq = normalize_rows_backward(qf, q_norm, dq)
         da = normalize_rows_backward(af, a_norm, da)
-    return loss, dq.to(out_dtype), da.to(out_dtype)
+    return loss, dq.to(out_dtype), da.to(out_dtype), grad_scale
 
 
 def row_block_lse(logits: dict[str, Tensor], joint: bool) -> tuple[dict[str, Tensor], Tensor]:
@@ -320,10 +336,9 @@ def _infonce_blocked(q: Tensor, a: Tensor, row_start: int, row_count: int, scale
 
     loss = loss_sum * inv_rows
     if not compute_grad:
-        empty = q.new_empty((0,))
-        return loss, empty, empty
+        return no_grads(loss, q)
     dq, da = grads.finish()
-    return loss, dq, da
+    return loss, dq, da, grads.scale_grad(scale)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -382,9 +397,10 @@ def cosent_forward(
     wd = work_dtype(x.dtype)
     step = max(1, _blocked.FINISH_ELEMS // max(x.shape[1], 1)) if _blocked.use_blocked(x) else max(x.shape[0], 1)
     chunks = [(r0, min(r0 + step, x.shape[0])) for r0 in range(0, x.shape[0], step)]
-    t = torch.empty(x.shape[0], dtype=wd, device=x.device)
+    sim = torch.empty(x.shape[0], dtype=wd, device=x.device)
     for r0, r1 in chunks:
-        t[r0:r1] = pair_similarity(x[r0:r1].to(wd), y[r0:r1].to(wd), similarity)[0] * scale
+        sim[r0:r1] = pair_similarity(x[r0:r1].to(wd), y[r0:r1].to(wd), similarity)[0]
+    t = sim * scale
 
     sorted_labels, order = labels.to(torch.float64).sort()
     ts = t[order]
@@ -395,18 +411,18 @@ def cosent_forward(
     as_lower = ts + suffix[higher_start]  # log sum_{i: y_i > y_k} exp(t_k - t_i)
     loss = torch.logsumexp(torch.cat([ts.new_zeros(1), as_lower]), 0)
     if not compute_grad:
-        empty = x.new_empty((0,))
-        return loss, empty, empty
+        return no_grads(loss, x)
 
     prefix = torch.cat([neg_inf, torch.logcumsumexp(ts, 0)])  # prefix[m] = LSE(t[:m])
     as_higher = prefix[lower_end] - ts  # log sum_{j: y_j < y_k} exp(t_j - t_k)
     dts = (as_lower - loss).exp() - (as_higher - loss).exp()
+    grad_scale = torch.dot(dts, sim[order])  # d loss / d scale = sum_k d loss / d t_k * sim_k, direct (any scale)
     dsim = torch.empty_like(dts).scatter_(0, order, dts) * scale  # back to input order
     dx, dy = torch.empty_like(x), torch.empty_like(y)
     for r0, r1 in chunks:
         _, backward = pair_similarity(x[r0:r1].to(wd), y[r0:r1].to(wd), similarity)
         dx[r0:r1], dy[r0:r1] = backward(dsim[r0:r1])
-    return loss, dx, dy
+    return loss, dx, dy, grad_scale
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -419,11 +435,11 @@ torch.library.impl("embedloss_torch::infonce", "CompositeExplicitAutograd", lib=
 torch.library.impl("embedloss_torch::cosent", "CompositeExplicitAutograd", lib=_lib)(cosent_forward)
 
 
-def _loss_and_grads_fake(first: Tensor, second: Tensor, compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _loss_and_grads_fake(first: Tensor, second: Tensor, compute_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     loss = first.new_empty((), dtype=work_dtype(first.dtype))
     if not compute_grad:
-        return loss, first.new_empty((0,)), first.new_empty((0,))
-    return loss, torch.empty_like(first), torch.empty_like(second)
+        return no_grads(loss, first)
+    return loss, torch.empty_like(first), torch.empty_like(second), torch.empty_like(loss)
 
 
 def register_fakes(namespace: str, lib=None) -> None:
@@ -446,11 +462,11 @@ register_fakes("embedloss_torch", _lib)
 
 def setup_saved_grads(ctx, inputs, output) -> None:
     """Autograd context of a loss-and-grads op: keep the two gradients computed in the forward pass."""
-    _, grad_first, grad_second = output
+    _, grad_first, grad_second, _ = output
     ctx.save_for_backward(grad_first, grad_second)
 
 
-def backward_scaled_grads(ctx, grad_loss, _grad_first, _grad_second):
+def backward_scaled_grads(ctx, grad_loss, _grad_first, _grad_second, _grad_scale):
     """Backward of a loss-and-grads op: ``grad_output *`` the saved gradients; double backward is refused."""
     if torch.is_grad_enabled():
         raise RuntimeError(

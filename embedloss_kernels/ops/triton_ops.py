@@ -40,6 +40,7 @@ from . import (
 from .torch_ops import (
     backward_scaled_grads,
     cosent_forward,
+    no_grads,
     pair_similarity,
     register_fakes,
     setup_saved_grads,
@@ -270,7 +271,7 @@ def _with_float64(scalars: tuple, *more: float) -> tuple:
 
 def infonce_forward(q: Tensor, a: Tensor, row_start: int, row_count: int, scale: float, cosine: bool,
                     directions: int, joint: bool, hardness_mode: int, hardness_strength: float, compute_grad: bool,
-                    block_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+                    block_rows: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Loss and gradients; the inputs are read raw (inverse norms as vectors), gradients accumulate through
     :class:`~embedloss_kernels.ops._blocked.BlockGrads` (16-bit ``G~``, fp32 accumulators)."""
     q, a = q.contiguous(), a.contiguous()
@@ -309,14 +310,13 @@ def infonce_forward(q: Tensor, a: Tensor, row_start: int, row_count: int, scale:
         lses, lse_mean = _combine(stats, joint)
     loss = (lse_mean - stats[0][2]).mean()  # the query_to_doc block's diagonal logit, always at the plain scale
     if not compute_grad:
-        empty = q.new_empty((0,))
-        return loss, empty, empty
+        return no_grads(loss, q)
     if strategy == "flash":
         _flash(blocks, lses, grads, row_start, row_count, scalars, dir_w, exp2)
     elif strategy == "workspace":
         _workspace(blocks, lses, grads, row_start, row_count, scalars, dir_w, exp2, block_rows)
     dq, da = grads.finish()
-    return loss, dq, da
+    return loss, dq, da, grads.scale_grad(scale)
 
 
 def _flash(blocks, lses, grads, row_start, row_count, scalars, dir_w, exp2) -> None:
@@ -468,12 +468,11 @@ def cosent_tiled(x: Tensor, y: Tensor, labels: Tensor, scale: float, similarity:
     # log(1 + sum_i s_i e^{m_i}): rows without a lower-labelled pair have m = -inf and drop out.
     loss = torch.logsumexp(torch.cat([t.new_zeros(1), m + s.log()]), 0)
     if not compute_grad:
-        empty = x.new_empty((0,))
-        return loss, empty, empty
+        return no_grads(loss, x)
     dt = torch.empty_like(t)
     pair_grad_kernel[(triton.cdiv(n, bm),)](t, lab, loss.reshape(1), dt, n, BM=bm, BN=bn, ACC=acc)
     dx, dy = backward(dt * scale)
-    return loss, dx.to(x.dtype), dy.to(x.dtype)
+    return loss, dx.to(x.dtype), dy.to(x.dtype), torch.dot(dt, sim)  # d loss / d scale = sum_k dt_k sim_k
 
 
 def cosent_dispatch(x: Tensor, y: Tensor, labels: Tensor, scale: float, similarity: int, compute_grad: bool):
