@@ -23,7 +23,8 @@ InfoNCE / MNRL op (one per backend: ``embedloss_torch::infonce``, ``embedloss_cp
   ``G * sim`` over every logit (the hardness penalty is stop-gradient, so it adds nothing). It costs one reduction:
   each logit ``s * sim(x, y)`` sends ``s * G * sim`` to both of its vectors, so ``sum <v, dv>`` over the vectors that
   enter the products (normalized under cosine, before the normalization's backward) is ``2 s dL/ds``.
-  ``scale`` is > 0 here (MNRL); the module layer never calls the op with 0.
+  The identity divides by ``scale``: at ``scale == 0`` the value is not finite, so the functional layer runs a
+  learnable scale of 0 through the plain reference instead (MNRL's modules and functional API want scale > 0).
 * ``block_rows``: anchor rows per block; 0 lets the backend choose (a hint a backend may ignore).
 
 CoSENT / AnglE op, schema::

@@ -116,6 +116,30 @@ def inv_norms(x: Tensor, cosine: bool) -> Tensor:
     return out.clamp_min_(EPS).reciprocal_()
 
 
+def shorten_long_rows(q: Tensor, a: Tensor, rq: Tensor, ra: Tensor, cosine: bool):
+    """Cosine on raw rows multiplies by the inverse norms after the products, so rows so long that a raw product
+    could overflow the accumulator (``|q| |a|`` near its max: 1e19 in fp32, bf16 values near 1e30) are divided by
+    their norm first, as ``F.normalize`` (sentence-transformers) does; a norm that itself overflows gives zeros,
+    as there. Returns ``(q, a, rq, ra, cq, ca)``: the rows the kernels read, their inverse norms, and the factors
+    (``None`` when nothing was divided) that the final gradients are divided by (``d/dx = d/du / c``). One host
+    sync (the largest norm) per cosine call; the copies exist only when rows are that long."""
+    if not cosine:
+        return q, a, rq, ra, None, None
+    limit = (torch.finfo(acc_dtype(q.dtype)).max / 16) ** 0.5
+    if float(torch.minimum(rq.min(), ra.min())) * limit >= 1.0:  # every norm <= limit: no raw product overflows
+        return q, a, rq, ra, None, None
+    # rows longer than 1 become unit rows; the others (rows clamped at EPS included) are left as they are
+    cq, ca = rq.reciprocal().clamp_min_(1.0), ra.reciprocal().clamp_min_(1.0)
+    q = (q.to(cq.dtype) / cq[:, None]).to(q.dtype)
+    a = (a.to(ca.dtype) / ca[:, None]).to(a.dtype)
+    return q, a, inv_norms(q, cosine), inv_norms(a, cosine), cq, ca
+
+
+def unshorten(grad: Tensor, c: Tensor | None) -> Tensor:
+    """The gradient of the original rows from that of the rows :func:`shorten_long_rows` divided by ``c``."""
+    return grad if c is None else (grad.to(c.dtype) / c[:, None]).to(grad.dtype)
+
+
 def finish_grad(x: Tensor, rx: Tensor, v: Tensor, cosine: bool, out: Tensor) -> Tensor:
     """``out = v - x^ <x^, v>`` (``x^ = x * rx``; ``v`` itself for dot products or rows clamped at EPS), in
     ``out``'s dtype, a few rows at a time."""

@@ -295,6 +295,7 @@ def _infonce_blocked(q: Tensor, a: Tensor, row_start: int, row_count: int, scale
     with fp32 outputs and the inverse norms as vectors, ``G~`` in the input dtype, fp32 accumulators."""
     q, a = q.contiguous(), a.contiguous()
     rq, ra = _blocked.inv_norms(q, cosine), _blocked.inv_norms(a, cosine)
+    q, a, rq, ra, cq, ca = _blocked.shorten_long_rows(q, a, rq, ra, cosine)
     use_qq, use_dq, use_dd = (bool(directions & bit) for bit in (QUERY_TO_QUERY, DOC_TO_QUERY, DOC_TO_DOC))
     n_blocks = 1 + use_qq + use_dq + use_dd
     alpha = hardness_strength if hardness_mode != HARDNESS_NONE else 0.0
@@ -338,7 +339,7 @@ def _infonce_blocked(q: Tensor, a: Tensor, row_start: int, row_count: int, scale
     if not compute_grad:
         return no_grads(loss, q)
     dq, da = grads.finish()
-    return loss, dq, da, grads.scale_grad(scale)
+    return loss, _blocked.unshorten(dq, cq), _blocked.unshorten(da, ca), grads.scale_grad(scale)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -277,6 +277,7 @@ def infonce_forward(q: Tensor, a: Tensor, row_start: int, row_count: int, scale:
     q, a = q.contiguous(), a.contiguous()
     dtype, wd, bq, n_dim = q.dtype, _blocked.acc_dtype(q.dtype), q.shape[0], q.shape[1]
     rq, ra = _blocked.inv_norms(q, cosine), _blocked.inv_norms(a, cosine)
+    q, a, rq, ra, cq, ca = _blocked.shorten_long_rows(q, a, rq, ra, cosine)
     acc, prec, arch = _acc(dtype), _precision(dtype), _arch(q.device)
     exp2 = dtype != torch.float64  # fp64 keeps exp: its scale must not pass through an fp32 log2(e) product
     unit = LOG2E if exp2 else 1.0
@@ -316,7 +317,7 @@ def infonce_forward(q: Tensor, a: Tensor, row_start: int, row_count: int, scale:
     elif strategy == "workspace":
         _workspace(blocks, lses, grads, row_start, row_count, scalars, dir_w, exp2, block_rows)
     dq, da = grads.finish()
-    return loss, dq, da, grads.scale_grad(scale)
+    return loss, _blocked.unshorten(dq, cq), _blocked.unshorten(da, ca), grads.scale_grad(scale)
 
 
 def _flash(blocks, lses, grads, row_start, row_count, scalars, dir_w, exp2) -> None:
