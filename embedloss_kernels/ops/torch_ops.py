@@ -463,11 +463,10 @@ register_fakes("embedloss_torch", _lib)
 
 def setup_saved_grads(ctx, inputs, output) -> None:
     """Autograd context of a loss-and-grads op: keep the two gradients computed in the forward pass."""
-    _, grad_first, grad_second, _ = output
-    ctx.save_for_backward(grad_first, grad_second)
+    ctx.save_for_backward(output[1], output[2])  # (loss, grad_first, grad_second[, grad_scale])
 
 
-def backward_scaled_grads(ctx, grad_loss, _grad_first, _grad_second, _grad_scale):
+def backward_scaled_grads(ctx, grad_loss, *_output_grads):
     """Backward of a loss-and-grads op: ``grad_output *`` the saved gradients; double backward is refused."""
     if torch.is_grad_enabled():
         raise RuntimeError(
