@@ -108,7 +108,7 @@ def test_gradcheck_scale(backend, options):
         **check)
     x, y = columns(2, seed=4)
     labels = torch.tensor([0.1, 0.9, 0.4, 0.4, 0.7, 0.0], dtype=torch.float64, device=DEVICE)
-    assert torch.autograd.gradcheck(lambda s: functional.cosent_loss(x, y, labels, s, backend=backend), (scale,),
+    assert torch.autograd.gradcheck(lambda s: functional.cosent_loss(x, y, labels, scale=s, backend=backend), (scale,),
                                     **check)
     assert torch.autograd.gradcheck(lambda s: functional.angle_loss(x, y, labels=labels, scale=s, backend=backend),
                                     (scale,), **check)
