@@ -2,6 +2,7 @@
 
     python benchmarks/interleaved.py                                   # MNRL, B=8192, D=256, 1 hard negative
     python benchmarks/interleaved.py --loss cosent --batch 65536 --rounds 7
+    python benchmarks/interleaved.py --loss matryoshka --batch 4096 --dim 768 --matryoshka-dims 768 512 256 128 64
 
 ``throughput.py`` runs each provider in its own process, one after the other, which is what a clean peak-memory
 figure needs; but when other jobs share the CPU, the load changes between those processes and their time ratios
@@ -26,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from throughput import _cosent_step, _mnrl_step  # noqa: E402
+from throughput import _cosent_step, _matryoshka_step, _mnrl_step  # noqa: E402
 
 
 def cpu_model() -> str:
@@ -50,12 +51,14 @@ def commit() -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--loss", choices=["mnrl", "cosent"], default="mnrl")
+    parser.add_argument("--loss", choices=["mnrl", "cosent", "matryoshka"], default="mnrl")
     parser.add_argument("--batch", type=int, default=8192)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--negatives", type=int, default=1, help="hard-negative columns (MNRL)")
     parser.add_argument("--directions", nargs="+", default=["query_to_doc"])
     parser.add_argument("--backends", nargs="+", default=None, help="our backends (default: every available one)")
+    parser.add_argument("--matryoshka-dims", nargs="+", type=int, default=None,
+                        help="Matryoshka prefix dims (default: --dim halved four times, D included)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=HERE / "out")
     args = parser.parse_args(argv)
@@ -68,16 +71,23 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     backends = args.backends or ek.available_backends("cpu")
     providers = [("ours", b) for b in backends] + [("sentence-transformers", None)]
-    if args.loss == "mnrl":
+    if args.loss == "matryoshka":  # fused, looped over the dims, and our plain MNRL at full D (the 1.3x target)
+        providers = ([("ours", b) for b in backends] + [("ours-looped", b) for b in backends]
+                     + [("ours-mnrl", b) for b in backends] + [("sentence-transformers", None)])
+    if args.loss in ("mnrl", "matryoshka"):
         providers.append(("floor", None))
-    n_cols = 2 + args.negatives if args.loss == "mnrl" else 2
+    n_cols = 2 + args.negatives if args.loss in ("mnrl", "matryoshka") else 2
     cols = [torch.randn(args.batch, args.dim, requires_grad=True) for _ in range(n_cols)]
     labels = torch.rand(args.batch)
+    dims = args.matryoshka_dims or [max(1, args.dim >> i) for i in range(5)]
     steps = {}
     for provider, backend in providers:
         spec = {"provider": provider, "backend": backend, "directions": args.directions}
         if args.loss == "mnrl":
             fn = _mnrl_step(spec, torch)
+            steps[(provider, backend)] = lambda fn=fn: fn(cols)
+        elif args.loss == "matryoshka":
+            fn = _matryoshka_step({**spec, "matryoshka_dims": dims, "dim": args.dim}, torch)
             steps[(provider, backend)] = lambda fn=fn: fn(cols)
         else:
             fn = _cosent_step(spec, torch)
@@ -86,7 +96,8 @@ def main(argv=None) -> int:
     env = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(), "commit": commit(),
            "torch": torch.__version__, "sentence_transformers": sentence_transformers.__version__,
            "python": platform.python_version(), "loadavg_before": os.getloadavg()}
-    print(f"{args.loss} B={args.batch} D={args.dim} fp32 on {env['cpu']} ({env['cores']} cores), commit "
+    what = f"dims {dims} " if args.loss == "matryoshka" else ""
+    print(f"{args.loss} {what}B={args.batch} D={args.dim} fp32 on {env['cpu']} ({env['cores']} cores), commit "
           f"{env['commit']}, torch {env['torch']}, sentence-transformers {env['sentence_transformers']}; "
           f"load average before {env['loadavg_before'][0]:.2f}")
     keys = list(steps)
@@ -108,17 +119,21 @@ def main(argv=None) -> int:
     st_key = ("sentence-transformers", None)
     rows = []
     for key in keys:
-        row = {"provider": key[0] if key[1] is None else f"ours[{key[1]}]", "median_ms": statistics.median(times[key]),
+        name = key[0] if key[1] is None else f"{key[0]}[{key[1]}]"
+        row = {"provider": name, "median_ms": statistics.median(times[key]),
                "times_ms": times[key],
                "ratio_to_st": statistics.median(t / s for t, s in zip(times[key], times[st_key]))}
         if ("floor", None) in times:
             row["ratio_to_floor"] = statistics.median(t / f for t, f in zip(times[key], times[("floor", None)]))
+        if ("ours-mnrl", key[1]) in times:  # Matryoshka: against our plain MNRL on the same backend
+            row["ratio_to_mnrl"] = statistics.median(t / m for t, m in zip(times[key], times[("ours-mnrl", key[1])]))
         rows.append(row)
-    print(f"{'provider':24} {'median ms':>10} {'min':>8} {'max':>8} {'/ ST':>6} {'/ floor':>8}")
+    print(f"{'provider':24} {'median ms':>10} {'min':>8} {'max':>8} {'/ ST':>6} {'/ floor':>8} {'/ MNRL':>7}")
     for row in rows:
         floor = f"{row['ratio_to_floor']:.2f}" if "ratio_to_floor" in row else "-"
+        mnrl = f"{row['ratio_to_mnrl']:.2f}" if "ratio_to_mnrl" in row else "-"
         print(f"{row['provider']:24} {row['median_ms']:10.1f} {min(row['times_ms']):8.1f} {max(row['times_ms']):8.1f} "
-              f"{row['ratio_to_st']:6.2f} {floor:>8}")
+              f"{row['ratio_to_st']:6.2f} {floor:>8} {mnrl:>7}")
     print(f"load average after {env['loadavg_after'][0]:.2f}; {args.rounds} rounds")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"interleaved_{args.loss}_{args.batch}.json"

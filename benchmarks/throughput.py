@@ -402,6 +402,11 @@ def add_ratios(rows: list[dict]) -> None:
             mnrl = by_key.get((r["loss"], r["batch"], "mnrl-same-blocks"))
             r["time_vs_mnrl"] = ratio(r["time_ms"], mnrl, "time_ms")
             r["mem_vs_mnrl"] = ratio(r["peak_extra_mb"], mnrl, "peak_extra_mb")
+        elif r["loss"] == "matryoshka" and r["provider"].startswith("ours"):  # against our plain MNRL, same backend
+            mnrl = next((m for m in rows if (m["loss"], m["batch"], m["provider"], m.get("backend"))
+                         == ("matryoshka", r["batch"], "ours-mnrl", r.get("backend"))), None)
+            r["time_vs_mnrl"] = ratio(r["time_ms"], mnrl, "time_ms")
+            r["mem_vs_mnrl"] = ratio(r["peak_extra_mb"], mnrl, "peak_extra_mb")
 
 
 def print_table(rows: list[dict]) -> None:

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "gist.h"
+#include "kernels.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
 #define GIST_INLINE inline __attribute__((always_inline))
@@ -77,7 +78,7 @@ GIST_INLINE T scale_and_mask(T* __restrict__ x, const G* __restrict__ g, int64_t
     const G gs = g[j] * guide_row * ginv_col[j];
     const T v = gs > bound ? neg_inf : x[j] * row_factor * inv_col[j];
     x[j] = v;
-    m = std::max(m, v);
+    m = simd_max(m, v);
   }
   return m;
 }

@@ -107,7 +107,7 @@ template <typename T>
 EMBEDLOSS_INLINE T row_max(const T* __restrict__ x, int64_t n) {
   T m = -std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) m = std::max(m, x[j]);
+  for (int64_t j = 0; j < n; ++j) m = simd_max(m, x[j]);
   return m;
 }
 

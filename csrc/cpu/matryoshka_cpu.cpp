@@ -4,6 +4,8 @@
 // Dims d_1 < ... < d_m, segments seg_k = [d_{k-1}, d_k). Per block of anchor rows and per direction block
 // (rows R = q or p, columns C = a or q):
 //   P_k = P_{k-1} + R[:, seg_k] C[:, seg_k]^T                  raw prefix products, one pass over D   (m x n x cols)
+//                                                              (m GEMMs write the segment products; the row pass
+//                                                              sums them row by row, in cache: no GEMM reads C)
 //   cos_k = P_k / (|r_{:d_k}| |c_{:d_k}|);  S_k = s cos_k (+ alpha sg(cos_k) on penalized columns), masks
 //   loss += w_k (LSE(S_k) - S_k[positive]) / rows;  G_k = s w_k (softmax(S_k) - onehot) / rows  (= d loss / d cos_k)
 // Back through the per-prefix normalization, segment k collects every dim d_j >= d_k:
@@ -91,6 +93,16 @@ MATRYOSHKA_INLINE void rows_pass(const Params& p, const Direction<T>* dirs, int 
   for (int64_t i = begin; i < end; ++i) {
     const int64_t g = r0 + i;
     double loss_i = 0.0;
+    // the buffers hold the segment products R[:, seg_k] C[:, seg_k]^T: prefix sums make them P_k (this row, in cache)
+    for (int d = 0; d < n_dirs; ++d) {
+      const Direction<T>& dir = dirs[d];
+      for (int64_t k = 1; k < m; ++k) {
+        T* cur = dir.prods + k * p.block * dir.cols + i * dir.cols;
+        const T* prev = cur - p.block * dir.cols;
+#pragma omp simd
+        for (int64_t j = 0; j < dir.cols; ++j) cur[j] += prev[j];
+      }
+    }
     for (int64_t k = m - 1; k >= 0; --k) {
       const T w = static_cast<T>(weights[k]);
       T maxes[4], sums[4], irn[4];
@@ -124,7 +136,7 @@ MATRYOSHKA_INLINE void rows_pass(const Params& p, const Direction<T>* dirs, int 
           for (int64_t c = 0; c < K; ++c) l[g + c * Bq] = neg_inf;
         T mx = neg_inf;
 #pragma omp simd reduction(max : mx)
-        for (int64_t j = 0; j < dir.cols; ++j) mx = std::max(mx, l[j]);
+        for (int64_t j = 0; j < dir.cols; ++j) mx = simd_max(mx, l[j]);
         maxes[d] = mx;
       }
       if (p.joint) {
@@ -289,14 +301,11 @@ double matryoshka_blocks(const Params& p, const std::vector<int64_t>& dims, cons
       const at::Tensor& rows = sp.rows_q ? q_blk : p_blk;
       const at::Tensor& cols = sp.cols_q ? qf : af;
       at::Tensor buf = prods[d].narrow(1, 0, n);  // (m, n, cols): buf[k] is contiguous
-      // -- raw prefix products, one pass over D --
+      // -- segment products, one pass over D (the row pass sums them into the prefix products P_k) --
       for (int64_t k = 0; k < m; ++k) {
         const int64_t lo = lows[k], w = dims[k] - lo;
         at::Tensor out = buf[k];
-        if (k == 0)
-          at::mm_out(out, rows.narrow(1, lo, w), cols.narrow(1, lo, w).t());
-        else
-          at::addmm_out(out, buf[k - 1], rows.narrow(1, lo, w), cols.narrow(1, lo, w).t());
+        at::mm_out(out, rows.narrow(1, lo, w), cols.narrow(1, lo, w).t());
       }
       blocks.push_back(buf);
       Direction<T> dir;

@@ -85,6 +85,22 @@ def _dot(saved: Tensor, tangent: Tensor, dtype: torch.dtype) -> Tensor:
     return (saved.to(dtype) * tangent.to(dtype)).sum()
 
 
+def _dual_level_active() -> bool:
+    """Whether forward-mode AD may run on this call (the inputs reach setup_context without their tangents)."""
+    return getattr(forward_ad, "_current_level", 0) >= 0  # unknown torch: assume it may
+
+
+def _setup(ctx, inputs, output, keep_inputs: bool) -> None:
+    _, scale, first, second, *_ = inputs
+    # an op without the scale's gradient (three outputs) serves number scales only (loss_from_op checks)
+    grad_first, grad_second, grad_scale = (*output[1:], None)[:3]
+    ctx.mark_non_differentiable(*output[1:])
+    kept = (first, second) if keep_inputs else (None, None)
+    ctx.save_for_backward(grad_first, grad_second, grad_scale, *kept)
+    ctx.scale_like = (scale.dtype, scale.shape) if isinstance(scale, Tensor) else None
+    ctx.n_rest = len(inputs) - 4
+
+
 class CompiledLossFromSavedGrads(torch.autograd.Function):
     """``apply(op, scale, first, second, *rest) -> (loss, grad_first, grad_second, grad_scale)`` with
     ``op(first, second, *rest)`` a loss-and-gradients op (``rest`` holds the scale's value as a float) and ``scale``
@@ -97,13 +113,7 @@ class CompiledLossFromSavedGrads(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        _, scale, first, second, *_ = inputs
-        # an op without the scale's gradient (three outputs) serves number scales only (loss_from_op checks)
-        grad_first, grad_second, grad_scale = (*output[1:], None)[:3]
-        ctx.mark_non_differentiable(*output[1:])
-        ctx.save_for_backward(grad_first, grad_second, grad_scale, first, second)
-        ctx.scale_like = (scale.dtype, scale.shape) if isinstance(scale, Tensor) else None
-        ctx.n_rest = len(inputs) - 4
+        _setup(ctx, inputs, output, keep_inputs=True)
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, *_unused):
@@ -119,6 +129,8 @@ class CompiledLossFromSavedGrads(torch.autograd.Function):
             dtype, shape = ctx.scale_like
             d_scale = (grad_scale * grad_loss.to(grad_scale.dtype)).to(dtype).reshape(shape)
         if torch.is_grad_enabled():  # torch.func builds a graph of every gradient: make differentiating it raise
+            if first is None:  # the forward ran outside any transform: nothing to tie a graph to
+                raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
             grads = [_FirstOrderOnly.apply(g, first, second) for g in grads]
             if d_scale is not None:
                 d_scale = _FirstOrderOnly.apply(d_scale, first, second)
@@ -141,8 +153,14 @@ class LossFromSavedGrads(CompiledLossFromSavedGrads):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        CompiledLossFromSavedGrads.setup_context(ctx, inputs, output)
         _, _, first, second, *_ = inputs
+        # The inputs are only needed to tie a torch.func gradient or a forward-mode tangent to them (so that
+        # differentiating it raises). Plain reverse mode does not keep them: ``second`` is often the candidates
+        # concatenated by the caller, which would otherwise stay alive until backward (B*K*D more peak memory).
+        keep = transforms_active() or _dual_level_active()
+        _setup(ctx, inputs, output, keep_inputs=keep)
+        if not keep:
+            first = second = None
         grad_first, grad_second, grad_scale = (*output[1:], None)[:3]
         ctx.save_for_forward(grad_first, grad_second, grad_scale, first, second)
         ctx.loss_dtype = output[0].dtype
@@ -161,7 +179,8 @@ class LossFromSavedGrads(CompiledLossFromSavedGrads):
                 term = _dot(grad, t, ctx.loss_dtype)
                 tangent = term if tangent is None else tangent + term
         # Nested transforms, or reverse mode over this forward mode, would differentiate the tangent: make that raise.
-        if transforms_active() or (torch.is_grad_enabled() and (first.requires_grad or second.requires_grad)):
+        if first is not None and (transforms_active()
+                                  or (torch.is_grad_enabled() and (first.requires_grad or second.requires_grad))):
             tangent = _FirstOrderOnly.apply(tangent, first, second)
         return (tangent,) + (None,) * (ctx.n_outputs - 1)
 
