@@ -304,12 +304,9 @@ void scaled_normalize_backward_(const at::Tensor& v, const at::Tensor& norm, at:
   });
 }
 
-// Rows per block: the block's logits (R x width) take a quarter of the EMBEDLOSS_BLOCK_MIB budget (32 MiB by
-// default, the torch backend's rule: its four block-sized buffers share the budget; here the logits are the only one
-// and the rest is left to BLAS packing), R a multiple of 8 for the BLAS. Measured at B=8192, N=16384, D=256 on 2
-// cores: 8 MiB of logits (R=128) runs as fast as 16 or 32 MiB, and keeps peak extra memory under 0.05x
-// sentence-transformers'.
-int64_t auto_block_rows(int64_t width, int64_t elem, int64_t row_count) {
+}  // namespace
+
+double block_budget_mib() {
   double mib = 32.0;  // the Python layer validates EMBEDLOSS_BLOCK_MIB (torch_ops.block_budget_bytes) before the op
   if (const char* env = std::getenv("EMBEDLOSS_BLOCK_MIB")) {
     char* end = nullptr;
@@ -319,12 +316,19 @@ int64_t auto_block_rows(int64_t width, int64_t elem, int64_t row_count) {
       mib = v;
     }
   }
-  int64_t rows = static_cast<int64_t>(mib * (1 << 20) / 4) / std::max<int64_t>(width * elem, 1);
+  return mib;
+}
+
+// Rows per block: the block's logits (R x width) take a quarter of the EMBEDLOSS_BLOCK_MIB budget (32 MiB by
+// default, the torch backend's rule: its four block-sized buffers share the budget; here the logits are the only one
+// and the rest is left to BLAS packing), R a multiple of 8 for the BLAS. Measured at B=8192, N=16384, D=256 on 2
+// cores: 8 MiB of logits (R=128) runs as fast as 16 or 32 MiB, and keeps peak extra memory under 0.05x
+// sentence-transformers'.
+int64_t auto_block_rows(int64_t width, int64_t elem, int64_t row_count) {
+  int64_t rows = static_cast<int64_t>(block_budget_mib() * (1 << 20) / 4) / std::max<int64_t>(width * elem, 1);
   rows = rows >= 16 ? rows / 8 * 8 : std::max<int64_t>(rows, 1);
   return std::max<int64_t>(1, std::min(rows, row_count));
 }
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> normalize_rows(const at::Tensor& x) {
   at::Tensor norm = x.norm(2, {1}, /*keepdim=*/true).clamp_min_(kEps);

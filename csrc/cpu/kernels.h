@@ -46,6 +46,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cosent_cpu(
     const at::Tensor& x, const at::Tensor& y, const at::Tensor& labels, double scale, int64_t similarity,
     bool compute_grad);
 
+// The row-block budget in MiB: EMBEDLOSS_BLOCK_MIB, 32 by default.
+double block_budget_mib();
+// Anchor rows per block of the MNRL op: its (rows x width) logits take a quarter of the budget, a multiple of 8 rows.
+int64_t auto_block_rows(int64_t width, int64_t elem, int64_t row_count);
+
 // x / max(||x||, eps) row-wise, and the clamped norms (n, 1).
 std::tuple<at::Tensor, at::Tensor> normalize_rows(const at::Tensor& x);
 // d/dx from d/dx_hat, in place on grad_hat: (g - x_hat <x_hat, g>) / ||x||; rows clamped at eps get g / eps.
