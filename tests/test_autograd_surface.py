@@ -145,6 +145,24 @@ def test_reverse_over_forward_mode_raises(backend):
         tangent.backward()
 
 
+def test_reverse_mode_does_not_keep_the_concatenated_candidates(backend):
+    """Plain reverse mode saves only the gradients: the candidates the functional API concatenates (B*K*D) are
+    freed after the forward pass, not kept until backward. Forward mode and torch.func still keep the inputs."""
+    x, y, z = (t.requires_grad_() for t in tensors(3, seed=11))
+    for loss in (functional.multiple_negatives_ranking_loss(x, y, z, backend=backend),
+                 functional.matryoshka_mnrl_loss(x, y, z, dims=[3, 7], backend=backend)):
+        saved = loss.grad_fn.saved_tensors
+        assert saved[-2:] == (None, None)
+        loss.backward()
+    want = [t.grad.clone() for t in (x, y, z)]
+    for t in (x, y, z):
+        t.grad = None
+    for loss in (reference.infonce_reference(x, [y, z]),
+                 reference.matryoshka_reference(x, [y, z], [3, 7], [1.0, 1.0], reference.cos_sim, scale=20.0)):
+        loss.backward()
+    torch.testing.assert_close([t.grad for t in (x, y, z)], want)
+
+
 def test_backward_twice_raises_like_pytorch(backend):
     x, y = (t.requires_grad_() for t in tensors(2, seed=10))
     lab = labels()
