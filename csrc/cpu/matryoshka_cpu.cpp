@@ -242,7 +242,8 @@ at::Tensor prefix_norms(const at::Tensor& x, const std::vector<int64_t>& dims) {
 // but a block never has fewer rows than our MNRL's (auto_block_rows), so that the products keep its shapes: the dA
 // products have K = rows and rewrite dA[:, seg] once per block. Measured at B=4096, D=768, 5 dims (quiet 2-core
 // EPYC, one process, interleaved): 256 rows ran at 1.22x our MNRL, 200 rows (the shared budget) at 1.28x, 104 rows
-// at 1.40x; the peak memory did not move (its peak is in backward, after the buffers are freed).
+// at 1.40x; the peak memory did not move (backward, holding the saved gradients and their scaled copy, peaks as
+// high as the forward pass).
 int64_t matryoshka_block_rows(int64_t width, int64_t m, int64_t elem, int64_t row_count) {
   int64_t rows = static_cast<int64_t>(block_budget_mib() * (1 << 20)) / std::max<int64_t>(width * m * elem, 1);
   rows = rows >= 16 ? rows / 8 * 8 : std::max<int64_t>(rows, 1);
