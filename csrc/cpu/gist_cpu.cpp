@@ -26,39 +26,10 @@
 
 #include "gist.h"
 #include "kernels.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
-#define GIST_INLINE inline __attribute__((always_inline))
-#define GIST_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define GIST_INLINE inline
-#define GIST_CLONES
-#endif
+#include "simd.h"
 
 namespace embedloss {
 namespace {
-
-// exp(x) for x <= 0 (shifted logits) in float, branch-free so the loop vectorizes: x = n ln2 + r, |r| <= ln2/2,
-// exp(r) by its degree-6 Taylor-Horner polynomial (relative error ~2e-7), times 2^n built in the exponent bits.
-GIST_INLINE float exp_nonpositive(float x) {
-  const float xc = std::max(x, -87.0f);
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest: 1.5 * 2^23
-  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  return x < -87.0f ? 0.0f : p * two_n;
-}
-
-GIST_INLINE float exp_shifted(float x) { return exp_nonpositive(x); }
-GIST_INLINE double exp_shifted(double x) { return std::exp(x); }
 
 struct GistArgs {
   int64_t b, bw, pool, row_start, rows_per_block, strategy;
@@ -69,7 +40,7 @@ struct GistArgs {
 // One row of a block: logits scaled by s / (||row|| ||col||) and masked where the guide's similarity (computed the
 // same way from the guide's product) exceeds the bound; returns the row max. Branch-free over the columns.
 template <typename T, typename G>
-GIST_INLINE T scale_and_mask(T* __restrict__ x, const G* __restrict__ g, int64_t n, T row_factor,
+EMBEDLOSS_INLINE T scale_and_mask(T* __restrict__ x, const G* __restrict__ g, int64_t n, T row_factor,
                              const T* __restrict__ inv_col, G guide_row, const G* __restrict__ ginv_col, G bound) {
   const T neg_inf = -std::numeric_limits<T>::infinity();
   T m = neg_inf;
@@ -84,19 +55,7 @@ GIST_INLINE T scale_and_mask(T* __restrict__ x, const G* __restrict__ g, int64_t
 }
 
 template <typename T>
-GIST_INLINE T exp_sum(T* __restrict__ x, int64_t n, T m) {
-  T sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) {
-    const T e = exp_shifted(x[j] - m);
-    x[j] = e;
-    sum += e;
-  }
-  return sum;
-}
-
-template <typename T>
-GIST_INLINE void scale_cols(T* __restrict__ x, int64_t n, T f, const T* __restrict__ col) {
+EMBEDLOSS_INLINE void scale_cols(T* __restrict__ x, int64_t n, T f, const T* __restrict__ col) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) x[j] *= f * col[j];
 }
@@ -107,7 +66,7 @@ struct GistNorms {
 
 // Rows [begin, end) of the block starting at local row r0.
 template <typename T, typename G>
-GIST_INLINE void gist_rows(const GistArgs& p, const GistNorms& nrm, int64_t r0, int64_t begin, int64_t end, T* lc,
+EMBEDLOSS_INLINE void gist_rows(const GistArgs& p, const GistNorms& nrm, int64_t r0, int64_t begin, int64_t end, T* lc,
                            T* laa, T* lpp, const G* gc, const G* gaa, const G* gpp, double* row_loss) {
   const T* inv_a = static_cast<const T*>(nrm.inv_a);
   const T* inv_c = static_cast<const T*>(nrm.inv_c);
@@ -133,9 +92,9 @@ GIST_INLINE void gist_rows(const GistArgs& p, const GistNorms& nrm, int64_t r0, 
     if (x_aa) m = std::max(m, scale_and_mask(x_aa, gaa + i * B, B, r_a, inv_a, ginv_a[row], ginv_a, bound));
     const T r_p = inv_c[own] * s;
     if (x_pp) m = std::max(m, scale_and_mask(x_pp, gpp + i * Bw, Bw, r_p, inv_c, ginv_c[own], ginv_c, bound));
-    T total = exp_sum(x_c, C, m);
-    if (x_aa) total += exp_sum(x_aa, B, m);
-    if (x_pp) total += exp_sum(x_pp, Bw, m);
+    T total = exp_shift_sum(x_c, C, m);
+    if (x_aa) total += exp_shift_sum(x_aa, B, m);
+    if (x_pp) total += exp_shift_sum(x_pp, Bw, m);
     row_loss[i] = static_cast<double>(m) + std::log(static_cast<double>(total)) - static_cast<double>(positive);
     if (!p.compute_grad) continue;
 
@@ -150,22 +109,22 @@ GIST_INLINE void gist_rows(const GistArgs& p, const GistNorms& nrm, int64_t r0, 
   }
 }
 
-GIST_CLONES void gist_rows_isa(const GistArgs& p, const GistNorms& n, int64_t r0, int64_t begin, int64_t end,
+EMBEDLOSS_CLONES void gist_rows_isa(const GistArgs& p, const GistNorms& n, int64_t r0, int64_t begin, int64_t end,
                                float* lc, float* laa, float* lpp, const float* gc, const float* gaa, const float* gpp,
                                double* row_loss) {
   gist_rows<float, float>(p, n, r0, begin, end, lc, laa, lpp, gc, gaa, gpp, row_loss);
 }
-GIST_CLONES void gist_rows_isa(const GistArgs& p, const GistNorms& n, int64_t r0, int64_t begin, int64_t end,
+EMBEDLOSS_CLONES void gist_rows_isa(const GistArgs& p, const GistNorms& n, int64_t r0, int64_t begin, int64_t end,
                                float* lc, float* laa, float* lpp, const double* gc, const double* gaa,
                                const double* gpp, double* row_loss) {
   gist_rows<float, double>(p, n, r0, begin, end, lc, laa, lpp, gc, gaa, gpp, row_loss);
 }
-GIST_CLONES void gist_rows_isa(const GistArgs& p, const GistNorms& n, int64_t r0, int64_t begin, int64_t end,
+EMBEDLOSS_CLONES void gist_rows_isa(const GistArgs& p, const GistNorms& n, int64_t r0, int64_t begin, int64_t end,
                                double* lc, double* laa, double* lpp, const float* gc, const float* gaa,
                                const float* gpp, double* row_loss) {
   gist_rows<double, float>(p, n, r0, begin, end, lc, laa, lpp, gc, gaa, gpp, row_loss);
 }
-GIST_CLONES void gist_rows_isa(const GistArgs& p, const GistNorms& n, int64_t r0, int64_t begin, int64_t end,
+EMBEDLOSS_CLONES void gist_rows_isa(const GistArgs& p, const GistNorms& n, int64_t r0, int64_t begin, int64_t end,
                                double* lc, double* laa, double* lpp, const double* gc, const double* gaa,
                                const double* gpp, double* row_loss) {
   gist_rows<double, double>(p, n, r0, begin, end, lc, laa, lpp, gc, gaa, gpp, row_loss);

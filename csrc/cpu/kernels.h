@@ -23,18 +23,6 @@ constexpr int64_t kSimAngle = 2;
 
 constexpr double kEps = 1e-12;
 
-// The max of an `omp simd reduction(max : m)` loop: GCC vectorizes this ternary (vmaxps) but not std::max, which it
-// leaves as a scalar vmaxss chain (one dependent max per element: ~45% of the Matryoshka row pass before).
-#if defined(__GNUC__)
-#define EMBEDLOSS_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define EMBEDLOSS_ALWAYS_INLINE inline
-#endif
-template <typename T>
-EMBEDLOSS_ALWAYS_INLINE T simd_max(T m, T v) {
-  return v > m ? v : m;
-}
-
 // Both ops return (loss, d loss / d first, d loss / d second, d loss / d scale); the gradients are empty (0,) tensors
 // without compute_grad.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_cpu(

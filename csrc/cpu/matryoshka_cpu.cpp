@@ -28,38 +28,10 @@
 #include <vector>
 
 #include "kernels.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
-#define MATRYOSHKA_INLINE inline __attribute__((always_inline))
-#define MATRYOSHKA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MATRYOSHKA_INLINE inline
-#define MATRYOSHKA_CLONES
-#endif
+#include "simd.h"
 
 namespace embedloss {
 namespace {
-
-// exp(x) in float, branch-free so loops vectorize (2^n * poly(r), |r| <= ln2 / 2, ~1 ulp); 0 below -87 (masked cells).
-MATRYOSHKA_INLINE float fast_exp(float x) {
-  const float xc = std::min(std::max(x, -87.0f), 88.0f);
-  const float fn = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = (xc - fn * 0.693359375f) + fn * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(fn) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  return x < -87.0f ? 0.0f : p * two_n;
-}
-
-MATRYOSHKA_INLINE float exp_of(float x) { return fast_exp(x); }
-MATRYOSHKA_INLINE double exp_of(double x) { return std::exp(x); }
 
 // One direction block of the block: raw products (m, n, cols), its row / column inverse norms per dim, and whether the
 // rows / columns are queries (radial sums go to rad_q) or candidates (rad_a).
@@ -84,7 +56,7 @@ struct Params {
 // gradient) C_k written over P_k, the row radial sums into rad_row (m, n_dirs, n) and column radial sums into col_acc
 // (m, width) of this thread.
 template <typename T>
-MATRYOSHKA_INLINE void rows_pass(const Params& p, const Direction<T>* dirs, int n_dirs, const double* weights,
+EMBEDLOSS_INLINE void rows_pass(const Params& p, const Direction<T>* dirs, int n_dirs, const double* weights,
                                  int64_t r0, int64_t n, int64_t begin, int64_t end, T* scratch, T* col_acc,
                                  T* rad_row, double* row_loss) {
   const T s = static_cast<T>(p.scale);
@@ -144,18 +116,7 @@ MATRYOSHKA_INLINE void rows_pass(const Params& p, const Direction<T>* dirs, int 
         for (int d = 1; d < n_dirs; ++d) mx = std::max(mx, maxes[d]);
         for (int d = 0; d < n_dirs; ++d) maxes[d] = mx;
       }
-      for (int d = 0; d < n_dirs; ++d) {
-        T* l = scratch + dirs[d].offset;
-        const T mx = maxes[d];
-        T sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < dirs[d].cols; ++j) {
-          const T e = exp_of(l[j] - mx);
-          l[j] = e;
-          sum += e;
-        }
-        sums[d] = sum;
-      }
+      for (int d = 0; d < n_dirs; ++d) sums[d] = exp_shift_sum(scratch + dirs[d].offset, dirs[d].cols, maxes[d]);
       double lse = 0.0;
       if (p.joint) {
         T total = 0;
@@ -215,13 +176,13 @@ MATRYOSHKA_INLINE void rows_pass(const Params& p, const Direction<T>* dirs, int 
   }
 }
 
-MATRYOSHKA_CLONES void rows_pass_isa(const Params& p, const Direction<float>* dirs, int n_dirs, const double* weights,
+EMBEDLOSS_CLONES void rows_pass_isa(const Params& p, const Direction<float>* dirs, int n_dirs, const double* weights,
                                      int64_t r0, int64_t n, int64_t begin, int64_t end, float* scratch,
                                      float* col_acc, float* rad_row, double* row_loss) {
   rows_pass<float>(p, dirs, n_dirs, weights, r0, n, begin, end, scratch, col_acc, rad_row, row_loss);
 }
 
-MATRYOSHKA_CLONES void rows_pass_isa(const Params& p, const Direction<double>* dirs, int n_dirs,
+EMBEDLOSS_CLONES void rows_pass_isa(const Params& p, const Direction<double>* dirs, int n_dirs,
                                      const double* weights, int64_t r0, int64_t n, int64_t begin, int64_t end,
                                      double* scratch, double* col_acc, double* rad_row, double* row_loss) {
   rows_pass<double>(p, dirs, n_dirs, weights, r0, n, begin, end, scratch, col_acc, rad_row, row_loss);
