@@ -45,7 +45,7 @@ from . import (
     MATRYOSHKA_SCHEMA,
     QUERY_TO_QUERY,
 )
-from .torch_ops import backward_scaled_grads, block_budget_bytes, setup_saved_grads, work_dtype
+from .torch_ops import backward_scaled_grads, block_budget_bytes, row_block_lse, setup_saved_grads, work_dtype
 
 
 def why_not(device: torch.device) -> str | None:
@@ -112,18 +112,7 @@ def torch_row_pass(
         logits["dd"][ar[:, None], own_docs] = float("-inf")
 
     n_blocks = len(logits)
-    if joint:
-        row_max = torch.stack([blk.amax(dim=1) for blk in logits.values()]).amax(0)
-        maxes = dict.fromkeys(logits, row_max)
-    else:
-        maxes = {k: blk.amax(dim=1) for k, blk in logits.items()}
-    sums = {k: blk.sub_(maxes[k][:, None]).exp_().sum(1) for k, blk in logits.items()}
-    if joint:
-        total = sum(sums.values())
-        sums = dict.fromkeys(logits, total)
-        lse_mean = row_max + total.log()
-    else:
-        lse_mean = sum(maxes[k] + sums[k].log() for k in logits) / n_blocks
+    sums, lse_mean = row_block_lse(logits, joint)
     row_loss = (lse_mean - positive) * weight
     if not compute_grad:
         return row_loss, None
