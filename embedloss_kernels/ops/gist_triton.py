@@ -37,12 +37,6 @@ def _tiles(dim: int, dtype: torch.dtype, interpreted: bool) -> tuple[int, int, i
     return 32, 32, bk
 
 
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
-
-
 def masked_logits_triton(x: Tensor, y: Tensor, x_guide: Tensor, y_guide: Tensor, row_factor: Tensor,
                          col_inv: Tensor, guide_row_inv: Tensor, guide_col_inv: Tensor, bound: Tensor,
                          exempt_start: int | None) -> Tensor:
@@ -62,7 +56,8 @@ def masked_logits_triton(x: Tensor, y: Tensor, x_guide: Tensor, y_guide: Tensor,
             guide_col_inv.contiguous(), bound.contiguous(), out, n, m, x.shape[1], x_guide.shape[1], x.stride(0),
             y.stride(0), x_guide.stride(0), y_guide.stride(0), out.stride(0),
             0 if exempt_start is None else exempt_start, HAS_EXEMPT=exempt_start is not None, BM=bm, BN=bn, BK=bk,
-            BKG=bkg, ACC=acc, GACC=gacc, PREC=_precision(x.dtype), GPREC=_precision(x_guide.dtype),
+            BKG=bkg, ACC=acc, GACC=gacc, PREC=_triton_ops._precision(x.dtype),
+            GPREC=_triton_ops._precision(x_guide.dtype),
         )
     return out
 

@@ -15,21 +15,7 @@ maths around the block (LSE, softmax - onehot, the gradient products) is the tor
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _dot_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y, BK: tl.constexpr,
-              ACC: tl.constexpr, PREC: tl.constexpr):
-    """(BM, BN) = x[rows] . y[cols]^T, D walked in BK chunks padded with zeros."""
-    ks = tl.arange(0, BK)
-    acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=ACC)
-    for k0 in range(0, n_dim, BK):
-        k_ok = (k0 + ks) < n_dim
-        xt = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + (k0 + ks)[None, :],
-                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        yt = tl.load(y_ptr + cols[:, None].to(tl.int64) * stride_y + (k0 + ks)[None, :],
-                     mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += tl.dot(xt, tl.trans(yt), input_precision=PREC, out_dtype=ACC)
-    return acc
+from .infonce_kernels import dot_tile
 
 
 @triton.jit
@@ -48,12 +34,12 @@ def gist_masked_logits_kernel(
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     row_ok, col_ok = rows < n_rows, cols < n_cols
     # -- the model's logits --
-    logits = _dot_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y, BK, ACC, PREC)
+    logits = dot_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y, BK, ACC, PREC)
     rf = tl.load(row_factor_ptr + rows, mask=row_ok, other=0.0)
     ci = tl.load(col_inv_ptr + cols, mask=col_ok, other=0.0)
     logits = logits * rf[:, None] * ci[None, :]
     # -- the guide's similarities, compared with each row's bound (strictly) --
-    guide = _dot_tile(xg_ptr, yg_ptr, rows, cols, row_ok, col_ok, guide_dim, stride_xg, stride_yg, BKG, GACC, GPREC)
+    guide = dot_tile(xg_ptr, yg_ptr, rows, cols, row_ok, col_ok, guide_dim, stride_xg, stride_yg, BKG, GACC, GPREC)
     gr = tl.load(guide_row_inv_ptr + rows, mask=row_ok, other=0.0)
     gc = tl.load(guide_col_inv_ptr + cols, mask=col_ok, other=0.0)
     bound = tl.load(bound_ptr + rows, mask=row_ok, other=0.0)

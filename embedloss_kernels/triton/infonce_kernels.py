@@ -78,10 +78,9 @@ def _scale_and_mask(dots, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, owner_ptr,
 
 
 @triton.jit
-def _logit_tile(x_ptr, y_ptr, rx_ptr, ry_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y,
-                owner_ptr, scale, boost, PEN_MODE: tl.constexpr, MASK_MODE: tl.constexpr, BK: tl.constexpr,
-                ACC: tl.constexpr, PREC: tl.constexpr):
-    """The (BM, BN) tile of logits, masked entries at -inf; D is walked in BK chunks padded with zeros."""
+def dot_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y, BK: tl.constexpr, ACC: tl.constexpr,
+             PREC: tl.constexpr):
+    """(BM, BN) = x[rows] . y[cols]^T in ACC, D walked in BK chunks padded with zeros (also GIST's kernel)."""
     ks = tl.arange(0, BK)
     acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=ACC)
     for k0 in range(0, n_dim, BK):
@@ -94,6 +93,15 @@ def _logit_tile(x_ptr, y_ptr, rx_ptr, ry_ptr, rows, cols, row_ok, col_ok, n_dim,
             acc += tl.dot(xt.to(ACC), tl.trans(yt.to(ACC)), out_dtype=ACC)
         else:
             acc += tl.dot(xt, tl.trans(yt), input_precision=PREC, out_dtype=ACC)
+    return acc
+
+
+@triton.jit
+def _logit_tile(x_ptr, y_ptr, rx_ptr, ry_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y,
+                owner_ptr, scale, boost, PEN_MODE: tl.constexpr, MASK_MODE: tl.constexpr, BK: tl.constexpr,
+                ACC: tl.constexpr, PREC: tl.constexpr):
+    """The (BM, BN) tile of logits, masked entries at -inf; D is walked in BK chunks padded with zeros."""
+    acc = dot_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y, BK, ACC, PREC)
     return _scale_and_mask(acc, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, owner_ptr, scale, boost, PEN_MODE,
                            MASK_MODE)
 
