@@ -132,6 +132,20 @@ def _fused_scale(scale) -> tuple[float | None, Tensor | None]:
 # ----------------------------------------------------------------------------------------------------------------
 # MNRL / InfoNCE
 # ----------------------------------------------------------------------------------------------------------------
+def _op_inputs(queries: Tensor, docs: Sequence[Tensor], directions: Sequence[str], hardness_mode: str | None,
+               hardness_strength: float, block_rows: int) -> tuple[Tensor, Tensor, int, int]:
+    """What the MNRL-family ops take: contiguous queries, the candidate columns stacked (K*Bq, D), the direction
+    bits and the hardness code."""
+    if block_rows == 0:
+        block_budget_bytes()  # the automatic block size reads EMBEDLOSS_BLOCK_MIB: a bad value fails here, clearly
+    bits = 0
+    for name in directions:
+        bits |= DIRECTION_BITS[name]
+    hardness = HARDNESS_CODES[hardness_mode] if hardness_strength > 0 else HARDNESS_CODES[None]
+    candidates = torch.cat([d.contiguous() for d in docs], dim=0) if len(docs) > 1 else docs[0].contiguous()
+    return queries.contiguous(), candidates, bits, hardness
+
+
 def infonce_from_columns(
     queries: Tensor,
     docs: Sequence[Tensor],
@@ -168,14 +182,7 @@ def infonce_from_columns(
             queries, docs, scale, plain, directions, partition_mode, hardness_mode, hardness_strength,
             row_start, row_count,
         )
-    if block_rows == 0:
-        block_budget_bytes()  # the automatic block size reads EMBEDLOSS_BLOCK_MIB: a bad value fails here, clearly
-    bits = 0
-    for name in directions:
-        bits |= DIRECTION_BITS[name]
-    hardness = HARDNESS_CODES[hardness_mode] if hardness_strength > 0 else HARDNESS_CODES[None]
-    candidates = torch.cat([d.contiguous() for d in docs], dim=0) if len(docs) > 1 else docs[0].contiguous()
-    q = queries.contiguous()
+    q, candidates, bits, hardness = _op_inputs(queries, docs, directions, hardness_mode, hardness_strength, block_rows)
     op = _backends.get_backend(q.device, backend).infonce
     return loss_from_op(
         op, q, candidates, row_start, row_count, value, kind == "cosine", bits, partition_mode == "joint", hardness,
@@ -282,14 +289,7 @@ def matryoshka_from_columns(
             "pass a number, or a tensor that does not require grad"
         )
     scale = scale_value(scale)
-    if block_rows == 0:
-        block_budget_bytes()
-    bits = 0
-    for name in directions:
-        bits |= DIRECTION_BITS[name]
-    hardness = HARDNESS_CODES[hardness_mode] if hardness_strength > 0 else HARDNESS_CODES[None]
-    candidates = torch.cat([d.contiguous() for d in docs], dim=0) if len(docs) > 1 else docs[0].contiguous()
-    q = queries.contiguous()
+    q, candidates, bits, hardness = _op_inputs(queries, docs, directions, hardness_mode, hardness_strength, block_rows)
     op = _backends.get_matryoshka_op(q.device, backend)
     return loss_from_op(
         op, q, candidates, dims, weights, row_start, row_count, scale, bits, partition_mode == "joint", hardness,
