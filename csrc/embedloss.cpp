@@ -11,6 +11,7 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
 #include "cpu/kernels.h"
@@ -47,6 +48,7 @@ variable_list backward_from_saved(AutogradContext* ctx, const variable_list& gra
 void save_grads(AutogradContext* ctx, const at::Tensor& grad_first, const at::Tensor& grad_second,
                 const at::Tensor& grad_scale, bool compute_grad) {
   ctx->saved_data["compute_grad"] = compute_grad;
+  ctx->set_materialize_grads(false);  // the gradients' own outputs never get a gradient: no zero-filled copies
   ctx->save_for_backward({grad_first, grad_second});
   ctx->mark_non_differentiable({grad_first, grad_second, grad_scale});
 }
@@ -135,7 +137,22 @@ TORCH_LIBRARY_IMPL(embedloss_cpp, Autograd, m) {
   m.impl("cosent", &embedloss::cosent_autograd);
 }
 
-// A bare module: importing embedloss_kernels._C loads the library and runs the registrations above.
-static struct PyModuleDef embedloss_module = {PyModuleDef_HEAD_INIT, "_C", "embedloss_cpp ops", -1, nullptr};
+// The module: importing embedloss_kernels._C loads the library and runs the registrations above. Its one function,
+// graph_task_keeps_graph(), tells the Python autograd (embedloss_kernels/ops/autograd.py) whether the backward running
+// on this thread keeps the graph (retain_graph / create_graph): only when it does not may the saved gradients be
+// scaled in place and handed on, since the engine releases them as soon as the node has run.
+static PyObject* graph_task_keeps_graph(PyObject*, PyObject*) {
+  if (torch::autograd::get_current_graph_task_id() == -1) Py_RETURN_TRUE;  // not inside a backward: assume it does
+  if (torch::autograd::get_current_graph_task_keep_graph()) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+}
+
+static PyMethodDef embedloss_methods[] = {
+    {"graph_task_keeps_graph", graph_task_keeps_graph, METH_NOARGS,
+     "Whether the autograd graph task running on this thread keeps its graph (True outside any backward)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+static struct PyModuleDef embedloss_module = {PyModuleDef_HEAD_INIT, "_C", "embedloss_cpp ops", -1,
+                                              embedloss_methods};
 
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&embedloss_module); }

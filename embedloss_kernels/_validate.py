@@ -153,10 +153,18 @@ def check_embeddings(tensors: Sequence[Tensor], names: Sequence[str], min_count:
         raise ValueError(f"{first_name} is an empty batch (batch size 0); expected at least one row")
     if first.shape[1] == 0:
         raise ValueError(f"{first_name} has embedding dim 0; expected at least 1")
-    if check_finite_inputs(strict):
+    if check_finite_inputs(strict) and not all_finite(tensors):
         for t, name in zip(tensors, names):
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name} contains NaN or Inf values; the loss would be NaN")
+
+
+def all_finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether every element of every tensor is finite, with one host sync and no tensor-sized temporary: a NaN or
+    an Inf makes a sum non-finite, so finite sums prove finite inputs. A non-finite sum may also be an overflow of
+    finite values (float16): then the exact elementwise check decides."""
+    sums = torch.stack([t.sum() for t in tensors])
+    return bool(torch.isfinite(sums).all()) or all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def check_labels(labels, batch_size: int, owner: str, strict: bool = True) -> Tensor:

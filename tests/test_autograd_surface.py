@@ -181,6 +181,92 @@ def test_backward_twice_raises_like_pytorch(backend):
     torch.testing.assert_close(x.grad, 2 * once)
 
 
+def _pair_labels(n):
+    return torch.linspace(0.05, 0.95, n, dtype=torch.float64, device=DEVICE).roll(n // 3)
+
+
+def _losses_of(x, y, z, backend):
+    """One loss of each op family (CoSENT's takes x and y only)."""
+    return {
+        "mnrl": functional.multiple_negatives_ranking_loss(x, y, z, backend=backend),
+        "matryoshka": functional.matryoshka_mnrl_loss(x, y, z, dims=[3, 7], weights=[0.5, 2.0], backend=backend),
+        "cosent": functional.cosent_loss(x, y, _pair_labels(x.shape[0]), backend=backend),
+    }
+
+
+def _references_of(x, y, z):
+    return {
+        "mnrl": reference.infonce_reference(x, [y, z]),
+        "matryoshka": reference.matryoshka_reference(x, [y, z], [3, 7], [0.5, 2.0], reference.cos_sim, scale=20.0),
+        "cosent": reference.cosent_pairs_reference(x, y, _pair_labels(x.shape[0])),
+    }
+
+
+def _reference_grads(name, factor, batch=5, dim=7):
+    x, y, z = (t.requires_grad_() for t in tensors(3, batch=batch, dim=dim, seed=12))
+    (factor * _references_of(x, y, z)[name]).backward()
+    return _grads(x, y, z)
+
+
+def _grads(*tensors):
+    return [t.grad for t in tensors if t.grad is not None]
+
+
+@pytest.mark.parametrize("name", ["mnrl", "matryoshka", "cosent"])
+def test_retained_graph_gradients_never_share_the_saved_ones(backend, name):
+    # Without retain_graph, backward hands the saved gradients on (scaled in place) instead of copying them. With it,
+    # they must stay private: an in-place change of .grad (optimizer.zero_grad(set_to_none=False), clipping) between
+    # two backwards must not reach the second, and a grad_output other than 1 must not rescale them.
+    want = _reference_grads(name, 3.0, batch=5)
+    x, y, z = (t.requires_grad_() for t in tensors(3, seed=12))
+    loss = _losses_of(x, y, z, backend)[name]
+    (3.0 * loss).backward(retain_graph=True)
+    torch.testing.assert_close(_grads(x, y, z), want, rtol=1e-8, atol=1e-12)
+    for t in (x, y):
+        t.grad.zero_()
+    if z.grad is not None:
+        z.grad.zero_()
+    (3.0 * loss).backward(retain_graph=True)
+    torch.testing.assert_close(_grads(x, y, z), want, rtol=1e-8, atol=1e-12)
+    for t in (x, y, z):
+        t.grad = None
+    loss.backward(torch.tensor(3.0, dtype=loss.dtype, device=DEVICE))  # the last one releases and may reuse
+    torch.testing.assert_close(_grads(x, y, z), want, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("factor", [1.0, 0.25])
+@pytest.mark.parametrize("name", ["mnrl", "matryoshka", "cosent"])
+def test_backward_allocates_no_gradient_sized_tensor(backend, name, factor):
+    # The op computed the gradients in its forward; a backward that releases the graph scales them in place and
+    # hands them to .grad (no copy, no zero-filled gradients for the gradient outputs). A retained graph copies.
+    x, y, z = (t.requires_grad_() for t in tensors(3, batch=64, dim=24, seed=12))
+    one_gradient = x.numel() * x.element_size()
+    for retain in (True, False):
+        for t in (x, y, z):
+            t.grad = None
+        loss = _losses_of(x, y, z, backend)[name]
+        allocated = _bytes_allocated_during(lambda: (factor * loss).backward(retain_graph=retain))
+        if retain:
+            assert allocated >= one_gradient, allocated  # the measurement sees a copy when there is one
+        else:
+            assert allocated < one_gradient, allocated
+    want = _reference_grads(name, factor, batch=64, dim=24)
+    torch.testing.assert_close(_grads(x, y, z), want, rtol=1e-8, atol=1e-12)
+
+
+def _bytes_allocated_during(fn) -> int:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
+
+
 # -- 2. torch.compile(fullgraph=True) as the first call into the package, in a fresh process ------------------------
 COMPILE_SCRIPT = textwrap.dedent(
     """

@@ -45,6 +45,27 @@ def test_functional_bad_columns(columns, error, match):
         MNRL(*columns())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_finite_check_is_exact_when_a_sum_overflows(dtype):
+    # The check sums each tensor first (no tensor-sized temporary); a sum that overflows from finite values must not
+    # be taken for a NaN or Inf, and one bad element among huge finite ones must still be found.
+    big = torch.finfo(dtype).max / 4
+    huge = [torch.full((4, 6), big, dtype=dtype, device=DEVICE) * torch.tensor([1.0, 0.5, 0.9, 0.7], dtype=dtype,
+                                                                                device=DEVICE)[:, None]
+            for _ in range(2)]
+    assert not bool(torch.isfinite(huge[0].sum()))  # the sum overflows: the exact check decides
+    loss = MNRL(*huge, similarity="cos_sim")
+    assert bool(torch.isfinite(loss))  # cosine of parallel rows: log(4)
+    for value in (math.nan, math.inf, -math.inf):
+        bad = huge[1].index_fill(0, torch.tensor([3], device=DEVICE), value)
+        with pytest.raises(ValueError, match="positives contains NaN or Inf"):
+            MNRL(huge[0], bad)
+    plus_minus = cols(2)[1].index_fill(1, torch.tensor([0], device=DEVICE), math.inf)
+    plus_minus[0, 1] = -math.inf  # +Inf and -Inf: the sum is NaN, still caught
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        MNRL(cols(2)[0], plus_minus)
+
+
 def test_module_needs_two_columns():
     with pytest.raises(ValueError, match="Expected at least 2 embeddings, got 1"):
         ek.MultipleNegativesRankingLoss(None).compute_loss_from_embeddings(cols(1), None)

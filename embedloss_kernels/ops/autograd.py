@@ -14,6 +14,12 @@ gradient is known:
   compiling the same function without it (:class:`CompiledLossFromSavedGrads`) is used (forward mode then raises
   PyTorch's "implement the jvp" error, never a zero tangent).
 
+Backward allocates nothing of the gradients' size: the gradient outputs get no zero-filled gradients
+(``set_materialize_grads(False)``), and when the engine releases the graph after this node (no ``retain_graph`` or
+``create_graph``; the C++ extension reports it) the saved gradients are scaled in place and handed on, so that
+``AccumulateGrad`` keeps them as ``.grad``. A retained graph gets copies, so a later in-place change of ``.grad`` never
+reaches the next backward.
+
 Second derivatives are refused loudly (the gradients are computed numbers, not a graph): ``create_graph=True``
 raises at once; under ``torch.func`` (whose ``grad`` always builds a graph) the first derivative is returned and
 differentiating it again raises. A second ``backward`` through a freed graph raises PyTorch's own error (the saved
@@ -90,8 +96,45 @@ def _dual_level_active() -> bool:
     return getattr(forward_ad, "_current_level", 0) >= 0  # unknown torch: assume it may
 
 
+def _graph_task_keeps_graph():
+    """``embedloss_kernels._C.graph_task_keeps_graph`` (the extension's one function), or ``None`` without it."""
+    try:
+        from embedloss_kernels import _C
+    except ImportError:
+        return None
+    return getattr(_C, "graph_task_keeps_graph", None)
+
+
+_KEEPS_GRAPH = _graph_task_keeps_graph()
+
+
+def _saved_grads_are_released(*saved: Tensor) -> bool:
+    """Whether the engine releases this node's saved gradients as soon as its backward returns: an eager backward
+    without ``retain_graph``/``create_graph`` on plain tensors. Only then may backward scale them in place and hand
+    them on (``AccumulateGrad`` then keeps them as ``.grad`` with no copy); under ``retain_graph`` a later in-place
+    change of ``.grad`` would otherwise reach the next backward through the shared storage. Without the extension,
+    or when unsure, False (backward copies)."""
+    if _KEEPS_GRAPH is None or torch.compiler.is_compiling() or torch.is_grad_enabled() or transforms_active():
+        return False
+    if any(type(t) is not Tensor for t in saved):  # fake, functional or subclass tensors: never reuse
+        return False
+    return not _KEEPS_GRAPH()
+
+
+def _scaled(saved: Tensor, grad_loss: Tensor, in_place: bool) -> Tensor:
+    factor = grad_loss.to(saved.dtype)
+    if not in_place:
+        return saved * factor
+    if factor.device.type == "cpu" and factor.item() == 1.0:  # the usual loss.backward(): nothing to scale
+        return saved
+    return saved.mul_(factor)
+
+
 def _setup(ctx, inputs, output, keep_inputs: bool) -> None:
     _, scale, first, second, *_ = inputs
+    # The gradient outputs never receive a gradient: without this, backward would get zero-filled tensors of their
+    # size (dQ's and dA's again) for nothing.
+    ctx.set_materialize_grads(False)
     # an op without the scale's gradient (three outputs) serves number scales only (loss_from_op checks)
     grad_first, grad_second, grad_scale = (*output[1:], None)[:3]
     ctx.mark_non_differentiable(*output[1:])
@@ -123,7 +166,10 @@ class CompiledLossFromSavedGrads(torch.autograd.Function):
         # a second backward through a freed graph raises PyTorch's own error here
         grad_first, grad_second, grad_scale, first, second = ctx.saved_tensors
         _check_computed(grad_first, grad_second, "backward")
-        grads = [grad_first * grad_loss.to(grad_first.dtype), grad_second * grad_loss.to(grad_second.dtype)]
+        if grad_loss is None:  # no gradient reached the loss (grads are not materialized as zeros)
+            return (None,) * (4 + ctx.n_rest)
+        in_place = _saved_grads_are_released(grad_first, grad_second, grad_loss)
+        grads = [_scaled(grad_first, grad_loss, in_place), _scaled(grad_second, grad_loss, in_place)]
         d_scale = None
         if ctx.scale_like is not None and ctx.needs_input_grad[1] and grad_scale is not None:
             dtype, shape = ctx.scale_like
