@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check of issue 11 in one device call (at most ~9.7 minutes: the time boxes below add up to 580 s): install
-# the carried wheels, run the CUDA test suite, then time every provider (benchmarks/gpu_sweep.py). Every stage runs
+# The GPU check of issues 11, 12 and 13 in one device call (at most ~9.5 minutes: the time boxes below add up to
+# 560 s): install the carried wheels, run the CUDA test suite, time every provider (benchmarks/gpu_sweep.py), then
+# the fused Matryoshka loss against our plain MNRL (benchmarks/interleaved.py). Every stage runs
 # under `timeout`, so a hang costs its own box and no more; results land in $OUT (or benchmarks/out/gpu): tests.log,
 # sweep.csv, results.json, sweep.png and this script's log.
 #
@@ -52,7 +53,14 @@ stamp "sweep (box 220 s)";     timeout 220 python3 benchmarks/gpu_sweep.py sweep
 stamp "B=N=262144 (box 80 s)"; timeout 80 python3 benchmarks/gpu_sweep.py large --out "$OUT" --budget 1 $DRY; echo "exit $?"
 stamp "CoSENT 1M (box 30 s)";  timeout 30 python3 benchmarks/gpu_sweep.py cosent --out "$OUT" --budget 0.5 $DRY; echo "exit $?"
 stamp "precision (box 40 s)";  timeout 40 python3 benchmarks/gpu_sweep.py precision --out "$OUT" $DRY; echo "exit $?"
+stamp "Matryoshka (box 40 s)"
+if [ -z "$DRY" ]; then
+    MAT="--device cuda --dtype bfloat16 --batch 16384 --dim 1024 --negatives 0 --matryoshka-dims 1024 512 256 128 64 --rounds 5"
+else
+    MAT="--device cpu --batch 64 --dim 96 --negatives 0 --matryoshka-dims 96 48 16 --rounds 1"
+fi
+timeout 40 python3 benchmarks/interleaved.py --loss matryoshka $MAT --providers ours ours-mnrl --out "$OUT"; echo "exit $?"
 stamp "summary"
-timeout 60 python3 benchmarks/gpu_sweep.py summarize --out "$OUT"
+timeout 30 python3 benchmarks/gpu_sweep.py summarize --out "$OUT"
 [ -s "$OUT/results.json" ] && rm -f "$OUT"/*.jsonl  # folded into results.json (files back from a device call are limited to 8)
 stamp "done"
