@@ -57,9 +57,56 @@ def _configs():
             for name in ("pair_lse_kernel", "pair_grad_kernel"):
                 bm, bn = pair_block(torch_dtype[dt])
                 yield name, dt, arch, dict(BM=bm, BN=bn, ACC=acc, num_warps=4)
+        yield from _gist_configs(arch, torch_dtype)
+        yield from _matryoshka_configs(arch, torch_dtype)
 
 
-def _signature(fn, dt: str, constexprs: dict) -> dict:
+def _matryoshka_configs(arch: int, torch_dtype: dict):
+    """The Matryoshka row kernels in their work dtype (fp32 for 16-bit and fp32 inputs, fp64), at every column
+    tile the launcher picks, in the (positive, penalty, mask) modes its directions give: the penalty only on
+    query_to_doc (the one with the positive), the masks on query_to_query (1) and doc_to_doc (2)."""
+    from .ops.triton_matryoshka import _tile
+
+    for dt in ("fp32", "fp64"):
+        cap = _tile(1 << 30, torch_dtype[dt])
+        for bn in (1 << k for k in range(4, cap.bit_length())):
+            for pen, mask in ((0, 0), (1, 0), (2, 0), (3, 0), (0, 1), (0, 2)):
+                yield "matryoshka_row_stats_kernel", dt, arch, dict(PEN_MODE=pen, MASK_MODE=mask, BN=bn)
+                if mask == 0:
+                    yield "matryoshka_row_grad_kernel", dt, arch, dict(POSITIVE=True, PEN_MODE=pen, MASK_MODE=0,
+                                                                       BN=bn)
+                if pen == 0:  # doc_to_query (mask 0), query_to_query, doc_to_doc
+                    yield "matryoshka_row_grad_kernel", dt, arch, dict(POSITIVE=False, PEN_MODE=0, MASK_MODE=mask,
+                                                                       BN=bn)
+
+
+def _gist_configs(arch: int, torch_dtype: dict):
+    """GIST's masked-logits kernel: every tile the launcher picks for the model's embeddings (dtype, precision, BK),
+    each with the guide in every dtype and precision at its widest BK, and in the model's own at every BK. The
+    exemption (``HAS_EXEMPT``) only adds elementwise code: both ways once per model tile."""
+    import triton.language as tl
+
+    from .ops.gist_triton import _tiles
+
+    def options(dt):
+        acc = tl.float64 if dt == "fp64" else tl.float32
+        for prec in (("tf32", "ieee") if dt == "fp32" else ("ieee",)):
+            for dim in (16, 64):  # BK 16 and (for tensor-core dots) 32
+                yield dict(zip(("BM", "BN", "BK"), _tiles(dim, torch_dtype[dt], False, prec))), acc, prec
+
+    picks = {dt: list(dict.fromkeys((t["BK"], t["BM"], t["BN"], a, p) for t, a, p in options(dt))) for dt in DTYPES}
+    for dt in DTYPES:
+        for bk, bm, bn, acc, prec in picks[dt]:
+            guides = {(gdt, gbk, gacc, gprec) for gdt in DTYPES for gbk, _, _, gacc, gprec in picks[gdt]
+                      if gdt == dt and gprec == prec or gbk == max(k for k, *_ in picks[gdt])}
+            for gdt, gbk, gacc, gprec in sorted(guides, key=str):
+                for exempt in ((True, False) if (gdt, gbk, gprec) == (dt, bk, prec) else (True,)):
+                    yield "gist_masked_logits_kernel", dt, arch, dict(
+                        HAS_EXEMPT=exempt, BM=bm, BN=bn, BK=bk, BKG=gbk, ACC=acc, GACC=gacc, PREC=prec, GPREC=gprec,
+                        guide_dtype=gdt)
+
+
+def _signature(fn, dt: str, constexprs: dict, guide_dt: str | None = None) -> dict:
     import inspect
 
     import triton.language as tl
@@ -72,6 +119,8 @@ def _signature(fn, dt: str, constexprs: dict) -> dict:
             sig[arg] = "constexpr"
         elif isinstance(annotations.get(arg), tl.dtype):
             sig[arg] = str(annotations[arg])  # scale64, ...: tl.float64 (what Triton's launcher specializes them to)
+        elif arg in ("xg_ptr", "yg_ptr"):
+            sig[arg] = f"*{guide_dt}"  # GIST's guide embeddings, in the guide's dtype
         elif arg in ("x_ptr", "y_ptr", "g_ptr") and not fn.__name__.startswith("pair_"):
             sig[arg] = f"*{dt}"  # inputs and the G~ workspace are in the input dtype
         elif arg == "y_ptr":
@@ -124,20 +173,25 @@ def _compile_one(job: tuple[str, str, dict, int]) -> tuple:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .triton import cosent_kernels, infonce_kernels
+    from .triton import cosent_kernels, gist_kernels, infonce_kernels, matryoshka_kernels
 
     name, dt, arch, cst = job
     cst = dict(cst)
     num_warps = cst.pop("num_warps", 4)
     num_stages = cst.pop("num_stages", 3)
-    fn = getattr(infonce_kernels if hasattr(infonce_kernels, name) else cosent_kernels, name)
-    config = " ".join([dt] + [f"{k}{v}" for k, v in cst.items() if k in ("BM", "BN", "BK")]
+    guide_dt = cst.pop("guide_dtype", None)
+    fn = next(getattr(m, name) for m in (infonce_kernels, cosent_kernels, gist_kernels, matryoshka_kernels)
+              if hasattr(m, name))
+    guide = [f"guide {guide_dt} BK{cst['BKG']} {cst['GPREC']}", f"exempt{int(cst['HAS_EXEMPT'])}"] if guide_dt else []
+    config = " ".join([dt] + [f"{k}{v}" for k, v in cst.items() if k in ("BM", "BN", "BK")] + guide
                       + [f"w{num_warps}s{num_stages}"]
                       + [f"{k.split('_')[0].lower()}{v}" for k, v in cst.items() if k.endswith("_MODE")]
                       + ([f"mode{cst['MODE']}"] if "MODE" in cst else [])
+                      + ([f"positive{int(cst['POSITIVE'])}"] if "POSITIVE" in cst else [])
                       + [cst.get("PREC", "")]).strip()
     try:
-        compiled = triton.compile(ASTSource(fn, _signature(fn, dt, cst), cst), target=GPUTarget("cuda", arch, 32),
+        compiled = triton.compile(ASTSource(fn, _signature(fn, dt, cst, guide_dt), cst),
+                                  target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": num_warps, "num_stages": num_stages})
         regs, spills = _usage(compiled.asm["ptx"], arch, _ptxas(arch))
         shared = compiled.metadata.shared
@@ -165,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs, seen = [], set()
     for name, dt, arch, cst in _configs():
         key = (name, dt, arch, repr(sorted(cst.items())))
-        if key in seen or (quick and (cst.get("PEN_MODE", 0), cst.get("MASK_MODE", 0)) not in ((0, 0), (3, 0))):
+        if key in seen or (quick and ((cst.get("PEN_MODE", 0), cst.get("MASK_MODE", 0)) not in ((0, 0), (3, 0))
+                                      or cst.get("HAS_EXEMPT") is False)):
             continue  # two D choices can map to one tile config
         seen.add(key)
         jobs.append((name, dt, arch, cst))

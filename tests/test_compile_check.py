@@ -24,14 +24,33 @@ def test_compile_check_compiles_every_kernel_and_variant_without_spills():
     assert proc.returncode == 0, out[-4000:]
     rows = [line.split() for line in proc.stdout.splitlines()[1:-1]]
     kernels = {r[0] for r in rows}
-    assert kernels == {"row_lse_kernel", "softmax_grad_kernel", "row_pass_kernel", "flash_dx_kernel",
-                       "flash_dy_kernel", "pair_lse_kernel", "pair_grad_kernel"}
+    assert kernels == _launched_kernels() == {
+        "row_lse_kernel", "softmax_grad_kernel", "row_pass_kernel", "flash_dx_kernel", "flash_dy_kernel",
+        "pair_lse_kernel", "pair_grad_kernel", "gist_masked_logits_kernel", "matryoshka_row_stats_kernel",
+        "matryoshka_row_grad_kernel"}
+    # GIST's guide may come in another dtype than the model's embeddings (a float32 guide beside bf16 training)
+    gist = [" ".join(r[1:r.index("guide") + 3]) for r in rows if r[0] == "gist_masked_logits_kernel"]
+    assert {"bf16 BM32 BN32 BK32 guide fp32 BK32", "fp64 BM16 BN16 BK16 guide bf16 BK32"} <= set(gist)
     assert {r[-5] for r in rows} == {"sm_80", "sm_90"}
     # every penalty / mask variant is compiled (the modes add loads and compares: they once spilled alone)
     assert {tuple(r[6:8]) for r in rows if r[0] == "row_lse_kernel" and r[1] == "fp32"} >= {
         ("pen0", "mask0"), ("pen1", "mask0"), ("pen2", "mask0"), ("pen3", "mask0"), ("pen0", "mask1"),
         ("pen0", "mask2")}
     assert all(r[-1] == "ok" and r[-3] == "0" for r in rows), out[-4000:]
+
+
+def _launched_kernels() -> set[str]:
+    """Every ``*_kernel`` of the package's Triton modules (the launchable ones; helpers are ``@triton.jit`` too)."""
+    import importlib
+    import pkgutil
+
+    import embedloss_kernels.triton as package
+
+    names = set()
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        names |= {n for n, v in vars(module).items() if n.endswith("_kernel") and hasattr(v, "arg_names")}
+    return names
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])

@@ -28,10 +28,11 @@ if _triton_ops._IMPORT_ERROR is None:
     from ..triton.gist_kernels import gist_masked_logits_kernel
 
 
-def _tiles(dim: int, dtype: torch.dtype, interpreted: bool) -> tuple[int, int, int]:
+def _tiles(dim: int, dtype: torch.dtype, interpreted: bool, precision: str) -> tuple[int, int, int]:
     """(BM, BN, BK): 16x16 tiles under the interpreter (slow; odd shapes cross tiles), else 32x32 for fp32 and
-    16x16 for fp64 (FMA dots, twice the registers per element); BK >= 16 for tl.dot."""
-    bk = 16 if dim <= 16 or dtype == torch.float64 else 32
+    16x16 for fp64 (FMA dots, twice the registers per element); BK >= 16 for tl.dot, and 16 for every FMA dot (fp64,
+    fp32 without tf32): at BK 32 an fp32 FMA guide dot beside the model's tile spills on sm_80 (compile_check)."""
+    bk = 16 if dim <= 16 or dtype == torch.float64 or (dtype == torch.float32 and precision == "ieee") else 32
     if interpreted or dtype == torch.float64:
         return 16, 16, bk
     return 32, 32, bk
@@ -45,8 +46,9 @@ def masked_logits_triton(x: Tensor, y: Tensor, x_guide: Tensor, y_guide: Tensor,
     n, m = x.shape[0], y.shape[0]
     out = torch.empty((n, m), dtype=x.dtype, device=x.device)
     interpreted = _triton_ops._interpreted()
-    bm, bn, bk = _tiles(x.shape[1], x.dtype, interpreted)
-    _, _, bkg = _tiles(x_guide.shape[1], x_guide.dtype, interpreted)
+    prec, gprec = _triton_ops._precision(x.dtype), _triton_ops._precision(x_guide.dtype)
+    bm, bn, bk = _tiles(x.shape[1], x.dtype, interpreted, prec)
+    _, _, bkg = _tiles(x_guide.shape[1], x_guide.dtype, interpreted, gprec)
     acc = tl.float64 if x.dtype == torch.float64 else tl.float32
     gacc = tl.float64 if x_guide.dtype == torch.float64 else tl.float32
     grid = (triton.cdiv(n, bm), triton.cdiv(m, bn))
@@ -56,8 +58,7 @@ def masked_logits_triton(x: Tensor, y: Tensor, x_guide: Tensor, y_guide: Tensor,
             guide_col_inv.contiguous(), bound.contiguous(), out, n, m, x.shape[1], x_guide.shape[1], x.stride(0),
             y.stride(0), x_guide.stride(0), y_guide.stride(0), out.stride(0),
             0 if exempt_start is None else exempt_start, HAS_EXEMPT=exempt_start is not None, BM=bm, BN=bn, BK=bk,
-            BKG=bkg, ACC=acc, GACC=gacc, PREC=_triton_ops._precision(x.dtype),
-            GPREC=_triton_ops._precision(x_guide.dtype),
+            BKG=bkg, ACC=acc, GACC=gacc, PREC=prec, GPREC=gprec,
         )
     return out
 
