@@ -118,6 +118,9 @@ def _saved_grads_are_released(*saved: Tensor) -> bool:
         return False
     if any(type(t) is not Tensor for t in saved):  # fake, functional or subclass tensors: never reuse
         return False
+    storages = [t.untyped_storage().data_ptr() for t in saved[:2]]
+    if len(set(storages)) < len(storages):  # one buffer behind both gradients: scaling each in place would repeat
+        return False
     return not _KEEPS_GRAPH()
 
 
