@@ -167,21 +167,29 @@ def _usage(ptx: str, arch: int, ptxas: str | None) -> tuple[int, int]:
     return int(regs.group(1)) if regs else -1, sum(spills)
 
 
-def _compile_one(job: tuple[str, str, dict, int]) -> tuple:
-    """One (kernel, config, target) row of the table; runs in a worker process."""
+def compile_kernel(name: str, dt: str, arch: int, constexprs: dict):
+    """``triton.compile`` of one (kernel, dtype, target, constexprs) of :func:`_configs` (launch options and GIST's
+    guide dtype ride in ``constexprs``), for sm_``arch`` without a GPU."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from .triton import cosent_kernels, gist_kernels, infonce_kernels, matryoshka_kernels
 
-    name, dt, arch, cst = job
-    cst = dict(cst)
-    num_warps = cst.pop("num_warps", 4)
-    num_stages = cst.pop("num_stages", 3)
+    cst = dict(constexprs)
+    options = {"num_warps": cst.pop("num_warps", 4), "num_stages": cst.pop("num_stages", 3)}
     guide_dt = cst.pop("guide_dtype", None)
     fn = next(getattr(m, name) for m in (infonce_kernels, cosent_kernels, gist_kernels, matryoshka_kernels)
               if hasattr(m, name))
+    return triton.compile(ASTSource(fn, _signature(fn, dt, cst, guide_dt), cst), target=GPUTarget("cuda", arch, 32),
+                          options=options)
+
+
+def _compile_one(job: tuple[str, str, dict, int]) -> tuple:
+    """One (kernel, config, target) row of the table; runs in a worker process."""
+    name, dt, arch, cst = job
+    num_warps, num_stages = cst.get("num_warps", 4), cst.get("num_stages", 3)
+    guide_dt = cst.get("guide_dtype")
     guide = [f"guide {guide_dt} BK{cst['BKG']} {cst['GPREC']}", f"exempt{int(cst['HAS_EXEMPT'])}"] if guide_dt else []
     config = " ".join([dt] + [f"{k}{v}" for k, v in cst.items() if k in ("BM", "BN", "BK")] + guide
                       + [f"w{num_warps}s{num_stages}"]
@@ -190,9 +198,7 @@ def _compile_one(job: tuple[str, str, dict, int]) -> tuple:
                       + ([f"positive{int(cst['POSITIVE'])}"] if "POSITIVE" in cst else [])
                       + [cst.get("PREC", "")]).strip()
     try:
-        compiled = triton.compile(ASTSource(fn, _signature(fn, dt, cst, guide_dt), cst),
-                                  target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": num_warps, "num_stages": num_stages})
+        compiled = compile_kernel(name, dt, arch, cst)
         regs, spills = _usage(compiled.asm["ptx"], arch, _ptxas(arch))
         shared = compiled.metadata.shared
         status = "SPILL" if spills > 0 else "ok"

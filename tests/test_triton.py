@@ -249,11 +249,7 @@ def test_infonce_half_within_2x_sentence_transformers(dtype, strategy):
 _SCALAR_USE = r"""
 import json, os, re, sys, tempfile
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from embedloss_kernels import compile_check
-from embedloss_kernels.triton import cosent_kernels, infonce_kernels
 
 out, seen = {}, set()
 for name, dt, arch, cst in compile_check._configs():  # one tile config per kernel and dtype, the penalty on
@@ -261,10 +257,7 @@ for name, dt, arch, cst in compile_check._configs():  # one tile config per kern
         continue
     seen.add((name, dt))
     cst = dict(cst, PEN_MODE=3) if "PEN_MODE" in cst else dict(cst)
-    options = {"num_warps": cst.pop("num_warps", 4), "num_stages": cst.pop("num_stages", 3)}
-    fn = getattr(infonce_kernels, name, None) or getattr(cosent_kernels, name)
-    ttir = triton.compile(ASTSource(fn, compile_check._signature(fn, dt, cst), cst), target=GPUTarget("cuda", 80, 32),
-                          options=options).asm["ttir"]
+    ttir = compile_check.compile_kernel(name, dt, 80, cst).asm["ttir"]
     func = ttir[ttir.index("tt.func"):]
     sig, body = func.split(" attributes ", 1)
     out[f"{name}:{dt}"] = {arg: [ty, bool(re.search(rf"%{arg}\b", body))]
@@ -277,16 +270,17 @@ def test_float64_kernels_use_no_fp32_scalar():
     """A Python float kernel argument is an fp32 once compiled: ``scale / rows`` rounded to fp32 put 1e-8 relative
     errors into float64 gradients on the GPU (the interpreter keeps Python floats in double and hid it). Every
     kernel is compiled here for sm_80 (no GPU needed) and its Triton IR read: a float64 kernel uses no fp32 scalar
-    parameter (and some float64 one), a float32 kernel no float64 scalar; the pair kernels take no float scalar."""
+    parameter (and some float64 one), a float32 kernel no float64 scalar; the pair, GIST and Matryoshka kernels take
+    no float scalar (they read theirs from tensors in the work dtype)."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _SCALAR_USE], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     kernels = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(kernels) == 14, sorted(kernels)  # 7 kernels x (fp32, fp64)
+    assert len(kernels) == 20, sorted(kernels)  # 10 kernels x (fp32, fp64)
     for key, scalars in kernels.items():
         name, dt = key.split(":")
-        if name.startswith("pair_"):
+        if name.startswith(("pair_", "gist_", "matryoshka_")):  # these read their scalars from tensors
             assert not scalars, f"{key} takes float scalars {scalars}"
             continue
         other = "f32" if dt == "fp64" else "f64"
