@@ -2,7 +2,8 @@
 //
 // Every op returns (loss, grad_first, grad_second, grad_scale) with the gradients computed in the forward pass; the
 // autograd kernel saves the input gradients and its backward calls embedloss_cpp::scaled_grads (grad_output * saved
-// gradients) through the dispatcher. Double backward is refused: nothing of the loss's graph is kept. The saved
+// gradients) through the dispatcher, or, when the graph is released after it, scales the saved ones in place and
+// hands them on (may_hand_on). Double backward is refused: nothing of the loss's graph is kept. The saved
 // gradients are SavedVariables, released by the first backward: a second one without retain_graph raises PyTorch's
 // "Trying to backward through the graph a second time". (The Python layer, embedloss_kernels/ops/autograd.py, wraps
 // these ops in its own autograd.Function for forward mode, torch.func and the scale's gradient; this one serves
@@ -27,6 +28,27 @@ std::tuple<at::Tensor, at::Tensor> scaled_grads(const at::Tensor& grad_loss, con
   return {grad_first * grad_loss.to(grad_first.scalar_type()), grad_second * grad_loss.to(grad_second.scalar_type())};
 }
 
+// Whether backward may hand the saved gradients on (scaled in place) instead of copying them: the engine releases
+// them as soon as this node has run (no retain_graph / create_graph), and they are plain tensors, not the fake or
+// functional tensors of a compile trace, nor one buffer behind both. AccumulateGrad then keeps them as .grad with no
+// copy. Under a retained graph .grad must not share their storage: an in-place change would reach the next backward.
+bool may_hand_on(const at::Tensor& grad_first, const at::Tensor& grad_second) {
+  if (torch::autograd::get_current_graph_task_id() == -1 || torch::autograd::get_current_graph_task_keep_graph()) {
+    return false;
+  }
+  const c10::DispatchKeySet traced({c10::DispatchKey::Python, c10::DispatchKey::Functionalize});
+  for (const at::Tensor* t : {&grad_first, &grad_second}) {
+    if (!t->defined() || t->key_set().has_any(traced) || t->layout() != at::kStrided) return false;
+  }
+  return !grad_first.storage().is_alias_of(grad_second.storage());
+}
+
+at::Tensor scale_in_place(const at::Tensor& saved, const at::Tensor& grad_loss) {
+  const at::Tensor factor = grad_loss.to(saved.scalar_type());
+  if (factor.device().is_cpu() && factor.item<double>() == 1.0) return saved;  // the usual loss.backward()
+  return saved.mul_(factor);
+}
+
 variable_list backward_from_saved(AutogradContext* ctx, const variable_list& grad_outputs, size_t n_inputs) {
   TORCH_CHECK(!at::GradMode::is_enabled(),
               "embedloss_kernels losses do not support double backward (create_graph=True): their gradient is "
@@ -38,6 +60,11 @@ variable_list backward_from_saved(AutogradContext* ctx, const variable_list& gra
               "the loss was computed without gradients (compute_grad=False) but backward was called");
   variable_list out(n_inputs);
   if (!grad_outputs[0].defined()) return out;
+  if (may_hand_on(grad_first, grad_second)) {
+    out[0] = scale_in_place(grad_first, grad_outputs[0]);
+    out[1] = scale_in_place(grad_second, grad_outputs[0]);
+    return out;
+  }
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("embedloss_cpp::scaled_grads", "")
                        .typed<decltype(scaled_grads)>();

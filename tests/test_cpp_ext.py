@@ -210,6 +210,27 @@ def test_double_backward_raises():
         loss.backward()
 
 
+def test_direct_op_backward_hands_the_saved_gradients_on_only_when_the_graph_is_released():
+    # torch.ops.embedloss_cpp.infonce has its own (C++) autograd: a backward that releases the graph scales the saved
+    # gradients in place and hands them to .grad (no allocation of their size); a retained graph gets copies, so an
+    # in-place change of .grad between two backwards never reaches the second.
+    q = rand(64, 24, dtype=torch.float64, seed=30).requires_grad_()
+    a = rand(128, 24, dtype=torch.float64, seed=31).requires_grad_()
+    qr, ar = q.detach().clone().requires_grad_(), a.detach().clone().requires_grad_()
+    (3.0 * reference.infonce_reference(qr, [ar[:64], ar[64:]], 20.0)).backward()
+    loss = torch.ops.embedloss_cpp.infonce(q, a, 0, 64, 20.0, True, QUERY_TO_DOC, True, HARDNESS_NONE, 0.0, True,
+                                           0)[0]
+    for retain in (True, True, False):
+        q.grad = a.grad = None
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            (3.0 * loss).backward(retain_graph=retain)
+        allocated = sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
+        assert (allocated >= q.numel() * 8) if retain else (allocated < q.numel() * 8), (retain, allocated)
+        torch.testing.assert_close([q.grad, a.grad], [qr.grad, ar.grad], rtol=1e-10, atol=1e-12)
+        q.grad.zero_()  # were .grad the saved gradient, the next backward would see zeros
+        a.grad.zero_()
+
+
 def test_bad_arguments_raise_clear_errors():
     q, a = rand(4, 8), rand(12, 8)
     with pytest.raises(RuntimeError, match=r"a must be \(K\*Bq, D\)"):
