@@ -210,16 +210,20 @@ def test_double_backward_raises():
         loss.backward()
 
 
-def test_direct_op_backward_hands_the_saved_gradients_on_only_when_the_graph_is_released():
-    # torch.ops.embedloss_cpp.infonce has its own (C++) autograd: a backward that releases the graph scales the saved
-    # gradients in place and hands them to .grad (no allocation of their size); a retained graph gets copies, so an
-    # in-place change of .grad between two backwards never reaches the second.
+@pytest.mark.parametrize("namespace", ["embedloss_cpp", "embedloss_torch"])
+def test_direct_op_backward_hands_the_saved_gradients_on_only_when_the_graph_is_released(namespace):
+    # The ops called directly have their own autograd (C++ for embedloss_cpp, torch.library's for the others): a
+    # backward that releases the graph scales the saved gradients in place and hands them to .grad (no allocation of
+    # their size); a retained graph gets copies, so an in-place change of .grad between two backwards never reaches
+    # the second. (The hand-off needs the extension: it tells a retained graph apart.)
     q = rand(64, 24, dtype=torch.float64, seed=30).requires_grad_()
     a = rand(128, 24, dtype=torch.float64, seed=31).requires_grad_()
     qr, ar = q.detach().clone().requires_grad_(), a.detach().clone().requires_grad_()
     (3.0 * reference.infonce_reference(qr, [ar[:64], ar[64:]], 20.0)).backward()
-    loss = torch.ops.embedloss_cpp.infonce(q, a, 0, 64, 20.0, True, QUERY_TO_DOC, True, HARDNESS_NONE, 0.0, True,
-                                           0)[0]
+    import embedloss_kernels.ops.torch_ops  # noqa: F401 - registers embedloss_torch::infonce
+
+    op = getattr(torch.ops, namespace).infonce
+    loss = op(q, a, 0, 64, 20.0, True, QUERY_TO_DOC, True, HARDNESS_NONE, 0.0, True, 0)[0]
     for retain in (True, True, False):
         q.grad = a.grad = None
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:

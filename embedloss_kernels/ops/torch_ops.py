@@ -27,6 +27,7 @@ from . import (
     SIM_COSINE,
     _blocked,
 )
+from .autograd import _saved_grads_are_released, _scaled
 
 DEFAULT_BLOCK_MIB = 32.0
 
@@ -462,12 +463,15 @@ register_fakes("embedloss_torch", _lib)
 
 
 def setup_saved_grads(ctx, inputs, output) -> None:
-    """Autograd context of a loss-and-grads op: keep the two gradients computed in the forward pass."""
+    """Autograd context of a loss-and-grads op: keep the two gradients computed in the forward pass (the gradient
+    outputs get no zero-filled gradients in backward)."""
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1], output[2])  # (loss, grad_first, grad_second[, grad_scale])
 
 
 def backward_scaled_grads(ctx, grad_loss, *_output_grads):
-    """Backward of a loss-and-grads op: ``grad_output *`` the saved gradients; double backward is refused."""
+    """Backward of a loss-and-grads op: ``grad_output *`` the saved gradients, in place and handed on when the graph
+    is released (the rule of :mod:`embedloss_kernels.ops.autograd`); double backward is refused."""
     if torch.is_grad_enabled():
         raise RuntimeError(
             "embedloss_kernels losses do not support double backward (create_graph=True): their gradient is "
@@ -476,8 +480,11 @@ def backward_scaled_grads(ctx, grad_loss, *_output_grads):
     grad_first, grad_second = ctx.saved_tensors
     if grad_first.numel() == 0 and grad_second.numel() == 0:
         raise RuntimeError("the loss was computed without gradients (compute_grad=False) but backward was called")
-    g = grad_loss.to(grad_first.dtype)
-    return (grad_first * g, grad_second * g) + (None,) * (len(ctx.needs_input_grad) - 2)
+    rest = (None,) * (len(ctx.needs_input_grad) - 2)
+    if grad_loss is None:
+        return (None, None) + rest
+    in_place = _saved_grads_are_released(grad_first, grad_second, grad_loss)
+    return (_scaled(grad_first, grad_loss, in_place), _scaled(grad_second, grad_loss, in_place)) + rest
 
 
 torch.library.register_autograd("embedloss_torch::infonce", backward_scaled_grads, setup_context=setup_saved_grads,
