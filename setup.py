@@ -18,9 +18,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _supported_versions() -> dict:
-    """The constants of embedloss_kernels/_versions.py, read without importing the package (which needs torch)."""
+    """The constants of embedloss_kernels/core/versions.py, read without importing the package (which needs torch)."""
     namespace: dict = {}
-    with open(os.path.join(HERE, "embedloss_kernels", "_versions.py")) as f:
+    with open(os.path.join(HERE, "embedloss_kernels", "core", "versions.py")) as f:
         exec(f.read(), namespace)
     return namespace
 
@@ -84,7 +84,7 @@ setup(
     python_requires=f">={_TEXT(VERSIONS['PYTHON_MIN'])}",
     install_requires=[f"torch>={_TEXT(VERSIONS['TORCH_MIN'])}", "numpy"],
     extras_require={
-        # major.minor inclusive ranges from embedloss_kernels/_versions.py: triton 3.6 (oldest, CI's second job) to
+        # major.minor inclusive ranges from embedloss_kernels/core/versions.py: triton 3.6 (oldest, CI's second job) to
         # 3.9 (newest, the main CI job), sentence-transformers 6.2.x
         "triton": [f"triton>={_TEXT(_TRITON_LOW)},<{_TRITON_HIGH[0]}.{_TRITON_HIGH[1] + 1}"],
         "st": [f"sentence-transformers>={_TEXT(_ST)},<{_ST[0]}.{_ST[1] + 1}"],

@@ -25,7 +25,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from throughput import _peak_bytes, _reset_peak_rss, environment  # noqa: E402
+from common import environment, peak_bytes, reset_peak_rss  # noqa: E402
 
 PROVIDERS = ("ours-cached", "st-cached", "ours-plain", "st-plain")
 
@@ -94,9 +94,9 @@ def run_worker(spec: dict) -> dict:
     for p in model.parameters():  # parameter gradients exist in any training loop: not counted as extra
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    base = _reset_peak_rss()
+    base = reset_peak_rss()
     step()
-    peak_extra = (_peak_bytes(torch.device("cpu")) - base) / 2**20
+    peak_extra = (peak_bytes(torch.device("cpu")) - base) / 2**20
     times = []
     for _ in range(spec["repeats"]):
         start = time.perf_counter()

@@ -30,7 +30,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from throughput import _peak_bytes, _reset_peak_rss, environment  # noqa: E402  (one peak-RSS method everywhere)
+from common import environment, peak_bytes, reset_peak_rss  # noqa: E402  (one peak-RSS method everywhere)
 
 SCHEDULE_ENV = "EMBEDLOSS_DISTRIBUTED_SCHEDULE"
 
@@ -38,7 +38,7 @@ SCHEDULE_ENV = "EMBEDLOSS_DISTRIBUTED_SCHEDULE"
 def _peak() -> int:
     import torch
 
-    return _peak_bytes(torch.device("cpu"))
+    return peak_bytes(torch.device("cpu"))
 
 
 def _worker(rank, world, init_file, out_file, provider, batch, dim, negatives):
@@ -63,7 +63,7 @@ def _worker(rank, world, init_file, out_file, provider, batch, dim, negatives):
     small = [c[:8].detach().clone().requires_grad_(True) for c in cols]
     loss_fn.compute_loss_from_embeddings(small, None).backward()
     dist.barrier()
-    base = _reset_peak_rss()
+    base = reset_peak_rss()
     t0 = time.perf_counter()
     loss = loss_fn.compute_loss_from_embeddings(cols, None)
     loss.backward()

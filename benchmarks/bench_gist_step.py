@@ -22,7 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_cached import load_encoder  # noqa: E402
-from throughput import _peak_bytes, _reset_peak_rss, environment  # noqa: E402
+from common import environment, peak_bytes, reset_peak_rss  # noqa: E402
 
 PROVIDERS = ("ours-gist", "st-gist", "ours-mnrl", "st-mnrl")
 
@@ -66,9 +66,9 @@ def run_worker(spec: dict) -> dict:
         model.zero_grad(set_to_none=True)
         loss_fn([dict(f) for f in features], None).backward()
 
-    base = _reset_peak_rss()
+    base = reset_peak_rss()
     step()
-    peak = (_peak_bytes(torch.device("cpu")) - base) / 2**20
+    peak = (peak_bytes(torch.device("cpu")) - base) / 2**20
     times = []
     for _ in range(spec["repeats"]):
         start = time.perf_counter()

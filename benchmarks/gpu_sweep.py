@@ -97,9 +97,9 @@ def available(name: str) -> str | None:
         elif name == "sentence-transformers":
             import sentence_transformers  # noqa: F401
         elif name.startswith("ours["):
-            from embedloss_kernels import _backends
+            from embedloss_kernels import dispatch
 
-            return _backends.why_not(name[5:-1].split(",")[0], "cuda" if torch.cuda.is_available() else "cpu")
+            return dispatch.why_not(name[5:-1].split(",")[0], "cuda" if torch.cuda.is_available() else "cpu")
     except ImportError as exc:
         return f"not installed ({exc})"
     return None

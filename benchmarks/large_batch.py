@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import _peak_bytes, _reset_peak_rss  # noqa: E402
+from common import peak_bytes, reset_peak_rss  # noqa: E402
 
 
 def chunked_reference_loss(q, p, chunk: int = 1024) -> float:
@@ -46,12 +46,12 @@ def main() -> int:
     backend = args.backend or current_backend("cpu")
     # The inputs' gradients are part of any training step; allocate them first so they are not counted as extra.
     q.grad, p.grad = torch.zeros_like(q), torch.zeros_like(p)
-    base = _reset_peak_rss()
+    base = reset_peak_rss()
     start = time.perf_counter()
     loss = functional.multiple_negatives_ranking_loss(q, p, backend=backend)
     loss.backward()
     elapsed = time.perf_counter() - start
-    extra_mb = (_peak_bytes(torch.device("cpu")) - base) / 2**20
+    extra_mb = (peak_bytes(torch.device("cpu")) - base) / 2**20
     ref = chunked_reference_loss(q.detach().double(), p.detach().double())
     result = {"backend": backend, "batch": args.batch, "dim": args.dim, "loss": loss.item(), "reference_fp64": ref,
               "rel_err": abs(loss.item() - ref) / abs(ref), "peak_extra_mb_beyond_inputs_and_grads": round(extra_mb, 1),

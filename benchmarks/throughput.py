@@ -21,14 +21,14 @@ import argparse
 import csv
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
+
+from common import environment, peak_bytes, reset_peak_rss, sync
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -50,45 +50,6 @@ ST_GIST_BYTES_PER_ELEMENT = 9.7 * 4
 # ----------------------------------------------------------------------------------------------------------------
 # Worker: one provider, one shape, in this process
 # ----------------------------------------------------------------------------------------------------------------
-def _sync(device):
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> int:
-    """Reset the process's peak RSS (Linux ``clear_refs`` 5) and return the current RSS in bytes.
-
-    Without the reset, a transient peak from importing libraries would hide small measurements."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status_kib("VmRSS") * 1024
-    except (OSError, TypeError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _peak_bytes(device) -> int:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated()
-    hwm = _status_kib("VmHWM")
-    return hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _mnrl_step(spec, torch):
     """A closure running one forward+backward for the spec's provider."""
     from embedloss_kernels import functional, reference
@@ -246,23 +207,23 @@ def run_worker(spec: dict) -> dict:
         for c in cols:
             c.grad = None
 
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated() if device.type == "cuda" else _reset_peak_rss()
+    base = torch.cuda.memory_allocated() if device.type == "cuda" else reset_peak_rss()
     try:
         call()  # first run: peak extra memory (and warm-up)
     except torch.OutOfMemoryError:
         return {**spec, "time_ms": None, "peak_extra_mb": None, "status": "OOM"}
-    _sync(device)
-    peak_extra = (_peak_bytes(device) - base) / 2**20
+    sync(device)
+    peak_extra = (peak_bytes(device) - base) / 2**20
     times = []
     for _ in range(spec["repeats"]):
         clear()
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         call()
-        _sync(device)
+        sync(device)
         times.append((time.perf_counter() - start) * 1e3)
     return {**spec, "time_ms": statistics.median(times), "peak_extra_mb": max(peak_extra, 0.0), "status": "ok"}
 
@@ -314,29 +275,6 @@ def spawn_worker(spec: dict, timeout: float) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------------------------
-def environment() -> dict:
-    import torch
-
-    import embedloss_kernels as ek
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    try:
-        import sentence_transformers
-
-        st_version = sentence_transformers.__version__
-    except ImportError:
-        st_version = None
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, "\
-        f"{platform.processor() or platform.machine()})"
-    return {"device": device, "torch": torch.__version__, "sentence_transformers": st_version,
-            "embedloss_kernels": ek.__version__, "commit": commit, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "backends": ek.available_backends()}
-
-
 def build_specs(args, device: str) -> list[dict]:
     import embedloss_kernels as ek
 

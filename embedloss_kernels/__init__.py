@@ -1,20 +1,22 @@
 """embedloss_kernels: fused, exact, memory-lean contrastive losses for embedding models.
 
 Drop-in sentence-transformers losses in :mod:`embedloss_kernels.losses`, a functional API in
-:mod:`embedloss_kernels.functional`, and backend selection (``EMBEDLOSS_BACKEND``) shared by every op.
+:mod:`embedloss_kernels.functional`, and backend selection (``EMBEDLOSS_BACKEND``, :mod:`embedloss_kernels.dispatch`)
+shared by every op. The layers, top to bottom, are in docs/DESIGN.md.
 """
 
 import warnings as _warnings
 
 import torch as _torch
 
-from ._backends import BackendUnavailableError, available_backends, current_backend
-from ._versions import TORCH_MIN as _TORCH_MIN
-from ._versions import as_text as _as_text
-from ._versions import major_minor as _major_minor
+from .core.versions import TORCH_MIN as _TORCH_MIN
+from .core.versions import as_text as _as_text
+from .core.versions import major_minor as _major_minor
+from .dispatch import BackendUnavailableError, available_backends, current_backend
 from .functional import (
     angle_loss,
     cosent_loss,
+    gist_loss,
     infonce_loss,
     matryoshka_mnrl_loss,
     multiple_negatives_ranking_loss,
@@ -64,6 +66,7 @@ __all__ = [
     "available_backends",
     "cosent_loss",
     "current_backend",
+    "gist_loss",
     "infonce_loss",
     "matryoshka_mnrl_loss",
     "multiple_negatives_ranking_loss",

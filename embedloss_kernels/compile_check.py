@@ -24,7 +24,7 @@ def _configs():
     import torch
     import triton.language as tl
 
-    from .ops.triton_ops import GROUP_ROWS, flash_config, pair_block, row_pass_config, tile_configs
+    from .heuristics.triton import GROUP_ROWS, flash_config, pair_block, row_pass_config, tile_configs
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
     # The penalty only applies to query_to_doc, which is never masked: (pen, mask) pairs the launcher passes.
@@ -65,10 +65,10 @@ def _matryoshka_configs(arch: int, torch_dtype: dict):
     """The Matryoshka row kernels in their work dtype (fp32 for 16-bit and fp32 inputs, fp64), at every column
     tile the launcher picks, in the (positive, penalty, mask) modes its directions give: the penalty only on
     query_to_doc (the one with the positive), the masks on query_to_query (1) and doc_to_doc (2)."""
-    from .ops.triton_matryoshka import _tile
+    from .heuristics.triton import matryoshka_tile
 
     for dt in ("fp32", "fp64"):
-        cap = _tile(1 << 30, torch_dtype[dt])
+        cap = matryoshka_tile(1 << 30, torch_dtype[dt])
         for bn in (1 << k for k in range(4, cap.bit_length())):
             for pen, mask in ((0, 0), (1, 0), (2, 0), (3, 0), (0, 1), (0, 2)):
                 yield "matryoshka_row_stats_kernel", dt, arch, dict(PEN_MODE=pen, MASK_MODE=mask, BN=bn)
@@ -86,13 +86,13 @@ def _gist_configs(arch: int, torch_dtype: dict):
     exemption (``HAS_EXEMPT``) only adds elementwise code: both ways once per model tile."""
     import triton.language as tl
 
-    from .ops.gist_triton import _tiles
+    from .heuristics.triton import gist_tiles
 
     def options(dt):
         acc = tl.float64 if dt == "fp64" else tl.float32
         for prec in (("tf32", "ieee") if dt == "fp32" else ("ieee",)):
             for dim in (16, 64):  # BK 16 and (for tensor-core dots) 32
-                yield dict(zip(("BM", "BN", "BK"), _tiles(dim, torch_dtype[dt], False, prec))), acc, prec
+                yield dict(zip(("BM", "BN", "BK"), gist_tiles(dim, torch_dtype[dt], False, prec))), acc, prec
 
     picks = {dt: list(dict.fromkeys((t["BK"], t["BM"], t["BN"], a, p) for t, a, p in options(dt))) for dt in DTYPES}
     for dt in DTYPES:
@@ -174,12 +174,12 @@ def compile_kernel(name: str, dt: str, arch: int, constexprs: dict):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .triton import cosent_kernels, gist_kernels, infonce_kernels, matryoshka_kernels
+    from .kernels import cosent, gist, infonce, matryoshka
 
     cst = dict(constexprs)
     options = {"num_warps": cst.pop("num_warps", 4), "num_stages": cst.pop("num_stages", 3)}
     guide_dt = cst.pop("guide_dtype", None)
-    fn = next(getattr(m, name) for m in (infonce_kernels, cosent_kernels, gist_kernels, matryoshka_kernels)
+    fn = next(getattr(m, name) for m in (infonce, cosent, gist, matryoshka)
               if hasattr(m, name))
     return triton.compile(ASTSource(fn, _signature(fn, dt, cst, guide_dt), cst), target=GPUTarget("cuda", arch, 32),
                           options=options)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import EPS, GIST_EPS
+from .core.contract import EPS, GIST_EPS
 
 SimilarityFn = Callable[[Tensor, Tensor], Tensor]
 

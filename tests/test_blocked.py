@@ -1,4 +1,4 @@
-"""The GPU path of the row-block algorithm (``ops/_blocked.py``: raw inputs with inverse norms as vectors, ``G~`` in
+"""The GPU path of the row-block algorithm (``backends/blocked.py``: raw inputs with inverse norms as vectors, ``G~`` in
 the input dtype, fp32 accumulators), run on CPU by switching it on: the torch backend's blocked forward against
 sentence-transformers (float64 exact, fp32 within 4x, bf16 / fp16 within 2x of its own low-precision error), and
 the helpers' fallbacks and block sizing."""
@@ -8,7 +8,10 @@ import torch
 from conftest import DEVICE
 from test_equivalence import loss_and_grads, make_columns, our_loss, random_config, rel_err, st_loss
 
-from embedloss_kernels.ops import _blocked, torch_ops
+from embedloss_kernels.backends import blocked as _blocked
+from embedloss_kernels.backends import common
+from embedloss_kernels.backends.torch import cosent, infonce
+from embedloss_kernels.heuristics.blocks import block_rows
 
 
 @pytest.fixture
@@ -68,12 +71,12 @@ def test_blocked_zero_rows_and_no_grad(blocked):
     q[2] = 0.0
     a[7] = 0.0
     _blocked.FORCE_ON_CPU = False
-    want = torch_ops.infonce_forward(q, a, 1, 4, 20.0, True, 1, True, 0, 0.0, True, 0)
+    want = infonce.infonce_forward(q, a, 1, 4, 20.0, True, 1, True, 0, 0.0, True, 0)
     _blocked.FORCE_ON_CPU = True
-    got = torch_ops.infonce_forward(q, a, 1, 4, 20.0, True, 1, True, 0, 0.0, True, 3)
+    got = infonce.infonce_forward(q, a, 1, 4, 20.0, True, 1, True, 0, 0.0, True, 3)
     for w, g in zip(want, got):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
-    loss, gq, ga = torch_ops.infonce_forward(q, a, 1, 4, 20.0, True, 1, True, 0, 0.0, False, 3)[:3]
+    loss, gq, ga = infonce.infonce_forward(q, a, 1, 4, 20.0, True, 1, True, 0, 0.0, False, 3)[:3]
     assert gq.numel() == 0 and ga.numel() == 0
     torch.testing.assert_close(loss, want[0])
 
@@ -103,21 +106,21 @@ def test_norms_and_finish_in_chunks(monkeypatch):
     torch.testing.assert_close(rx, 1 / x.norm(dim=1).clamp_min(1e-12))
     assert torch.equal(_blocked.inv_norms(x, False), torch.ones(11, dtype=torch.float64))
     v = torch.randn(11, 3, generator=gen, dtype=torch.float64)
-    x_hat, norm = torch_ops.normalize_rows(x)
-    want = torch_ops.normalize_rows_backward(x_hat, norm, v * norm)  # v = d/dx_hat divided by the norm
+    x_hat, norm = common.normalize_rows(x)
+    want = common.normalize_rows_backward(x_hat, norm, v * norm)  # v = d/dx_hat divided by the norm
     got = _blocked.finish_grad(x, rx, v, True, torch.empty_like(x))
     torch.testing.assert_close(got, want)
 
 
 def test_block_rows_from_budget_and_gpu_rules(monkeypatch):
     monkeypatch.setenv("EMBEDLOSS_BLOCK_MIB", "1")
-    assert _blocked.block_rows(10_000, 1024, 4.0, torch.device("cpu")) == 256  # 1 MiB / (4 B * 1024 columns)
-    assert _blocked.block_rows(100, 1024, 4.0, torch.device("cpu")) == 100
+    assert block_rows(10_000, 1024, 4.0, torch.device("cpu")) == 256  # 1 MiB / (4 B * 1024 columns)
+    assert block_rows(100, 1024, 4.0, torch.device("cpu")) == 100
     monkeypatch.setenv("EMBEDLOSS_BLOCK_MIB", "0.000001")
-    assert _blocked.block_rows(100, 1 << 20, 4.0, torch.device("cpu")) == 1
+    assert block_rows(100, 1 << 20, 4.0, torch.device("cpu")) == 1
     monkeypatch.setenv("EMBEDLOSS_BLOCK_MIB", "nope")
     with pytest.raises(ValueError, match="EMBEDLOSS_BLOCK_MIB"):
-        _blocked.block_rows(100, 10, 4.0, torch.device("cpu"))
+        block_rows(100, 10, 4.0, torch.device("cpu"))
     # GPU rule without a GPU: 80 GB free, 50 MB of L2
     monkeypatch.delenv("EMBEDLOSS_BLOCK_MIB")
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * 2**30, 80 * 2**30))
@@ -129,10 +132,10 @@ def test_block_rows_from_budget_and_gpu_rules(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: Props())
     cuda = torch.device("cuda")
-    assert _blocked.block_rows(16384, 16384, 4.0, cuda) == 1024  # L2 holds 610 rows: at least MIN_GEMM_ROWS
-    assert _blocked.block_rows(262144, 262144, 4.0, cuda) == 768  # 0.75 GiB / 1 MiB per row
-    assert _blocked.block_rows(4096, 1024, 4.0, cuda) == 4096  # all rows fit in L2
-    assert _blocked.block_rows(300, 64, 4.0, cuda) == 300
+    assert block_rows(16384, 16384, 4.0, cuda) == 1024  # L2 holds 610 rows: at least MIN_GEMM_ROWS
+    assert block_rows(262144, 262144, 4.0, cuda) == 768  # 0.75 GiB / 1 MiB per row
+    assert block_rows(4096, 1024, 4.0, cuda) == 4096  # all rows fit in L2
+    assert block_rows(300, 64, 4.0, cuda) == 300
 
 
 @pytest.mark.parametrize("similarity", [0, 1, 2], ids=["cosine", "dot", "angle"])
@@ -142,8 +145,8 @@ def test_blocked_cosent_in_row_slices(blocked, monkeypatch, similarity):
     gen = torch.Generator().manual_seed(similarity)
     x, y = (torch.randn(23, 5, generator=gen, dtype=torch.float64).to(DEVICE) for _ in range(2))
     labels = (torch.randint(0, 4, (23,), generator=gen).double() / 3).to(DEVICE)
-    got = torch_ops.cosent_forward(x, y, labels, 20.0, similarity, True)
+    got = cosent.cosent_forward(x, y, labels, 20.0, similarity, True)
     monkeypatch.setattr(_blocked, "FORCE_ON_CPU", False)
-    want = torch_ops.cosent_forward(x, y, labels, 20.0, similarity, True)
+    want = cosent.cosent_forward(x, y, labels, 20.0, similarity, True)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)

@@ -44,7 +44,7 @@ def _launched_kernels() -> set[str]:
     import importlib
     import pkgutil
 
-    import embedloss_kernels.triton as package
+    import embedloss_kernels.kernels as package
 
     names = set()
     for info in pkgutil.iter_modules(package.__path__):

@@ -22,7 +22,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from embedloss_kernels import _backends, distributed, functional, reference, ring
+from embedloss_kernels import dispatch, functional, reference
+from embedloss_kernels.core import log
+from embedloss_kernels.distributed import collectives, ring
 from embedloss_kernels.losses import MultipleNegativesRankingLoss, MultipleNegativesSymmetricRankingLoss
 
 st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
@@ -73,7 +75,7 @@ def _st_sim(name):
 
 
 def _ours(cols, c, backend, schedule="gather"):
-    loss = distributed.infonce_across_devices(
+    loss = functional.infonce_across_devices(
         cols[0], cols[1:], scale=c["scale"], similarity=c["similarity"], directions=c["directions"],
         partition_mode=c["partition_mode"], hardness_mode=c["hardness_mode"],
         hardness_strength=c["hardness_strength"], backend=backend, block_rows=c.get("block_rows", 0),
@@ -100,7 +102,7 @@ class _Recorder:
         self.ring_calls, self.shifts, self.dtypes, self.gathered = 0, [], set(), []
 
     def __enter__(self):
-        self.saved = ring.infonce_ring, ring._shift, distributed._all_gather_flat
+        self.saved = ring.infonce_ring, ring._shift, collectives.all_gather_flat
 
         def infonce_ring(*args, **kwargs):
             self.ring_calls += 1
@@ -115,17 +117,17 @@ class _Recorder:
             self.gathered.append(out.numel())
             return self.saved[2](out, inp, group)
 
-        ring.infonce_ring, ring._shift, distributed._all_gather_flat = infonce_ring, shift, gather
+        ring.infonce_ring, ring._shift, collectives.all_gather_flat = infonce_ring, shift, gather
         return self
 
     def __exit__(self, *exc):
-        ring.infonce_ring, ring._shift, distributed._all_gather_flat = self.saved
+        ring.infonce_ring, ring._shift, collectives.all_gather_flat = self.saved
 
 
 def _ring_checks(rank, world, b, combo_list, backend):
     """The ring through the environment variable and the drop-in modules, its communication pattern, its errors."""
     out = {}
-    env = distributed.SCHEDULE_ENV
+    env = collectives.SCHEDULE_ENV
     c = dict(combo_list[-1], hardness_mode="in_batch_negatives", hardness_strength=0.7, negatives=1)
     cols_world = world_columns(21, b * world, 3)
     os.environ[env] = "ring"
@@ -155,7 +157,7 @@ def _ring_checks(rank, world, b, combo_list, backend):
     # without grad: the forward pass alone, the same loss
     with torch.no_grad():
         cols = local_slice(cols_world, [b] * world, rank)
-        out["no_grad"] = distributed.infonce_across_devices(
+        out["no_grad"] = functional.infonce_across_devices(
             cols[0], cols[1:], scale=c["scale"], similarity=c["similarity"], directions=c["directions"],
             partition_mode=c["partition_mode"], hardness_mode=c["hardness_mode"],
             hardness_strength=c["hardness_strength"], schedule="ring",
@@ -172,7 +174,7 @@ def _ring_checks(rank, world, b, combo_list, backend):
     out["bf16"] = [ring16, _ours(local_slice(cols16, [b] * world, rank), c16, backend, "gather")]
     out["bf16_dtypes"] = rec.dtypes
     try:
-        distributed.infonce_across_devices(*local_slice(cols_world, [b] * world, rank)[:2], schedule="Ring")
+        functional.infonce_across_devices(*local_slice(cols_world, [b] * world, rank)[:2], schedule="Ring")
     except ValueError as exc:
         out["kw_error"] = str(exc)
     return out
@@ -280,7 +282,7 @@ def _worker(rank, world, init_file, out_dir, backends_, combo_list, unequal_size
 
 def _available_backends():
     # triton through the interpreter is too slow for 72 combos x ranks; it is covered by the single-process tests
-    return [n for n in ("torch", "cpp") if _backends.why_not(n, "cpu") is None]
+    return [n for n in ("torch", "cpp") if dispatch.why_not(n, "cpu") is None]
 
 
 def _spawn(world, tmp_path, combo_list, unequal_sizes):
@@ -439,13 +441,13 @@ def _check_ring_extras(world, b, results):
 
 def test_not_initialized_is_local_with_one_warning(caplog):
     assert not dist.is_initialized()
-    functional._warned.discard("gather-not-distributed")
+    log._warned.discard("gather-not-distributed")
     cols = world_columns(3, 4, 3)
     opts = dict(scale=20.0, similarity="cosine", directions=("query_to_doc",), partition_mode="joint",
                 hardness_mode=None, hardness_strength=0.0)
     with caplog.at_level(logging.WARNING, logger="embedloss_kernels"):
-        first = distributed.infonce_across_devices(cols[0], cols[1:], **opts)
-        second = distributed.infonce_across_devices(cols[0], cols[1:], **opts)
+        first = functional.infonce_across_devices(cols[0], cols[1:], **opts)
+        second = functional.infonce_across_devices(cols[0], cols[1:], **opts)
     expected = reference.infonce_reference(cols[0], cols[1:], 20.0)
     torch.testing.assert_close(first, expected, rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(second, expected, rtol=RTOL, atol=ATOL)

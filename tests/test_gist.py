@@ -14,34 +14,23 @@ import torch
 from conftest import DEVICE, is_interpreted
 from tiny_model import make_tiny_sentence_transformer, on_device, sentences
 
-from embedloss_kernels import _backends, functional, reference
-from embedloss_kernels.ops import GIST_ABSOLUTE, GIST_RELATIVE
+from embedloss_kernels import dispatch, functional, reference
+from embedloss_kernels.core.contract import GIST_ABSOLUTE, GIST_RELATIVE
 
 st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
 st_gist_module = importlib.import_module("sentence_transformers.sentence_transformer.losses.gist_embed")
 
 
-_GIST_MODULES = {"torch": "embedloss_kernels.ops.gist_torch", "cpp": "embedloss_kernels.ops.gist_cpp",
-                 "triton": "embedloss_kernels.ops.gist_triton"}
-
-
-def gist_module_or_reason(name):
-    """The backend's gist module, or why it cannot run the gist op on DEVICE."""
-    reason = _backends.why_not(name, DEVICE)
-    if reason is not None:
-        return None, reason
-    try:
-        mod = importlib.import_module(_GIST_MODULES[name])
-    except ImportError as exc:
-        return None, f"no gist op: {exc}"
-    reason = mod.why_not(DEVICE)
-    return (mod, None) if reason is None else (None, reason)
+def gist_op_or_reason(name):
+    """The backend's gist op, or why it cannot run it on DEVICE."""
+    reason = dispatch.why_not(name, DEVICE, "gist")
+    return (None, reason) if reason is not None else (dispatch.get_op("gist", DEVICE, name), None)
 
 
 @pytest.fixture
 def backend(backend):
     """conftest's backend fixture, skipped (with the reason) where that backend has no gist op."""
-    _, reason = gist_module_or_reason(backend)
+    _, reason = gist_op_or_reason(backend)
     if reason is not None:
         pytest.skip(f"backend {backend}: {reason}")
     return backend
@@ -149,9 +138,8 @@ def test_row_start_matches_sentence_transformers_gather(backend, monkeypatch, en
     ref = st_gist_on_embeddings(monkeypatch, encoders, local, local_guide, gather_across_devices=True, **kwargs)
     ref_grads = _grads(ref, local)
     docs = [torch.cat([w[:4], loc]) for w, loc in zip(world[1:], local[1:])]
-    from embedloss_kernels import gist
 
-    loss = gist.gist_from_columns(local[0], docs, local_guide[0], world_guide[1:], row_start=4,
+    loss = functional.gist_from_columns(local[0], docs, local_guide[0], world_guide[1:], row_start=4,
                                   contrast_anchors=True, contrast_positives=True, backend=backend, block_rows=3,
                                   **kwargs)
     torch.testing.assert_close(loss, ref, rtol=0, atol=1e-8)
@@ -287,10 +275,10 @@ def test_guide_keyword_is_required():
 # -- registration: opcheck, compile ---------------------------------------------------------------------------
 def _gist_ops():
     out = []
-    for name in _GIST_MODULES:
-        mod, reason = gist_module_or_reason(name)
-        marks = () if mod is not None else pytest.mark.skip(reason=f"backend {name}: {reason}")
-        out.append(pytest.param(mod.gist if mod is not None else None, id=name, marks=marks))
+    for name in dispatch.BACKEND_NAMES:
+        op, reason = gist_op_or_reason(name)
+        marks = () if op is not None else pytest.mark.skip(reason=f"backend {name}: {reason}")
+        out.append(pytest.param(op, id=name, marks=marks))
     return out
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from embedloss_kernels import _backends
+from embedloss_kernels import dispatch
 
 st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
 pytest.importorskip("transformers")
@@ -103,7 +103,7 @@ def test_gist_gather_across_devices_matches_sentence_transformers(world, tmp_pat
 
     tok_dir = tmp_path / "tok"
     make_tiny_sentence_transformer(tok_dir)
-    backends_ = [n for n in ("torch", "cpp") if _backends.why_not(n, "cpu") is None]
+    backends_ = [n for n in ("torch", "cpp") if dispatch.why_not(n, "cpu") is None]
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     ctx = mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(out_dir), str(tok_dir), backends_),

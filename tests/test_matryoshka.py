@@ -16,7 +16,7 @@ from conftest import DEVICE, is_interpreted
 from torch import nn
 
 import embedloss_kernels as ek
-from embedloss_kernels import _backends, functional, reference
+from embedloss_kernels import dispatch, functional, reference
 
 st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
 st_util = pytest.importorskip("sentence_transformers.util")
@@ -115,7 +115,7 @@ def rel_err(ours, ref, floor=1e-10):
 
 
 def skip_without_op(backend: str) -> None:
-    reason = _backends.matryoshka_why_not(backend, DEVICE)
+    reason = dispatch.why_not(backend, DEVICE, "matryoshka")
     if reason is not None:
         pytest.skip(f"backend {backend} has no Matryoshka op on {DEVICE}: {reason}")
 
@@ -311,7 +311,7 @@ def test_compile_fullgraph(backend):
 
 def test_opcheck(backend):
     skip_without_op(backend)
-    op = _backends.get_matryoshka_op(DEVICE, backend)
+    op = dispatch.get_op("matryoshka", DEVICE, backend)
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(5, 19, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
     a = torch.randn(10, 19, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()

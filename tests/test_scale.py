@@ -18,7 +18,7 @@ from conftest import DEVICE
 from tiny_model import make_tiny_sentence_transformer, on_device, sentences
 
 import embedloss_kernels as ek
-from embedloss_kernels import _backends, distributed, functional, reference
+from embedloss_kernels import dispatch, functional, reference
 
 st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
 st_util = pytest.importorskip("sentence_transformers.util")
@@ -274,7 +274,7 @@ def _dist_worker(rank, init_file, out_dir, backends_):
                 for name in backends_ if schedule == "gather" else backends_[:1]:
                     cols = [c.cpu()[rank * ROWS : (rank + 1) * ROWS].clone().requires_grad_() for c in cols_world]
                     scale = torch.nn.Parameter(torch.tensor(value, dtype=torch.float64))
-                    loss = distributed.infonce_across_devices(
+                    loss = functional.infonce_across_devices(
                         cols[0], cols[1:], scale=scale, similarity=sim, schedule=schedule, backend=name,
                         hardness_mode=opts.get("hardness_mode"), hardness_strength=opts.get("hardness_strength", 0.0),
                         directions=opts.get("directions", ("query_to_doc",)),
@@ -292,7 +292,7 @@ def _dist_worker(rank, init_file, out_dir, backends_):
 
 
 def test_scale_gradient_through_gather_across_devices(tmp_path):
-    backends_ = [n for n in ("torch", "cpp") if _backends.why_not(n, "cpu") is None]
+    backends_ = [n for n in ("torch", "cpp") if dispatch.why_not(n, "cpu") is None]
     ctx = mp.spawn(_dist_worker, args=(str(tmp_path / "init"), str(tmp_path), backends_), nprocs=WORLD, join=False)
     deadline = time.monotonic() + 120
     while not ctx.join(timeout=2):

@@ -11,14 +11,18 @@ import pytest
 import torch
 from conftest import DEVICE
 
-from embedloss_kernels import _backends, reference
-from embedloss_kernels.ops import DIRECTION_BITS, HARDNESS_CODES, SIM_ANGLE, SIM_COSINE, SIM_DOT
+from embedloss_kernels import dispatch, reference
+from embedloss_kernels.core.contract import DIRECTION_BITS, HARDNESS_CODES, SIM_ANGLE, SIM_COSINE, SIM_DOT
 
-_reason = _backends.why_not("triton", DEVICE)
+_reason = dispatch.why_not("triton", DEVICE)
 if _reason is not None:
     pytest.skip(f"triton backend unavailable on {DEVICE}: {_reason}", allow_module_level=True)
 
-from embedloss_kernels.ops import triton_ops  # noqa: E402
+import embedloss_kernels.backends.triton as triton_backend  # noqa: E402
+
+INFONCE = dispatch.get_op("infonce", DEVICE, "triton")  # torch.ops.embedloss_triton.infonce
+COSENT = dispatch.get_op("cosent", DEVICE, "triton")
+from embedloss_kernels.heuristics import triton as heuristics  # noqa: E402
 
 st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
 st_util = pytest.importorskip("sentence_transformers.util")
@@ -63,7 +67,7 @@ def ours(case, columns):
     _, _, _, scale, cosine, dirs, partition, hardness, strength, row_start, row_count, block_rows = case
     bits = sum(DIRECTION_BITS[d] for d in dirs)
     q, a = columns[0], torch.cat(columns[1:])
-    return triton_ops.infonce(q, a, row_start, row_count, scale, cosine, bits, partition == "joint",
+    return INFONCE(q, a, row_start, row_count, scale, cosine, bits, partition == "joint",
                               HARDNESS_CODES[hardness], strength, True, block_rows)[0]
 
 
@@ -153,7 +157,7 @@ def test_zero_vectors_and_large_norm_dot(strategy):
 
 def test_no_grad_returns_empty_gradients(strategy):
     q, a = torch.randn(5, 9, device=DEVICE), torch.randn(10, 9, device=DEVICE)
-    loss, gq, ga = triton_ops.infonce(q, a, 0, 5, 20.0, True, 1, True, 0, 0.0, False, 0)[:3]
+    loss, gq, ga = INFONCE(q, a, 0, 5, 20.0, True, 1, True, 0, 0.0, False, 0)[:3]
     ref = reference.infonce_reference(q.double(), [a[:5].double(), a[5:].double()])
     assert gq.numel() == 0 and ga.numel() == 0
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
@@ -169,9 +173,9 @@ def test_cosent_float64_matches_oracle(batch, dim, sim, ref_fn, spread, cosent_p
     gen = torch.Generator().manual_seed(batch * 100 + dim)
     x, y = (torch.randn(batch, dim, generator=gen, dtype=torch.float64).to(DEVICE) * spread for _ in range(2))
     labels = (torch.randint(0, 4, (batch,), generator=gen).double() / 3).to(DEVICE)  # ties on purpose
-    assert triton_ops.cosent_strategy(batch) == cosent_path
+    assert heuristics.cosent_strategy(batch) == cosent_path
     ref_loss, ref_grads = loss_and_grads(lambda c: reference.cosent_pairs_reference(*c, labels, 20.0, ref_fn), [x, y])
-    loss, grads = loss_and_grads(lambda c: triton_ops.cosent(*c, labels, 20.0, sim, True)[0], [x, y])
+    loss, grads = loss_and_grads(lambda c: COSENT(*c, labels, 20.0, sim, True)[0], [x, y])
     torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=1e-11)
     for g, ref in zip(grads, ref_grads):
         torch.testing.assert_close(g, ref, rtol=1e-9, atol=1e-11)
@@ -186,7 +190,7 @@ def test_cosent_float32_within_4x_sentence_transformers(name, sim, cosent_path):
     exact, exact_g = loss_and_grads(lambda c: st_module.compute_loss_from_embeddings(c, labels), [x64, y64])
     st32, st32_g = loss_and_grads(lambda c: st_module.compute_loss_from_embeddings(c, labels),
                                   [x64.float(), y64.float()])
-    loss, grads = loss_and_grads(lambda c: triton_ops.cosent(*c, labels.double(), st_module.scale, sim, True)[0],
+    loss, grads = loss_and_grads(lambda c: COSENT(*c, labels.double(), st_module.scale, sim, True)[0],
                                  [x64.float(), y64.float()])
     assert rel_err(loss, exact) <= 4 * rel_err(st32, exact) + 2e-6
     for g, g_st, ref in zip(grads, st32_g, exact_g):
@@ -196,25 +200,25 @@ def test_cosent_float32_within_4x_sentence_transformers(name, sim, cosent_path):
 def test_strategy_heuristics_and_bad_env(monkeypatch):
     monkeypatch.delenv("EMBEDLOSS_TRITON_STRATEGY", raising=False)
     monkeypatch.delenv("EMBEDLOSS_TRITON_COSENT", raising=False)
-    assert triton_ops.infonce_strategy(64, torch.bfloat16) == "flash"
-    assert triton_ops.infonce_strategy(65, torch.bfloat16) == "fused"
-    assert triton_ops.infonce_strategy(33, torch.float64) == "fused"
-    assert triton_ops.cosent_strategy(2048) == "tiled" and triton_ops.cosent_strategy(2049) == "sorted"
-    assert triton_ops.fused_streams(torch.device("cpu")) == 1
+    assert heuristics.infonce_strategy(64, torch.bfloat16) == "flash"
+    assert heuristics.infonce_strategy(65, torch.bfloat16) == "fused"
+    assert heuristics.infonce_strategy(33, torch.float64) == "fused"
+    assert heuristics.cosent_strategy(2048) == "tiled" and heuristics.cosent_strategy(2049) == "sorted"
+    assert heuristics.fused_streams(torch.device("cpu")) == 1
     monkeypatch.setenv("EMBEDLOSS_TRITON_STREAMS", "3")
     with pytest.raises(ValueError, match="EMBEDLOSS_TRITON_STREAMS.*'3'"):
-        triton_ops.fused_streams(torch.device("cpu"))
+        heuristics.fused_streams(torch.device("cpu"))
     monkeypatch.setenv("EMBEDLOSS_TRITON_STRATEGY", "fast")
     with pytest.raises(ValueError, match="EMBEDLOSS_TRITON_STRATEGY.*'fast'"):
-        triton_ops.infonce_strategy(64, torch.float32)
+        heuristics.infonce_strategy(64, torch.float32)
 
 
 def test_why_not_and_backend_selection(monkeypatch):
-    assert _backends.current_backend(DEVICE, "triton") == "triton"
+    assert dispatch.current_backend(DEVICE, "triton") == "triton"
     if DEVICE.type == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "0")
-        assert "TRITON_INTERPRET=1" in triton_ops.why_not(torch.device("cpu"))
-    assert "not meta" in triton_ops.why_not(torch.device("meta"))
+        assert "TRITON_INTERPRET=1" in triton_backend.why_not(torch.device("cpu"))
+    assert "not meta" in triton_backend.why_not(torch.device("meta"))
 
 
 def test_fake_and_autograd_registration():

@@ -1,4 +1,4 @@
-"""Supported versions are stated once (embedloss_kernels/_versions.py) and agree in setup.py, requirements.txt, the
+"""Supported versions are stated once (embedloss_kernels/core/versions.py) and agree in setup.py, requirements.txt, the
 code's checks and the README."""
 
 import os
@@ -10,8 +10,8 @@ from unittest import mock
 
 import setuptools
 
-from embedloss_kernels import _versions
-from embedloss_kernels._versions import as_text, major_minor
+from embedloss_kernels.core import versions as _versions
+from embedloss_kernels.core.versions import as_text, major_minor
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,9 +48,9 @@ def test_requirements_pin_versions_inside_the_supported_ranges():
 
 
 def test_code_checks_use_the_supported_versions():
-    from embedloss_kernels.ops import triton_ops
+    from embedloss_kernels.backends import triton as triton_backend
 
-    assert triton_ops.SUPPORTED_TRITON == _versions.TRITON_RANGE
+    assert triton_backend.TRITON_RANGE == _versions.TRITON_RANGE
     assert major_minor("2.13.0+cpu") == (2, 13) and major_minor("3.10.0rc1") == (3, 10) and major_minor("6") == (6, 0)
 
 

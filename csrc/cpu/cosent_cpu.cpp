@@ -12,6 +12,8 @@
 #include <numeric>
 #include <vector>
 
+#include <torch/library.h>
+
 #include "kernels.h"
 
 namespace embedloss {
@@ -131,3 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cosent_cpu(
 }
 
 }  // namespace embedloss
+
+// The CPU kernel of embedloss_cpp::cosent. The schema (embedloss_kernels/core/contract.py), the fake implementation and
+// the autograd are registered from Python (embedloss_kernels/ops).
+TORCH_LIBRARY_IMPL(embedloss_cpp, CPU, m) { m.impl("cosent", &embedloss::cosent_cpu); }

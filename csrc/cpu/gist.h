@@ -1,4 +1,4 @@
-// CPU kernel of embedloss_cpp::gist (contract: embedloss_kernels/ops/__init__.py, GIST_SCHEMA).
+// CPU kernel of embedloss_cpp::gist (contract: embedloss_kernels/core/contract.py, GIST_SCHEMA).
 #pragma once
 
 #include <ATen/ATen.h>

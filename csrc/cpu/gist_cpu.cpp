@@ -24,6 +24,8 @@
 #include <limits>
 #include <vector>
 
+#include <torch/library.h>
+
 #include "gist.h"
 #include "kernels.h"
 #include "simd.h"
@@ -318,3 +320,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_cpu(
 }
 
 }  // namespace embedloss
+
+// The CPU kernel of embedloss_cpp::gist. The schema (embedloss_kernels/core/contract.py), the fake implementation and
+// the autograd are registered from Python (embedloss_kernels/ops).
+TORCH_LIBRARY_IMPL(embedloss_cpp, CPU, m) { m.impl("gist", &embedloss::gist_cpu); }

@@ -27,6 +27,8 @@
 #include <limits>
 #include <vector>
 
+#include <torch/library.h>
+
 #include "kernels.h"
 #include "simd.h"
 
@@ -385,3 +387,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_cpu(
 }
 
 }  // namespace embedloss
+
+// The CPU kernel of embedloss_cpp::infonce. The schema (embedloss_kernels/core/contract.py), the fake implementation and
+// the autograd are registered from Python (embedloss_kernels/ops).
+TORCH_LIBRARY_IMPL(embedloss_cpp, CPU, m) { m.impl("infonce", &embedloss::infonce_cpu); }

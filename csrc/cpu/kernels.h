@@ -1,4 +1,4 @@
-// CPU kernels of the embedloss_cpp ops (contract: embedloss_kernels/ops/__init__.py).
+// CPU kernels of the embedloss_cpp ops (contract: embedloss_kernels/core/contract.py).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -383,13 +383,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> matryoshka_cpu(
 }  // namespace
 }  // namespace embedloss
 
-// Schema: MATRYOSHKA_SCHEMA in embedloss_kernels/ops/__init__.py. Its autograd (backward = grad_output * the saved
-// gradients) and fake implementation are registered from Python (embedloss_kernels/ops/cpp_matryoshka.py).
-TORCH_LIBRARY_FRAGMENT(embedloss_cpp, m) {
-  m.def(
-      "matryoshka(Tensor q, Tensor a, int[] dims, float[] weights, int row_start, int row_count, float scale, "
-      "int directions, bool joint, int hardness_mode, float hardness_strength, bool compute_grad, int block_rows) "
-      "-> (Tensor, Tensor, Tensor)");
-}
-
+// The CPU kernel of embedloss_cpp::matryoshka. The schema (embedloss_kernels/core/contract.py), the fake
+// implementation and the autograd are registered from Python (embedloss_kernels/ops).
 TORCH_LIBRARY_IMPL(embedloss_cpp, CPU, m) { m.impl("matryoshka", &embedloss::matryoshka_cpu); }

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._validate import finite_check_setting
-from .._versions import SENTENCE_TRANSFORMERS_SERIES, as_text, major_minor
+from ..core.validate import finite_check_setting
+from ..core.versions import SENTENCE_TRANSFORMERS_SERIES, as_text, major_minor
 
 logger = logging.getLogger("embedloss_kernels")
 

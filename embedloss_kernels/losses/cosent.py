@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional
-from .._validate import check_embeddings, check_finite_inputs, check_labels, check_scale
+from ..core.validate import check_embeddings, check_finite_inputs, check_labels, check_scale
 from ._common import (
     PAIRWISE_ANGLE_SIM,
     PAIRWISE_COS_SIM,

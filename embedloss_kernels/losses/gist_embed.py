@@ -23,16 +23,16 @@ from sentence_transformers.sentence_transformer.losses.gist_embed import GISTEmb
 from sentence_transformers.util import batch_to_device
 from torch import Tensor
 
-from .. import gist
-from .._validate import check_embeddings
+from .. import functional
+from ..core.validate import check_embeddings, check_guide, check_margin, check_temperature
 from .cached_multiple_negatives_ranking import _CITATION_GRADCACHE
 
 
 def _check_options(loss) -> None:
     # beyond sentence-transformers' checks: a temperature that is not a positive number or a margin that is not a
     # finite number is a clear error here instead of a NaN loss later
-    gist.check_temperature(loss.temperature)
-    gist.check_margin(loss.margin_strategy, loss.margin)
+    check_temperature(loss.temperature)
+    check_margin(loss.margin_strategy, loss.margin)
 
 
 def _gist_loss(loss, anchor: Tensor, docs: list[Tensor], anchor_guide: Tensor, docs_guide: list[Tensor]) -> Tensor:
@@ -40,19 +40,19 @@ def _gist_loss(loss, anchor: Tensor, docs: list[Tensor], anchor_guide: Tensor, d
     columns = [anchor, *docs]
     names = ["anchor", "positive"] + [f"negatives[{i}]" for i in range(len(docs) - 1)]
     options = dict(
-        temperature=gist.check_temperature(loss.temperature), margin_strategy=loss.margin_strategy,
-        margin=gist.check_margin(loss.margin_strategy, loss.margin), contrast_anchors=bool(loss.contrast_anchors),
+        temperature=check_temperature(loss.temperature), margin_strategy=loss.margin_strategy,
+        margin=check_margin(loss.margin_strategy, loss.margin), contrast_anchors=bool(loss.contrast_anchors),
         contrast_positives=bool(loss.contrast_positives),
     )
 
     def check() -> None:
         check_embeddings(columns, names)
-        gist.check_guide(columns, [anchor_guide, *docs_guide], names)
+        check_guide(columns, [anchor_guide, *docs_guide], names)
 
     if loss.gather_across_devices:
-        return gist.gist_across_devices(anchor, docs, anchor_guide, docs_guide, check=check, **options)
+        return functional.gist_across_devices(anchor, docs, anchor_guide, docs_guide, check=check, **options)
     check()
-    return gist.gist_from_columns(anchor, docs, anchor_guide, docs_guide, **options)
+    return functional.gist_from_columns(anchor, docs, anchor_guide, docs_guide, **options)
 
 
 def retokenized_for_guide(loss, sentence_feature: dict[str, Tensor]) -> dict[str, Tensor]:

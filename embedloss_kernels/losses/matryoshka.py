@@ -4,7 +4,7 @@ sentence-transformers' ``MatryoshkaLoss`` runs its inner loss once per dim on em
 coordinates and L2-normalized, and sums ``w_d * L_d``. When the inner loss is one of ours (MNRL, symmetric MNRL, or
 their cached variants), this class embeds once and makes one fused call that takes the full embeddings and every
 (drawn) dim with its weight: the prefix products nest, so all dims cost about one MNRL at full dimension (maths in
-:mod:`embedloss_kernels.ops.torch_matryoshka`). With any other inner loss it is sentence-transformers' class, run
+:mod:`embedloss_kernels.backends.torch.matryoshka`). With any other inner loss it is sentence-transformers' class, run
 as it is (this class derives from it: same signature, defaults, validation, ``get_config_dict`` and citation).
 
 ``n_dims_per_step`` draws its dims with the same ``random`` calls as sentence-transformers (``random.sample``, then
@@ -22,8 +22,8 @@ from sentence_transformers.sentence_transformer.losses.matryoshka import Matryos
 from sentence_transformers.sentence_transformer.losses.matryoshka_2d import Matryoshka2dLoss as _STMatryoshka2dLoss
 from torch import Tensor, nn
 
-from .. import distributed, functional
-from .._validate import check_embeddings
+from .. import functional
+from ..core.validate import check_embeddings
 from ._common import embed_columns
 from .cached_multiple_negatives_ranking import CachedMultipleNegativesRankingLoss
 from .multiple_negatives_ranking import MultipleNegativesRankingLoss
@@ -71,7 +71,7 @@ def fused_matryoshka_loss(
             )
 
     if mnrl.gather_across_devices:
-        return distributed.infonce_across_devices(
+        return functional.infonce_across_devices(
             embeddings[0], embeddings[1:], check=check, schedule=None, matryoshka=(list(dims), list(weights)),
             **options,
         )

@@ -10,8 +10,8 @@ from typing import Any
 from torch import Tensor, nn
 from typing_extensions import deprecated
 
-from .. import distributed, functional
-from .._validate import VALID_HARDNESS_MODES, check_directions, check_embeddings, check_finite_inputs, check_scale
+from .. import functional
+from ..core.validate import VALID_HARDNESS_MODES, check_directions, check_embeddings, check_finite_inputs, check_scale
 from ._common import (
     COS_SIM,
     check_similarity_callable,
@@ -177,7 +177,7 @@ class MultipleNegativesRankingLoss(nn.Module):
         if self.gather_across_devices:
             # Validated inside, so that a bad input on one rank stops every rank instead of hanging the others;
             # schedule=None: EMBEDLOSS_DISTRIBUTED_SCHEDULE ("gather" or "ring"), read on every call.
-            loss = distributed.infonce_across_devices(
+            loss = functional.infonce_across_devices(
                 embeddings[0], embeddings[1:], check=check, schedule=None, **options
             )
         else:

@@ -1,137 +1,83 @@
-"""The op contract every backend implements (maths: ``docs/DESIGN.md``; oracle: ``embedloss_kernels.reference``).
+"""The registered ops: ``embedloss_<backend>::<loss>`` for every backend and loss, from one schema per loss.
 
-InfoNCE / MNRL op (one per backend: ``embedloss_torch::infonce``, ``embedloss_cpp::infonce``,
-``embedloss_triton::infonce``), schema::
-
-    infonce(Tensor q, Tensor a, int row_start, int row_count, float scale, bool cosine, int directions,
-            bool joint, int hardness_mode, float hardness_strength, bool compute_grad, int block_rows)
-        -> (Tensor loss, Tensor grad_q, Tensor grad_a, Tensor grad_scale)
-
-* ``q`` (Bq, D): every query (the world batch under ``gather_across_devices``); ``a`` (K*Bq, D): the candidate
-  pool ``[P; N_1; ...; N_{K-1}]``, so the docs of query ``g`` are rows ``g + c*Bq``. Same dtype and device,
-  contiguous, validated before the op is called.
-* Local anchor rows are ``row_start .. row_start + row_count - 1`` (global indices ``g``).
-* ``directions``: bit mask of :data:`QUERY_TO_DOC` | :data:`QUERY_TO_QUERY` | :data:`DOC_TO_QUERY` |
-  :data:`DOC_TO_DOC` (query_to_doc always set). ``joint``: one softmax over all selected blocks, else one per
-  block averaged (only query_to_doc and doc_to_query then).
-* ``hardness_mode``: :data:`HARDNESS_NONE` | :data:`HARDNESS_IN_BATCH` | :data:`HARDNESS_HARD` |
-  :data:`HARDNESS_ALL`; adds ``hardness_strength * sg(sim)`` to the selected query_to_doc logits.
-* ``loss``: 0-dim, the mean over local rows; float32 (float64 for float64 inputs).
-* ``grad_q``, ``grad_a``: d loss / d q and d loss / d a (shapes and dtypes of ``q`` and ``a``) when
-  ``compute_grad``; else empty tensors of shape (0,). Backward multiplies them by ``grad_output``.
-* ``grad_scale``: d loss / d scale, 0-dim in the loss's dtype, when ``compute_grad`` (else empty (0,)): the sum of
-  ``G * sim`` over every logit (the hardness penalty is stop-gradient, so it adds nothing). It costs one reduction:
-  each logit ``s * sim(x, y)`` sends ``s * G * sim`` to both of its vectors, so ``sum <v, dv>`` over the vectors that
-  enter the products (normalized under cosine, before the normalization's backward) is ``2 s dL/ds``.
-  The identity divides by ``scale``: at ``scale == 0`` the value is not finite, so the functional layer runs a
-  learnable scale of 0 through the plain reference instead (MNRL's modules and functional API want scale > 0).
-* ``block_rows``: anchor rows per block; 0 lets the backend choose (a hint a backend may ignore).
-
-CoSENT / AnglE op, schema::
-
-    cosent(Tensor x, Tensor y, Tensor labels, float scale, int similarity, bool compute_grad)
-        -> (Tensor loss, Tensor grad_x, Tensor grad_y, Tensor grad_scale)
-
-* ``x``, ``y`` (B, D), ``labels`` (B,) float64; ``similarity``: :data:`SIM_COSINE` | :data:`SIM_DOT` |
-  :data:`SIM_ANGLE` (``|cos + sin|`` of AnglE, dims ``i`` and ``i + ceil(D/2)`` paired, odd D zero-padded).
-* ``loss = log(1 + sum_{y_i > y_j} exp(t_j - t_i))`` with ``t = scale * sim(x, y)``; float32 (float64 for
-  float64 inputs). Gradients as for infonce; ``grad_scale = sum_k d loss / d t_k * sim_k`` directly, so any real
-  ``scale`` (0 and negative values too) is allowed.
-
-Matryoshka MNRL op (``embedloss_torch_matryoshka::matryoshka``, ``embedloss_cpp::matryoshka``,
-``embedloss_triton_matryoshka::matryoshka``; maths in ``embedloss_kernels/ops/torch_matryoshka.py``), schema::
-
-    matryoshka(Tensor q, Tensor a, int[] dims, float[] weights, int row_start, int row_count, float scale,
-               int directions, bool joint, int hardness_mode, float hardness_strength, bool compute_grad,
-               int block_rows) -> (Tensor loss, Tensor grad_q, Tensor grad_a)
-
-* ``q``, ``a``, rows, ``directions``, ``joint``, hardness, ``compute_grad``, ``block_rows``: as ``infonce``, on the
-  full-dimension (unnormalized) embeddings.
-* ``dims``: the prefix dims, strictly increasing, ``1 <= d <= D``; ``weights``: one finite float per dim.
-* ``loss = sum_k weights[k] * infonce(normalize(q[:, :dims[k]]), normalize(a[:, :dims[k]]), cosine)``: every
-  prefix is L2-normalized (sentence-transformers' ``MatryoshkaLoss`` ``shrink``), so the similarity is always the
-  cosine of the prefixes. Loss and gradients (w.r.t. the raw ``q``, ``a``) as for infonce.
-
-GIST (guided in-batch negatives, sentence-transformers' ``GISTEmbedLoss``) op, schema::
-
-    gist(Tensor anchor, Tensor candidates, Tensor anchor_guide, Tensor candidates_guide, int columns,
-         int row_start, float scale, int margin_strategy, float margin, bool contrast_anchors,
-         bool contrast_positives, bool compute_grad, int block_rows) -> (Tensor loss, Tensor grad_anchor,
-         Tensor grad_candidates)
-
-* ``anchor`` (B, D): this rank's anchors (never gathered); ``candidates`` (columns*Bw, D): the pool
-  ``[P; N_1; ...]`` of the (world) batch, Bw rows per column; anchor ``i``'s positive is candidate row
-  ``row_start + i``. ``anchor_guide`` (B, D') and ``candidates_guide`` (columns*Bw, D'): the guide model's
-  embeddings of the same rows (their own dtype and dim D'; same device). All contiguous, validated before the op.
-* Every similarity is cosine as ``nn.CosineSimilarity(dim=-1)`` computes it: ``x / max(||x||, GIST_EPS)``
-  (``GIST_EPS`` = 1e-8; the clamp is a constant for autograd, so the gradient of a row with ``0 < ||x|| < eps``
-  keeps its radial term scaled by ``max(||x||, eps) / ||x||``, and a zero row gets ``g / eps``).
-* Row threshold ``t_i = cos(a'_i, p'_{row_start+i})``; a candidate ``j`` of a block is masked (logit -inf) where
-  its guide similarity ``> t_i - margin`` (:data:`GIST_ABSOLUTE`) or ``> t_i - |t_i| * margin``
-  (:data:`GIST_RELATIVE`), strictly; the guide similarities and ``t`` are computed in the guide's work dtype.
-  The anchor's own positive is never masked; nothing else is exempt (the anchor-anchor diagonal follows the rule).
-* Blocks of row ``i``: anchor-positive ``cos(a_i, P)`` (Bw), anchor-anchor ``cos(a_i, A)`` (B, local anchors) if
-  ``contrast_anchors``, positive-positive ``cos(p_{row_start+i}, P)`` (Bw) if ``contrast_positives``,
-  anchor-negative ``cos(a_i, N_k)`` (Bw each). One softmax over all of them times ``scale`` (= 1/temperature),
-  target the positive; ``loss`` = the mean over the B rows, float32 (float64 for float64 inputs). A row whose every
-  candidate but its positive is masked contributes 0.
-* ``grad_anchor``, ``grad_candidates``: d loss / d anchor and d loss / d candidates (shapes and dtypes of the
-  inputs) when ``compute_grad``, else empty (0,) tensors. The guide gets no gradient. No tensor of size B x N is
-  kept: one row block at a time, the guide's products are one extra product per block, forward only.
-
-Cosine similarity (infonce, cosent, matryoshka) normalizes with ``x / max(||x||, EPS)`` (``EPS`` = 1e-12, as
-``F.normalize``).
+For each backend, :func:`backend_ops` defines the ops from ``core/contract.py``'s schemas, registers the backend's
+implementations (``backends/<backend>/<loss>.py``'s ``<loss>_forward``; the ``cpp`` backend's CPU kernels register
+themselves when the extension loads), one fake implementation per loss for ``torch.compile`` (every backend's op has
+the contract's output shapes), and the one autograd rule of :mod:`embedloss_kernels.ops.autograd`. Every backend's
+ops are registered when this module is imported: a first call of a loss may come from code ``torch.compile`` traces,
+which runs imports but cannot trace a registration. A backend that cannot run still gets its ops (its ``why_not``
+says why); :data:`REGISTERED` holds the reason where registering failed.
 """
 
-QUERY_TO_DOC = 1
-QUERY_TO_QUERY = 2
-DOC_TO_QUERY = 4
-DOC_TO_DOC = 8
-DIRECTION_BITS = {
-    "query_to_doc": QUERY_TO_DOC,
-    "query_to_query": QUERY_TO_QUERY,
-    "doc_to_query": DOC_TO_QUERY,
-    "doc_to_doc": DOC_TO_DOC,
-}
+from __future__ import annotations
 
-HARDNESS_NONE = 0
-HARDNESS_IN_BATCH = 1
-HARDNESS_HARD = 2
-HARDNESS_ALL = 3
-HARDNESS_CODES = {
-    None: HARDNESS_NONE,
-    "in_batch_negatives": HARDNESS_IN_BATCH,
-    "hard_negatives": HARDNESS_HARD,
-    "all_negatives": HARDNESS_ALL,
-}
+import torch
+from torch import Tensor
 
-SIM_COSINE = 0
-SIM_DOT = 1
-SIM_ANGLE = 2
+from ..backends.common import work_dtype
+from ..core.contract import BACKENDS, LOSSES, SCHEMAS
+from .autograd import register_op_autograd
 
-EPS = 1e-12
+_libs: list = []
 
-GIST_ABSOLUTE = 0
-GIST_RELATIVE = 1
-GIST_MARGIN_STRATEGIES = {"absolute": GIST_ABSOLUTE, "relative": GIST_RELATIVE}
-GIST_EPS = 1e-8  # nn.CosineSimilarity's eps
 
-INFONCE_SCHEMA = (
-    "(Tensor q, Tensor a, int row_start, int row_count, float scale, bool cosine, int directions, bool joint, "
-    "int hardness_mode, float hardness_strength, bool compute_grad, int block_rows) "
-    "-> (Tensor, Tensor, Tensor, Tensor)"
-)
-COSENT_SCHEMA = (
-    "(Tensor x, Tensor y, Tensor labels, float scale, int similarity, bool compute_grad) "
-    "-> (Tensor, Tensor, Tensor, Tensor)"
-)
-MATRYOSHKA_SCHEMA = (
-    "(Tensor q, Tensor a, int[] dims, float[] weights, int row_start, int row_count, float scale, int directions, "
-    "bool joint, int hardness_mode, float hardness_strength, bool compute_grad, int block_rows) "
-    "-> (Tensor, Tensor, Tensor)"
-)
-GIST_SCHEMA = (
-    "(Tensor anchor, Tensor candidates, Tensor anchor_guide, Tensor candidates_guide, int columns, int row_start, "
-    "float scale, int margin_strategy, float margin, bool contrast_anchors, bool contrast_positives, "
-    "bool compute_grad, int block_rows) -> (Tensor, Tensor, Tensor)"
-)
+def _python_impls(backend: str) -> dict:
+    """``{loss: <loss>_forward}`` of a backend written in Python (plain imports: torch.compile traces them)."""
+    if backend == "torch":
+        from ..backends.torch import cosent, gist, infonce, matryoshka
+    else:
+        from ..backends.triton import cosent, gist, infonce, matryoshka
+    return {"infonce": infonce.infonce_forward, "cosent": cosent.cosent_forward,
+            "matryoshka": matryoshka.matryoshka_forward, "gist": gist.gist_forward}
+
+
+def _arguments(schema: str) -> list[str]:
+    return [arg.split()[-1] for arg in schema[1 : schema.index(") ->")].split(", ")]
+
+
+def _fake(loss: str):
+    """The fake implementation of ``loss``: its outputs' shapes and dtypes from the first two inputs."""
+    schema = SCHEMAS[loss]
+    grad_at = _arguments(schema).index("compute_grad")
+    n_outputs = schema.split("->")[1].count("Tensor")
+
+    def fake(first: Tensor, second: Tensor, *args):
+        loss_out = first.new_empty((), dtype=work_dtype(first.dtype))
+        if not args[grad_at - 2]:
+            grads = (first.new_empty((0,)), first.new_empty((0,)), loss_out.new_empty((0,)))
+        else:
+            grads = (torch.empty_like(first), torch.empty_like(second), torch.empty_like(loss_out))
+        return (loss_out, *grads[: n_outputs - 1])
+
+    return fake
+
+
+def _register(backend: str) -> dict:
+    namespace = f"embedloss_{backend}"
+    impls = {} if backend == "cpp" else _python_impls(backend)  # the extension registers the cpp kernels itself
+    lib = torch.library.Library(namespace, "DEF")
+    for loss in LOSSES:
+        lib.define(loss + SCHEMAS[loss])
+        if loss in impls:
+            lib.impl(loss, impls[loss], "CompositeExplicitAutograd")
+        torch.library.register_fake(f"{namespace}::{loss}", _fake(loss), lib=lib)
+        register_op_autograd(f"{namespace}::{loss}", lib)
+    _libs.append(lib)
+    return {loss: getattr(getattr(torch.ops, namespace), loss) for loss in LOSSES}
+
+
+REGISTERED: dict[str, dict | str] = {}
+for _backend in BACKENDS:
+    try:
+        REGISTERED[_backend] = _register(_backend)
+    except Exception as exc:  # noqa: BLE001 - that backend cannot run; dispatch.why_not reports this reason
+        REGISTERED[_backend] = f"{type(exc).__name__}: {exc}"
+
+
+def backend_ops(backend: str) -> dict:
+    """``{loss: torch.ops.embedloss_<backend>.<loss>}`` (a ``RuntimeError`` with the reason if they failed to
+    register)."""
+    ops = REGISTERED[backend]
+    if isinstance(ops, str):
+        raise RuntimeError(f"the {backend} backend's ops failed to register: {ops}")
+    return ops

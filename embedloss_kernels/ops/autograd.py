@@ -1,7 +1,13 @@
-"""One autograd for every backend's loss-and-gradients op: reverse mode, forward mode, ``torch.func`` and compile.
+"""The saved-gradients rule, written once: every loss's gradient is computed in the forward pass and backward only
+scales it by ``grad_output``. It serves every op of every backend, in two places:
 
-Every op of the contract (``ops/__init__.py``) returns ``(loss, grad_first, grad_second, grad_scale)`` with the
-gradients of the scalar loss already computed in its forward pass. :func:`loss_from_op` calls it through
+* :func:`loss_from_op`, the functional API's call of an op: reverse mode, forward mode, ``torch.func`` and compile;
+* :func:`register_op_autograd`, the autograd of the registered ops themselves (``torch.ops.embedloss_<backend>.<loss>``
+  called directly), through ``torch.library.register_autograd``.
+
+Both backwards are :func:`backward_from_saved`. Every op of the contract (``core/contract.py``) returns
+``(loss, grad_first, grad_second, grad_scale)`` with the gradients of the scalar loss already computed in its forward
+pass. :func:`loss_from_op` calls it through
 :class:`LossFromSavedGrads`, which gives the loss every derivative PyTorch can ask of a scalar function whose
 gradient is known:
 
@@ -32,6 +38,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad
+
+from ..core import extension
 
 DOUBLE_BACKWARD_MESSAGE = (
     "embedloss_kernels losses do not support double backward (create_graph=True) or any second derivative: their "
@@ -96,29 +104,45 @@ def _dual_level_active() -> bool:
     return getattr(forward_ad, "_current_level", 0) >= 0  # unknown torch: assume it may
 
 
-def _graph_task_keeps_graph():
-    """``embedloss_kernels._C.graph_task_keeps_graph`` (the extension's one function), or ``None`` without it."""
-    try:
-        from embedloss_kernels import _C
-    except ImportError:
-        return None
-    return getattr(_C, "graph_task_keeps_graph", None)
+_EXTENSION = extension.load()
+# ``embedloss_kernels._C.graph_task_keeps_graph`` (the extension's one function), or ``None`` without it
+_KEEPS_GRAPH = None if isinstance(_EXTENSION, str) else getattr(_EXTENSION, "graph_task_keeps_graph", None)
 
 
-_KEEPS_GRAPH = _graph_task_keeps_graph()
+def _saved_tensor_hooks_active() -> bool:
+    """Whether a ``saved_tensors_hooks`` pack hook saw the saved gradients: it may keep what it packed, so they must
+    never change afterwards."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:
+        return True  # unknown torch: assume a hook may be there
+    return top(True) is not None
 
 
-def _saved_grads_are_released(*saved: Tensor) -> bool:
-    """Whether the engine releases this node's saved gradients as soon as its backward returns: an eager backward
-    without ``retain_graph``/``create_graph`` on plain tensors. Only then may backward scale them in place and hand
-    them on (``AccumulateGrad`` then keeps them as ``.grad`` with no copy); under ``retain_graph`` a later in-place
-    change of ``.grad`` would otherwise reach the next backward through the shared storage. Without the extension,
-    or when unsure, False (backward copies)."""
-    if _KEEPS_GRAPH is None or torch.compiler.is_compiling() or torch.is_grad_enabled() or transforms_active():
+def _plain(t: Tensor) -> bool:
+    """A plain dense tensor: not fake, functional, a subclass, or batched (``is_grads_batched`` / vmap)."""
+    if type(t) is not Tensor or t.layout != torch.strided:
         return False
-    if any(type(t) is not Tensor for t in saved):  # fake, functional or subclass tensors: never reuse
+    functorch = getattr(torch._C, "_functorch", None)
+    if functorch is None:
+        return False  # unknown torch: assume it may be wrapped
+    # ``is_grads_batched`` / ``jacobian(vectorize=True)`` batch grad_output with the legacy vmap
+    return not (functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t))
+
+
+def _saved_grads_are_released(ctx, *tensors: Tensor) -> bool:
+    """Whether backward may scale the saved gradients in place and hand them on (``AccumulateGrad`` then keeps them
+    as ``.grad`` with no copy): nobody but this node can see them (``ctx.private``: the functional API returns only
+    the loss; a direct op call returns the gradients too), no saved-tensor hook packed them, and the engine releases
+    them as soon as this backward returns (an eager backward without ``retain_graph``/``create_graph``, plain tensors;
+    under ``retain_graph`` a later in-place change of ``.grad`` would reach the next backward through the shared
+    storage). Without the extension, or when unsure, False (backward copies)."""
+    if not ctx.private or ctx.hooked or _KEEPS_GRAPH is None:
         return False
-    storages = [t.untyped_storage().data_ptr() for t in saved[:2]]
+    if torch.compiler.is_compiling() or torch.is_grad_enabled() or transforms_active():
+        return False
+    if not all(_plain(t) for t in tensors):
+        return False
+    storages = [t.untyped_storage().data_ptr() for t in tensors[:2]]
     if len(set(storages)) < len(storages):  # one buffer behind both gradients: scaling each in place would repeat
         return False
     return not _KEEPS_GRAPH()
@@ -126,21 +150,35 @@ def _saved_grads_are_released(*saved: Tensor) -> bool:
 
 def _scaled(saved: Tensor, grad_loss: Tensor, in_place: bool) -> Tensor:
     factor = grad_loss.to(saved.dtype)
-    if not in_place:
-        return saved * factor
-    if factor.device.type == "cpu" and factor.item() == 1.0:  # the usual loss.backward(): nothing to scale
-        return saved
-    return saved.mul_(factor)
+    return saved.mul_(factor) if in_place else saved * factor
+
+
+def _save(ctx, output, private: bool) -> None:
+    """Keep the gradients the op computed (``output[1:]``) for backward. The gradient outputs never receive a
+    gradient: without ``set_materialize_grads(False)`` backward would get zero-filled tensors of their size."""
+    ctx.set_materialize_grads(False)
+    ctx.private = private
+    ctx.hooked = torch.compiler.is_compiling() or _saved_tensor_hooks_active()  # compiled: never in place anyway
+    grad_first, grad_second, grad_scale = (*output[1:], None)[:3]
+    ctx.mark_non_differentiable(*output[1:])
+    return grad_first, grad_second, grad_scale
+
+
+def backward_from_saved(ctx, grad_loss: Tensor | None, grad_first: Tensor, grad_second: Tensor):
+    """The one backward: ``grad_output *`` the saved gradients (scaled in place and handed on only when
+    :func:`_saved_grads_are_released`); ``None`` when no gradient reached the loss. Raises when the loss was computed
+    without gradients."""
+    _check_computed(grad_first, grad_second, "backward")
+    if grad_loss is None:  # no gradient reached the loss (grads are not materialized as zeros)
+        return None, None
+    in_place = _saved_grads_are_released(ctx, grad_first, grad_second, grad_loss)
+    return _scaled(grad_first, grad_loss, in_place), _scaled(grad_second, grad_loss, in_place)
 
 
 def _setup(ctx, inputs, output, keep_inputs: bool) -> None:
     _, scale, first, second, *_ = inputs
-    # The gradient outputs never receive a gradient: without this, backward would get zero-filled tensors of their
-    # size (dQ's and dA's again) for nothing.
-    ctx.set_materialize_grads(False)
     # an op without the scale's gradient (three outputs) serves number scales only (loss_from_op checks)
-    grad_first, grad_second, grad_scale = (*output[1:], None)[:3]
-    ctx.mark_non_differentiable(*output[1:])
+    grad_first, grad_second, grad_scale = _save(ctx, output, private=True)
     kept = (first, second) if keep_inputs else (None, None)
     ctx.save_for_backward(grad_first, grad_second, grad_scale, *kept)
     ctx.scale_like = (scale.dtype, scale.shape) if isinstance(scale, Tensor) else None
@@ -168,11 +206,9 @@ class CompiledLossFromSavedGrads(torch.autograd.Function):
             raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
         # a second backward through a freed graph raises PyTorch's own error here
         grad_first, grad_second, grad_scale, first, second = ctx.saved_tensors
-        _check_computed(grad_first, grad_second, "backward")
-        if grad_loss is None:  # no gradient reached the loss (grads are not materialized as zeros)
+        grads = backward_from_saved(ctx, grad_loss, grad_first, grad_second)
+        if grad_loss is None:
             return (None,) * (4 + ctx.n_rest)
-        in_place = _saved_grads_are_released(grad_first, grad_second, grad_loss)
-        grads = [_scaled(grad_first, grad_loss, in_place), _scaled(grad_second, grad_loss, in_place)]
         d_scale = None
         if ctx.scale_like is not None and ctx.needs_input_grad[1] and grad_scale is not None:
             dtype, shape = ctx.scale_like
@@ -242,3 +278,22 @@ def loss_from_op(op, first: Tensor, second: Tensor, *rest, scale=None) -> Tensor
     if scale is not None and len(out) < 4 and scale.requires_grad:
         raise NotImplementedError(f"embedloss_kernels: {op} gives no gradient for a learnable scale")
     return out[0]
+
+
+def _op_setup_context(ctx, inputs, output) -> None:
+    grad_first, grad_second, _ = _save(ctx, output, private=False)  # the caller holds the returned gradients
+    ctx.save_for_backward(grad_first, grad_second)
+    ctx.n_inputs = len(inputs)
+
+
+def _op_backward(ctx, grad_loss, *_output_grads):
+    if torch.is_grad_enabled():
+        raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
+    grad_first, grad_second = ctx.saved_tensors
+    return (*backward_from_saved(ctx, grad_loss, grad_first, grad_second),) + (None,) * (ctx.n_inputs - 2)
+
+
+def register_op_autograd(qualname: str, lib) -> None:
+    """The autograd of a registered op (``namespace::loss``) called directly: the same rule, never in place (the
+    caller holds the gradients the op returned), double backward refused."""
+    torch.library.register_autograd(qualname, _op_backward, setup_context=_op_setup_context, lib=lib)

@@ -1,96 +1,26 @@
-"""The ``torch`` backend: the row-block algorithm of docs/DESIGN.md in plain PyTorch, on any device.
-
-Reads top to bottom: normalization helpers -> InfoNCE row-block forward (loss and gradients together) ->
-CoSENT sorted forward -> registered ops (``embedloss_torch::infonce``, ``embedloss_torch::cosent``) with their
-fake implementations and autograd.
-"""
+"""The ``torch`` backend's ``infonce`` (MNRL): the row-block algorithm of docs/DESIGN.md in plain PyTorch, on any
+device. Reads top to bottom: the logit blocks of a row block and their gradient products (shared with the ring
+schedule, :mod:`embedloss_kernels.distributed.ring`) -> the row-block forward (loss and gradients together) -> the
+exact row LSE -> the blocked-product path of the GPU (:mod:`embedloss_kernels.backends.blocked`)."""
 
 from __future__ import annotations
-
-import os
 
 import torch
 from torch import Tensor
 
-from . import (
-    COSENT_SCHEMA,
+from ...core.contract import (
     DOC_TO_DOC,
     DOC_TO_QUERY,
-    EPS,
     HARDNESS_ALL,
     HARDNESS_HARD,
     HARDNESS_IN_BATCH,
     HARDNESS_NONE,
-    INFONCE_SCHEMA,
     QUERY_TO_QUERY,
-    SIM_ANGLE,
-    SIM_COSINE,
-    _blocked,
 )
-from .autograd import _saved_grads_are_released, _scaled
-
-DEFAULT_BLOCK_MIB = 32.0
-
-
-def why_not(device: torch.device) -> str | None:
-    return None  # plain PyTorch runs wherever torch does
-
-
-def work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Logits, LSE and softmax precision: float64 for float64 inputs, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def block_budget_bytes() -> float:
-    """Memory for one row block's logits (``EMBEDLOSS_BLOCK_MIB``, default 32 MiB); a value that is not a positive
-    number raises ``ValueError`` naming the variable (every backend's automatic block size reads it)."""
-    raw = os.environ.get("EMBEDLOSS_BLOCK_MIB", "").strip()
-    if not raw:
-        return DEFAULT_BLOCK_MIB * 2**20
-    try:
-        mib = float(raw)
-    except ValueError:
-        mib = float("nan")
-    if not mib > 0 or mib == float("inf"):
-        raise ValueError(f"EMBEDLOSS_BLOCK_MIB must be a positive number of MiB, got {raw!r}")
-    return mib * 2**20
-
-
-def normalize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """``x / max(||x||, EPS)`` and the clamped norms (n, 1), as ``F.normalize``."""
-    norm = x.norm(dim=1, keepdim=True).clamp_min_(EPS)
-    return x / norm, norm
-
-
-def normalize_rows_backward(x_hat: Tensor, norm: Tensor, grad_hat: Tensor) -> Tensor:
-    """Map d/dx_hat back to d/dx: ``(g - x_hat <x_hat, g>) / ||x||``; rows clamped at EPS get ``g / EPS``."""
-    radial = (x_hat * grad_hat).sum(dim=1, keepdim=True)
-    radial = radial.masked_fill_(norm <= EPS, 0.0)
-    return grad_hat.addcmul(x_hat, radial, value=-1.0).div_(norm)
-
-
-def scale_grad_from_radial(x: Tensor, dx: Tensor, y: Tensor, dy: Tensor, scale: float) -> Tensor:
-    """d loss / d scale of a loss of the logits ``s * <x_i, y_j>`` (plus stop-gradient terms), from the gradients
-    ``dx``, ``dy`` with respect to the vectors that entered the products (the normalized ones under cosine, before
-    the normalization's backward): every logit's ``d/ds = sim`` reaches both of its vectors as ``s * G * sim``, so
-    ``sum <x, dx> + sum <y, dy> = 2 s sum(G * sim) = 2 s dL/ds``. ``scale`` must not be 0 (callers route it to the
-    direct computation)."""
-    radial = torch.vdot(x.reshape(-1), dx.reshape(-1)) + torch.vdot(y.reshape(-1), dy.reshape(-1))
-    return radial / (2.0 * scale)
-
-
-def no_grads(loss: Tensor, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The op's outputs without gradients: three distinct empty tensors (outputs of an op must not alias)."""
-    return loss, like.new_empty((0,)), like.new_empty((0,)), loss.new_empty((0,))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# InfoNCE / MNRL
-# ----------------------------------------------------------------------------------------------------------------
-def _auto_block_rows(columns: int, elem: int) -> int:
-    # A block's logits are transformed in place, but the joint LSE's shifted exponentials and the matmul
-    # temporaries add about three more buffers of the same size: four in all stay inside the budget.
-    return max(1, int(block_budget_bytes() // (4 * elem * max(columns, 1))))
+from ...heuristics.blocks import block_rows as gpu_block_rows
+from ...heuristics.blocks import budget_rows
+from .. import blocked as _blocked
+from ..common import no_grads, normalize_rows, normalize_rows_backward, scale_grad_from_radial, work_dtype
 
 
 def direction_logits(
@@ -235,7 +165,9 @@ def infonce_forward(
     alpha = hardness_strength if hardness_mode != HARDNESS_NONE else 0.0
 
     width = a.shape[0] * (1 + use_dd) + bq * (use_qq + use_dq)
-    rows_per_block = block_rows if block_rows > 0 else _auto_block_rows(width, torch.finfo(wd).bits // 8)
+    # the logits are transformed in place, but the joint LSE's shifted exponentials and the matmul temporaries add
+    # about three more buffers of the same size: four in all stay inside the budget
+    rows_per_block = block_rows if block_rows > 0 else budget_rows(width, torch.finfo(wd).bits // 8, 4)
     dq = torch.zeros_like(qf) if compute_grad else None
     da = torch.zeros_like(af) if compute_grad else None
     loss_sum = torch.zeros((), dtype=wd, device=q.device)
@@ -303,7 +235,7 @@ def _infonce_blocked(q: Tensor, a: Tensor, row_start: int, row_count: int, scale
     width = a.shape[0] * (1 + use_dd) + q.shape[0] * (use_qq + use_dq)
     # fp32 logits, the exp / mask temporaries of the same size, and the 16-bit G~ copy
     per_logit = 2 * torch.finfo(_blocked.acc_dtype(q.dtype)).bits // 8 + q.element_size()
-    rows_per_block = block_rows if block_rows > 0 else _blocked.block_rows(row_count, width, per_logit, q.device)
+    rows_per_block = block_rows if block_rows > 0 else gpu_block_rows(row_count, width, per_logit, q.device)
     inv_rows = 1.0 / row_count
     grads = _blocked.BlockGrads(q, a, rq, ra, directions, cosine, scale * inv_rows) if compute_grad else None
     loss_sum = torch.zeros((), dtype=_blocked.acc_dtype(q.dtype), device=q.device)
@@ -343,154 +275,3 @@ def _infonce_blocked(q: Tensor, a: Tensor, row_start: int, row_count: int, scale
     return loss, _blocked.unshorten(dq, cq), _blocked.unshorten(da, ca), grads.scale_grad(scale)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# CoSENT / AnglE
-# ----------------------------------------------------------------------------------------------------------------
-def _swap_halves(x: Tensor, sign_first: float) -> Tensor:
-    """``[sign_first * x_im, -sign_first * x_re]``: d/dx of the AnglE sine term, up to the partner's factor."""
-    re, im = x.chunk(2, dim=1)
-    return torch.cat([sign_first * im, -sign_first * re], dim=1)
-
-
-def pair_similarity(x: Tensor, y: Tensor, similarity: int):
-    """Row-wise similarity of ``x``, ``y`` (work dtype) and a function mapping d loss / d sim back to (d x, d y).
-    Row-local: callers may apply it to any slice of rows."""
-    d = x.shape[1]
-    if similarity == SIM_ANGLE and d % 2:
-        x, y = torch.nn.functional.pad(x, (0, 1)), torch.nn.functional.pad(y, (0, 1))
-    if similarity in (SIM_COSINE, SIM_ANGLE):
-        x, x_norm = normalize_rows(x)
-        y, y_norm = normalize_rows(y)
-    if similarity == SIM_ANGLE:
-        y_rot = y + _swap_halves(y, -1.0)
-        z = (x * y_rot).sum(1)  # cos + sin
-        sim = z.abs()
-    else:
-        sim = (x * y).sum(1)
-
-    def backward(dsim: Tensor) -> tuple[Tensor, Tensor]:
-        if similarity == SIM_ANGLE:
-            dz = (dsim * z.sign())[:, None]
-            dx, dy = dz * y_rot, dz * (x + _swap_halves(x, 1.0))
-        else:
-            dx, dy = dsim[:, None] * y, dsim[:, None] * x
-        if similarity in (SIM_COSINE, SIM_ANGLE):
-            dx = normalize_rows_backward(x, x_norm, dx)[:, :d]
-            dy = normalize_rows_backward(y, y_norm, dy)[:, :d]
-        return dx, dy
-
-    return sim, backward
-
-
-def cosent_forward(
-    x: Tensor, y: Tensor, labels: Tensor, scale: float, similarity: int, compute_grad: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """CoSENT in O(B log B) with its gradient, no B x B tensor.
-
-    Sorted by label, with ``t = scale * sim`` and ``Z = 1 + sum_{y_i > y_j} exp(t_j - t_i)``::
-
-        loss = log Z
-        d loss / d t_k = [exp(t_k) * sum_{i: y_i > y_k} exp(-t_i) - exp(-t_k) * sum_{j: y_j < y_k} exp(t_j)] / Z
-
-    Both sums are a suffix / prefix ``logcumsumexp`` read at the ends of ``k``'s tie group. The similarity and its
-    backward are row-local: on the GPU path (``_blocked``) they run a few rows at a time (upcast, normalized and
-    mapped back per slice), so nothing but (B,) vectors and the gradients is as large as the inputs.
-    """
-    wd = work_dtype(x.dtype)
-    step = max(1, _blocked.FINISH_ELEMS // max(x.shape[1], 1)) if _blocked.use_blocked(x) else max(x.shape[0], 1)
-    chunks = [(r0, min(r0 + step, x.shape[0])) for r0 in range(0, x.shape[0], step)]
-    sim = torch.empty(x.shape[0], dtype=wd, device=x.device)
-    for r0, r1 in chunks:
-        sim[r0:r1] = pair_similarity(x[r0:r1].to(wd), y[r0:r1].to(wd), similarity)[0]
-    t = sim * scale
-
-    sorted_labels, order = labels.to(torch.float64).sort()
-    ts = t[order]
-    neg_inf = ts.new_full((1,), float("-inf"))
-    higher_start = torch.searchsorted(sorted_labels, sorted_labels, right=True)
-    lower_end = torch.searchsorted(sorted_labels, sorted_labels, right=False)
-    suffix = torch.cat([torch.logcumsumexp(-ts.flip(0), 0).flip(0), neg_inf])  # suffix[m] = LSE(-t[m:])
-    as_lower = ts + suffix[higher_start]  # log sum_{i: y_i > y_k} exp(t_k - t_i)
-    loss = torch.logsumexp(torch.cat([ts.new_zeros(1), as_lower]), 0)
-    if not compute_grad:
-        return no_grads(loss, x)
-
-    prefix = torch.cat([neg_inf, torch.logcumsumexp(ts, 0)])  # prefix[m] = LSE(t[:m])
-    as_higher = prefix[lower_end] - ts  # log sum_{j: y_j < y_k} exp(t_j - t_k)
-    dts = (as_lower - loss).exp() - (as_higher - loss).exp()
-    grad_scale = torch.dot(dts, sim[order])  # d loss / d scale = sum_k d loss / d t_k * sim_k, direct (any scale)
-    dsim = torch.empty_like(dts).scatter_(0, order, dts) * scale  # back to input order
-    dx, dy = torch.empty_like(x), torch.empty_like(y)
-    for r0, r1 in chunks:
-        _, backward = pair_similarity(x[r0:r1].to(wd), y[r0:r1].to(wd), similarity)
-        dx[r0:r1], dy[r0:r1] = backward(dsim[r0:r1])
-    return loss, dx, dy, grad_scale
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Registered ops
-# ----------------------------------------------------------------------------------------------------------------
-_lib = torch.library.Library("embedloss_torch", "DEF")
-_lib.define("infonce" + INFONCE_SCHEMA)
-_lib.define("cosent" + COSENT_SCHEMA)
-torch.library.impl("embedloss_torch::infonce", "CompositeExplicitAutograd", lib=_lib)(infonce_forward)
-torch.library.impl("embedloss_torch::cosent", "CompositeExplicitAutograd", lib=_lib)(cosent_forward)
-
-
-def _loss_and_grads_fake(first: Tensor, second: Tensor, compute_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    loss = first.new_empty((), dtype=work_dtype(first.dtype))
-    if not compute_grad:
-        return no_grads(loss, first)
-    return loss, torch.empty_like(first), torch.empty_like(second), torch.empty_like(loss)
-
-
-def register_fakes(namespace: str, lib=None) -> None:
-    """Fake (meta) implementations of ``<namespace>::infonce`` and ``<namespace>::cosent``: every backend's ops
-    share the contract's output shapes, so torch.compile traces any of them without a graph break."""
-
-    def infonce_fake(q, a, row_start, row_count, scale, cosine, directions, joint, hardness_mode, hardness_strength,
-                     compute_grad, block_rows):
-        return _loss_and_grads_fake(q, a, compute_grad)
-
-    def cosent_fake(x, y, labels, scale, similarity, compute_grad):
-        return _loss_and_grads_fake(x, y, compute_grad)
-
-    torch.library.register_fake(f"{namespace}::infonce", infonce_fake, lib=lib)
-    torch.library.register_fake(f"{namespace}::cosent", cosent_fake, lib=lib)
-
-
-register_fakes("embedloss_torch", _lib)
-
-
-def setup_saved_grads(ctx, inputs, output) -> None:
-    """Autograd context of a loss-and-grads op: keep the two gradients computed in the forward pass (the gradient
-    outputs get no zero-filled gradients in backward)."""
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(output[1], output[2])  # (loss, grad_first, grad_second[, grad_scale])
-
-
-def backward_scaled_grads(ctx, grad_loss, *_output_grads):
-    """Backward of a loss-and-grads op: ``grad_output *`` the saved gradients, in place and handed on when the graph
-    is released (the rule of :mod:`embedloss_kernels.ops.autograd`); double backward is refused."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "embedloss_kernels losses do not support double backward (create_graph=True): their gradient is "
-            "computed in the forward pass. Use embedloss_kernels.reference for higher-order derivatives."
-        )
-    grad_first, grad_second = ctx.saved_tensors
-    if grad_first.numel() == 0 and grad_second.numel() == 0:
-        raise RuntimeError("the loss was computed without gradients (compute_grad=False) but backward was called")
-    rest = (None,) * (len(ctx.needs_input_grad) - 2)
-    if grad_loss is None:
-        return (None, None) + rest
-    in_place = _saved_grads_are_released(grad_first, grad_second, grad_loss)
-    return (_scaled(grad_first, grad_loss, in_place), _scaled(grad_second, grad_loss, in_place)) + rest
-
-
-torch.library.register_autograd("embedloss_torch::infonce", backward_scaled_grads, setup_context=setup_saved_grads,
-                                lib=_lib)
-torch.library.register_autograd("embedloss_torch::cosent", backward_scaled_grads, setup_context=setup_saved_grads,
-                                lib=_lib)
-
-infonce = torch.ops.embedloss_torch.infonce
-cosent = torch.ops.embedloss_torch.cosent

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .contract import GIST_MARGIN_STRATEGIES
+
 VALID_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 VALID_PARTITION_MODES = ("joint", "per_direction")
 VALID_HARDNESS_MODES = (None, "in_batch_negatives", "hard_negatives", "all_negatives")
@@ -212,3 +214,48 @@ def check_matryoshka_dims(dims, weights, embedding_dim: int | None = None) -> tu
         if not math.isfinite(float(w)):
             raise ValueError(f"weights must be finite, got {w!r}")
     return tuple(int(d) for d in dims), tuple(float(w) for w in weights)
+
+
+def check_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__} ({temperature!r})")
+    temperature = float(temperature)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got temperature={temperature!r}")
+    return temperature
+
+
+def check_margin(margin_strategy, margin) -> float:
+    if margin_strategy not in GIST_MARGIN_STRATEGIES:
+        raise ValueError(f"margin_strategy must be 'absolute' or 'relative', got {margin_strategy!r}")
+    if isinstance(margin, bool) or not isinstance(margin, numbers.Real):
+        raise TypeError(f"margin must be a real number, got {type(margin).__name__} ({margin!r})")
+    margin = float(margin)
+    if not math.isfinite(margin):
+        raise ValueError(f"margin must be finite, got margin={margin!r}")
+    return margin
+
+
+def check_guide(columns: Sequence[Tensor], guide, names: Sequence[str]) -> list[Tensor]:
+    """The guide's embeddings: one (B, D') tensor per model column, same rows and device as the model's columns
+    (their own dtype and dim), finite."""
+    if isinstance(guide, Tensor) or not isinstance(guide, Sequence):
+        raise TypeError(
+            "guide must be a tuple of the guide model's embeddings, one per column "
+            f"({', '.join(names)}), got {type(guide).__name__}"
+        )
+    guide = list(guide)
+    if len(guide) != len(columns):
+        raise ValueError(
+            f"guide must hold one embedding per column ({', '.join(names)}): expected {len(columns)} tensors, "
+            f"got {len(guide)}"
+        )
+    guide_names = [f"guide[{i}] ({name})" for i, name in enumerate(names)]
+    check_embeddings(guide, guide_names)
+    if guide[0].device != columns[0].device:
+        raise ValueError(f"guide embeddings are on {guide[0].device} but {names[0]} is on {columns[0].device}; "
+                         "expected one device")
+    if guide[0].shape[0] != columns[0].shape[0]:
+        raise ValueError(f"guide embeddings have batch size {guide[0].shape[0]} but {names[0]} has "
+                         f"{columns[0].shape[0]}; expected one guide row per row")
+    return guide

@@ -1,11 +1,11 @@
-"""GIST on the ``torch`` backend: ``embedloss_torch::gist`` (contract: ``embedloss_kernels/ops/__init__.py``).
+"""GIST on the ``torch`` backend: ``embedloss_torch::gist`` (contract: ``embedloss_kernels/core/contract.py``).
 
 The row-block algorithm of the InfoNCE op with one more product per block: the guide's similarities of the block,
 compared with each row's threshold and turned into a ``-inf`` mask on the model's logits, then dropped. No
 normalized copies of the inputs are made: every product is taken on the raw rows and scaled by the inverse norms,
 and the gradients are accumulated with respect to the normalized rows (times their inverse norms) and mapped back
 through the normalization once at the end. Reads top to bottom: norms -> forward (loss and gradients together) ->
-registered op with its fake implementation and autograd.
+the op's registration is :mod:`embedloss_kernels.ops`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import GIST_ABSOLUTE, GIST_EPS, GIST_SCHEMA
-from .torch_ops import backward_scaled_grads, block_budget_bytes, setup_saved_grads, work_dtype
+from ...core.contract import GIST_ABSOLUTE, GIST_EPS
+from ...heuristics.blocks import budget_rows
+from ..common import work_dtype
 
 
 def inverse_norms(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -39,12 +40,6 @@ def normalization_backward_(x: Tensor, inv_clamped: Tensor, inv_true: Tensor, h:
 def row_thresholds(t: Tensor, margin_strategy: int, margin: float) -> Tensor:
     """The guide similarity above which a candidate is masked: ``t - margin`` or ``t - |t| * margin``."""
     return t - margin if margin_strategy == GIST_ABSOLUTE else t - t.abs() * margin
-
-
-def _auto_block_rows(width: int, elem: int) -> int:
-    # the block's logits (width), the guide product of its largest sub-block and its boolean mask, and the LSE's
-    # temporaries: three buffers of the block's width stay inside the budget
-    return max(1, int(block_budget_bytes() // (3 * elem * max(width, 1))))
 
 
 def masked_logits(
@@ -117,7 +112,9 @@ def gist_forward(
     s_a, s_p = inv_a * scale, inv_p * scale
 
     width = c.shape[0] + (b if contrast_anchors else 0) + (bw if contrast_positives else 0)
-    rows_per_block = block_rows if block_rows > 0 else _auto_block_rows(width, torch.finfo(wd).bits // 8)
+    # the block's logits (width), the guide product of its largest sub-block and its boolean mask, and the LSE's
+    # temporaries: three buffers of the block's width stay inside the budget
+    rows_per_block = block_rows if block_rows > 0 else budget_rows(width, torch.finfo(wd).bits // 8, 3)
     ha = torch.zeros_like(a) if compute_grad else None  # d loss / d a^, divided by max(||a||, eps)
     hc = torch.zeros_like(c) if compute_grad else None
     loss_sum = torch.zeros((), dtype=wd, device=a.device)
@@ -170,42 +167,3 @@ def gist_forward(
     da = normalization_backward_(a, inv_a, tinv_a, ha)
     dc = normalization_backward_(c, inv_c, tinv_c, hc)
     return loss, da.to(anchor.dtype), dc.to(candidates.dtype)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Registered op
-# ----------------------------------------------------------------------------------------------------------------
-_lib = torch.library.Library("embedloss_torch", "FRAGMENT")
-_lib.define("gist" + GIST_SCHEMA)
-
-
-@torch.library.impl("embedloss_torch::gist", "CompositeExplicitAutograd", lib=_lib)
-def _gist_torch(anchor, candidates, anchor_guide, candidates_guide, columns, row_start, scale, margin_strategy, margin,
-                contrast_anchors, contrast_positives, compute_grad, block_rows):
-    return gist_forward(anchor, candidates, anchor_guide, candidates_guide, columns, row_start, scale,
-                        margin_strategy, margin, contrast_anchors, contrast_positives, compute_grad, block_rows)
-
-
-def register_gist_fake(namespace: str, lib=None) -> None:
-    """Fake (meta) implementation of ``<namespace>::gist`` (every backend's op shares the contract's shapes)."""
-
-    def gist_fake(anchor, candidates, anchor_guide, candidates_guide, columns, row_start, scale, margin_strategy,
-                  margin, contrast_anchors, contrast_positives, compute_grad, block_rows):
-        loss = anchor.new_empty((), dtype=work_dtype(anchor.dtype))
-        if not compute_grad:
-            return loss, anchor.new_empty((0,)), anchor.new_empty((0,))
-        return loss, torch.empty_like(anchor), torch.empty_like(candidates)
-
-    torch.library.register_fake(f"{namespace}::gist", gist_fake, lib=lib)
-
-
-register_gist_fake("embedloss_torch", _lib)
-torch.library.register_autograd("embedloss_torch::gist", backward_scaled_grads, setup_context=setup_saved_grads,
-                                lib=_lib)
-
-
-def why_not(device: torch.device) -> str | None:
-    return None
-
-
-gist = torch.ops.embedloss_torch.gist

@@ -17,18 +17,13 @@ with query_to_doc alone, a row block's ``dQ`` is complete after its one product 
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-from . import EPS, QUERY_TO_DOC
+from ..core.contract import EPS, QUERY_TO_DOC
 
 HALF = (torch.float16, torch.bfloat16)
 FORCE_ON_CPU = False  # tests switch the blocked path on for CPU tensors (its products then run in fp32 / fp64)
-GIB = 2**30
-MAX_BLOCK_BYTES = 3 * GIB // 4  # one row block's logits on a GPU: the 1 GiB beyond gradients and dA, less temporaries
-MIN_GEMM_ROWS = 1024  # rows per block below which the dA += G^T X product turns memory-bound (see below)
 FINISH_ELEMS = 1 << 24  # rows at a time when the accumulators are turned into gradients (64 MiB of fp32)
 
 
@@ -214,38 +209,5 @@ class BlockGrads:
         return self.dq, da
 
     def scale_grad(self, scale: float) -> Tensor:
-        """d loss / d scale after :meth:`finish`: ``sum <x^, dX^> / (2 scale)`` (ops/__init__.py); scale != 0."""
+        """d loss / d scale after :meth:`finish`: ``sum <x^, dX^> / (2 scale)`` (core/contract.py); scale != 0."""
         return self.radial / (2.0 * scale)
-
-
-def block_budget(device: torch.device) -> float:
-    """Bytes for one row block's logits: ``EMBEDLOSS_BLOCK_MIB`` when set; on a GPU otherwise a quarter of the free
-    memory (the caching allocator's idle blocks counted as free), at most :data:`MAX_BLOCK_BYTES`."""
-    from .torch_ops import block_budget_bytes
-
-    if os.environ.get("EMBEDLOSS_BLOCK_MIB", "").strip() or device.type != "cuda":
-        return block_budget_bytes()
-    free, _ = torch.cuda.mem_get_info(device)
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return float(min(MAX_BLOCK_BYTES, free // 4))
-
-
-def block_rows(row_count: int, width: int, bytes_per_logit: float, device: torch.device) -> int:
-    """Anchor rows per block, given the columns of a block row and the bytes each of its logits occupies.
-
-    On a GPU, blocks are sized for the products, not only for the budget. A block of ``n`` rows moves the float32
-    ``(N, D)`` accumulator through HBM once for ``2 n N D`` flops of ``dA += G^T X`` (``n / 4`` flops per byte):
-    under ~1000 rows that product is memory-bound on an H100 (~295 bf16 flops per HBM byte), so blocks get at least
-    :data:`MIN_GEMM_ROWS` rows when the budget allows, and more when their logits still fit in L2 (then the row
-    pass reads S from L2). Row counts are rounded to a multiple of 128 (whole GEMM tiles).
-    """
-    budget_rows = max(1, int(block_budget(device) // (bytes_per_logit * max(width, 1))))
-    if device.type == "cuda" and not os.environ.get("EMBEDLOSS_BLOCK_MIB", "").strip():
-        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
-        l2_rows = int(0.8 * l2 // (bytes_per_logit * max(width, 1)))
-        rows = min(budget_rows, max(l2_rows, MIN_GEMM_ROWS))
-        if rows > 128:
-            rows -= rows % 128
-    else:
-        rows = budget_rows
-    return max(1, min(rows, row_count))

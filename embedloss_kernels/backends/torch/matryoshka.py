@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from . import (
+from ...core.contract import (
     DOC_TO_DOC,
     DOC_TO_QUERY,
     EPS,
@@ -42,14 +42,11 @@ from . import (
     HARDNESS_HARD,
     HARDNESS_IN_BATCH,
     HARDNESS_NONE,
-    MATRYOSHKA_SCHEMA,
     QUERY_TO_QUERY,
 )
-from .torch_ops import backward_scaled_grads, block_budget_bytes, row_block_lse, setup_saved_grads, work_dtype
-
-
-def why_not(device: torch.device) -> str | None:
-    return None
+from ...heuristics.blocks import budget_rows
+from ..common import work_dtype
+from .infonce import row_block_lse
 
 
 def prefix_norms(x: Tensor, dims: Sequence[int]) -> Tensor:
@@ -60,11 +57,6 @@ def prefix_norms(x: Tensor, dims: Sequence[int]) -> Tensor:
         parts.append(x[:, lo:d].square().sum(1))
         lo = d
     return torch.stack(parts).cumsum_(0).sqrt_().clamp_min_(EPS)
-
-
-def _auto_block_rows(width: int, m: int, elem: int) -> int:
-    # m prefix-product buffers per column set, one rotating temporary, plus matmul temporaries.
-    return max(1, int(block_budget_bytes() // ((m + 3) * elem * max(width, 1))))
 
 
 def torch_row_pass(
@@ -161,7 +153,8 @@ def matryoshka_forward(
     alpha = hardness_strength if hardness_mode != HARDNESS_NONE else 0.0
 
     width = a.shape[0] * (1 + use_dd) + bq * (use_qq + use_dq)
-    rows_per_block = block_rows if block_rows > 0 else _auto_block_rows(width, m, torch.finfo(wd).bits // 8)
+    # m prefix-product buffers per column set, one rotating temporary, plus matmul temporaries
+    rows_per_block = block_rows if block_rows > 0 else budget_rows(width, torch.finfo(wd).bits // 8, m + 3)
     dq = torch.zeros_like(qf) if compute_grad else None
     da = torch.zeros_like(af) if compute_grad else None
     rad_q = qf.new_zeros(m, bq) if compute_grad else None  # sum_cols G cos / |q_{:d}|^2 per dim
@@ -241,35 +234,3 @@ def matryoshka_forward(
         for k, (lo, hi) in enumerate(segs):
             grad[:, lo:hi].addcmul_(x[:, lo:hi], rho[k][:, None], value=-1.0)
     return loss, dq.to(out_dtype), da.to(out_dtype)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Registered op
-# ----------------------------------------------------------------------------------------------------------------
-def _matryoshka_impl(q, a, dims, weights, row_start, row_count, scale, directions, joint, hardness_mode,
-                     hardness_strength, compute_grad, block_rows):
-    return matryoshka_forward(q, a, dims, weights, row_start, row_count, scale, directions, joint, hardness_mode,
-                              hardness_strength, compute_grad, block_rows)
-
-
-def register_matryoshka_fake(namespace: str, lib=None) -> None:
-    """Fake implementation of ``<namespace>::matryoshka`` (loss, grad_q, grad_a as the contract says)."""
-
-    def fake(q, a, dims, weights, row_start, row_count, scale, directions, joint, hardness_mode, hardness_strength,
-             compute_grad, block_rows):
-        loss = q.new_empty((), dtype=work_dtype(q.dtype))
-        if not compute_grad:
-            return loss, q.new_empty((0,)), q.new_empty((0,))
-        return loss, torch.empty_like(q), torch.empty_like(a)
-
-    torch.library.register_fake(f"{namespace}::matryoshka", fake, lib=lib)
-
-
-_lib = torch.library.Library("embedloss_torch_matryoshka", "DEF")
-_lib.define("matryoshka" + MATRYOSHKA_SCHEMA)
-torch.library.impl("embedloss_torch_matryoshka::matryoshka", "CompositeExplicitAutograd", lib=_lib)(_matryoshka_impl)
-register_matryoshka_fake("embedloss_torch_matryoshka", _lib)
-torch.library.register_autograd("embedloss_torch_matryoshka::matryoshka", backward_scaled_grads,
-                                setup_context=setup_saved_grads, lib=_lib)
-
-matryoshka = torch.ops.embedloss_torch_matryoshka.matryoshka

@@ -9,8 +9,8 @@ block is computed on, so communication can overlap compute (not measured yet: on
 run).
 
 Pass 1 (forward): for the local anchor rows against each visiting block, the logits of every selected direction come
-from :func:`~embedloss_kernels.ops.torch_ops.direction_logits` (the same maths as the fused op; the rank's own block
-carries the masks, the positives and the "own" columns of the hardness modes, a foreign block none of them), folded
+from the torch backend's block primitive :func:`~embedloss_kernels.backends.torch.infonce.direction_logits` (the
+same maths as the fused op; the rank's own block carries the masks, the positives and the "own" columns of the hardness modes, a foreign block none of them), folded
 into running per-row max / sum-exp (one per row in ``joint`` mode, one per direction in ``per_direction`` mode).
 Saved for backward: the local normalized block, its norms and the per-row log-sum-exps, ``O(B_l)`` (for 16-bit
 inputs also the raw 16-bit block, which is what travels).
@@ -41,8 +41,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._validate import scale_value
-from .ops import DIRECTION_BITS, HARDNESS_CODES, HARDNESS_NONE, torch_ops
+from ..backends.common import normalize_rows, normalize_rows_backward, work_dtype
+from ..backends.torch.infonce import accumulate_block_grads, direction_logits
+from ..core.contract import DIRECTION_BITS, HARDNESS_CODES, HARDNESS_NONE
+from ..core.validate import scale_value
+from ..heuristics.blocks import budget_rows
 
 _TAG_COLUMNS, _TAG_GRADS = 11, 12  # gloo matches messages on (peer, tag); NCCL on issue order, the same everywhere
 _HAS_GROUP_PEER = "group_peer" in inspect.signature(dist.P2POp.__init__).parameters
@@ -76,7 +79,7 @@ class _Ring:
         bmax = max(self.sizes)
         use_dd = bool(self.directions & DIRECTION_BITS["doc_to_doc"])
         narrow = bin(self.directions & (DIRECTION_BITS["query_to_query"] | DIRECTION_BITS["doc_to_query"])).count("1")
-        return torch_ops._auto_block_rows(docs * bmax * (1 + use_dd) + bmax * narrow, elem)
+        return budget_rows(docs * bmax * (1 + use_dd) + bmax * narrow, elem, 4)  # as the torch backend's infonce
 
 
 def _views(buf: Tensor, rows: int, bmax: int, docs: int) -> tuple[Tensor, Tensor]:
@@ -99,7 +102,7 @@ def _working(buf: Tensor, rows: int, bmax: int, docs: int, cosine: bool, wd: tor
         return work, work.new_empty(0), work.new_empty(0)
     norms = []
     for view in _views(work, rows, bmax, docs):
-        normalized, norm = torch_ops.normalize_rows(view)
+        normalized, norm = normalize_rows(view)
         view.copy_(normalized)
         norms.append(norm)
     return work, norms[0], norms[1]
@@ -154,7 +157,7 @@ class _RingInfoNCE(torch.autograd.Function):
         b, d = columns[0].shape
         docs = len(columns) - 1
         bmax = max(ring.sizes)
-        wd = torch_ops.work_dtype(columns[0].dtype)
+        wd = work_dtype(columns[0].dtype)
         send_own = columns[0].new_zeros((1 + docs) * bmax, d)
         q_send, a_send = _views(send_own, b, bmax, docs)
         q_send.copy_(columns[0])
@@ -176,7 +179,7 @@ class _RingInfoNCE(torch.autograd.Function):
             q_cols, a_cols = _views(work, rows, bmax, docs)
             for i0 in range(0, b, chunk):
                 i1 = min(i0 + chunk, b)
-                logits, pos = torch_ops.direction_logits(
+                logits, pos = direction_logits(
                     q_own[i0:i1], p_own[i0:i1] if need_p else None, q_cols, a_cols, ring.scale, ring.directions,
                     ring.hardness_mode, ring.alpha, i0 if t == 0 else None,
                 )
@@ -224,7 +227,7 @@ class _RingInfoNCE(torch.autograd.Function):
         dq_rows = torch.zeros_like(q_own)
         da_rows = torch.zeros_like(a_own)  # the anchors' positives are its first b rows
         # d loss / d scale: sum <v, dv> over every vector this rank's logits touched (its rows, and each visiting
-        # block's columns with this rank's share of their gradient) is 2 s grad_output dL/ds (ops/__init__.py)
+        # block's columns with this rank's share of their gradient) is 2 s grad_output dL/ds (core/contract.py)
         want_scale = ctx.scale_like is not None and ctx.needs_input_grad[1]
         radial = own.new_zeros(())
         accs: list[Tensor] = []
@@ -241,7 +244,7 @@ class _RingInfoNCE(torch.autograd.Function):
             for i0 in range(0, b, chunk):
                 i1 = min(i0 + chunk, b)
                 p_rows = p_own[i0:i1] if need_p else None
-                logits, _ = torch_ops.direction_logits(
+                logits, _ = direction_logits(
                     q_own[i0:i1], p_rows, q_cols, a_cols, ring.scale, ring.directions, ring.hardness_mode,
                     ring.alpha, i0 if t == 0 else None,
                 )
@@ -250,7 +253,7 @@ class _RingInfoNCE(torch.autograd.Function):
                 if t == 0:
                     ar = torch.arange(i1 - i0, device=own.device)
                     logits["qd"][ar, ar + i0] -= onehot
-                torch_ops.accumulate_block_grads(logits, q_own[i0:i1], p_rows, q_cols, a_cols, dq_rows[i0:i1],
+                accumulate_block_grads(logits, q_own[i0:i1], p_rows, q_cols, a_cols, dq_rows[i0:i1],
                                                  da_rows[i0:i1], dq_cols, da_cols)
                 del logits
             if want_scale:  # this rank's share only: the partial sum from rank - 1 is added below
@@ -275,8 +278,8 @@ class _RingInfoNCE(torch.autograd.Function):
         dq = dq_rows.add_(dq_cols)
         da = da_rows.add_(da_cols)
         if ring.cosine:
-            dq = torch_ops.normalize_rows_backward(q_own, q_norm, dq)
-            da = torch_ops.normalize_rows_backward(a_own, a_norm, da)
+            dq = normalize_rows_backward(q_own, q_norm, dq)
+            da = normalize_rows_backward(a_own, a_norm, da)
         grads = [dq, *da.view(docs, b, d).unbind(0)]
         return None, d_scale, *(g.to(ctx.in_dtype) for g in grads)
 
@@ -297,8 +300,9 @@ def infonce_ring(
     """MNRL of this rank's rows against every rank's columns by the ring schedule (cosine or dot similarity).
 
     ``columns``: this rank's (queries, positives, negatives...), each (B_l, D), already validated; ``sizes``: every
-    rank's B (from :func:`embedloss_kernels.distributed.gather_metadata`). Returns the mean loss over this rank's rows
-    (float32; float64 for float64 inputs); its backward is a second pass round the ring, so every rank must call it.
+    rank's B (from :func:`embedloss_kernels.distributed.collectives.gather_metadata`). Returns the mean loss over this
+    rank's rows (float32; float64 for float64 inputs); its backward is a second pass round the ring, so every rank must
+    call it.
     """
     bits = 0
     for name in directions:

@@ -1,8 +1,8 @@
-"""The ``triton`` backend's Matryoshka op (``embedloss_triton_matryoshka::matryoshka``): the prefix products and the
-gradient products are matmuls (cuBLAS on CUDA) on column slices, shared with the torch backend's block loop
-(:func:`embedloss_kernels.ops.torch_matryoshka.matryoshka_forward`); each dim's row pass (logits, exact LSE,
+"""The ``triton`` backend's ``matryoshka``: the prefix products and the gradient products are matmuls (cuBLAS on
+CUDA) on column slices, shared with the torch backend's block loop
+(:func:`embedloss_kernels.backends.torch.matryoshka.matryoshka_forward`); each dim's row pass (logits, exact LSE,
 ``G = softmax - onehot``, ``G * cos`` for the radial sums) runs in the Triton row kernels of
-``embedloss_kernels/triton/matryoshka_kernels.py``: two reads of the block's cosines and two writes per dim.
+:mod:`embedloss_kernels.kernels.matryoshka`: two reads of the block's cosines and two writes per dim.
 
 Scalars reach the kernels in a tensor of the work dtype (float64 inputs stay float64 in the kernels). On CPU tensors
 the kernels run through the Triton interpreter (``TRITON_INTERPRET=1``).
@@ -13,30 +13,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import HARDNESS_ALL, HARDNESS_HARD, HARDNESS_IN_BATCH, HARDNESS_NONE, MATRYOSHKA_SCHEMA, triton_ops
-from .torch_matryoshka import matryoshka_forward, register_matryoshka_fake
-from .torch_ops import backward_scaled_grads, setup_saved_grads
+from ...core.contract import HARDNESS_ALL, HARDNESS_HARD, HARDNESS_IN_BATCH, HARDNESS_NONE
+from ...heuristics.triton import matryoshka_tile
+from ..torch.matryoshka import matryoshka_forward as matryoshka_block_loop
+from . import triton
 
-try:
-    from ..triton.matryoshka_kernels import matryoshka_row_grad_kernel, matryoshka_row_stats_kernel
-except Exception as exc:  # noqa: BLE001 - the backend then says why it cannot run
-    _KERNEL_ERROR: str | None = f"the Matryoshka Triton kernels failed to import ({type(exc).__name__}: {exc})"
-else:
-    _KERNEL_ERROR = None
+if triton is not None:
+    from ...kernels.matryoshka import matryoshka_row_grad_kernel, matryoshka_row_stats_kernel
 
 _PEN_MODE = {HARDNESS_NONE: 0, HARDNESS_IN_BATCH: 1, HARDNESS_HARD: 2, HARDNESS_ALL: 3}
 _MASK_MODE = {"qd": 0, "qq": 1, "dq": 0, "dd": 2}
-
-
-def why_not(device: torch.device) -> str | None:
-    return triton_ops.why_not(device) or _KERNEL_ERROR
-
-
-def _tile(cols: int, dtype: torch.dtype) -> int:
-    """Column tile of the row kernels: the next power of two, at most 1024 (at 2048 the doc_to_doc stats kernel
-    spills on sm_90: compile_check)."""
-    cap = 256 if triton_ops._interpreted() else 1024
-    return max(16, min(cap, 1 << (max(cols, 1) - 1).bit_length()))
 
 
 def triton_row_pass(
@@ -67,7 +53,7 @@ def triton_row_pass(
         owners[key] = (owner, pen, mask)
         mx, sm = torch.empty(n, dtype=wd, device=device), torch.empty(n, dtype=wd, device=device)
         matryoshka_row_stats_kernel[(n,)](c, owner, params, mx, sm, row0, c.shape[1], c.stride(0), PEN_MODE=pen,
-                                          MASK_MODE=mask, BN=_tile(c.shape[1], wd))
+                                          MASK_MODE=mask, BN=matryoshka_tile(c.shape[1], wd))
         stats[key] = (mx, sm)
     ar = torch.arange(n, device=device)
     positive = first[ar, own] * scale
@@ -91,27 +77,15 @@ def triton_row_pass(
         lse = lses[key].contiguous()
         matryoshka_row_grad_kernel[(n,)](c, g, owner, params, lse, row0, c.shape[1], c.stride(0), g.stride(0),
                                          POSITIVE=key == "qd", PEN_MODE=pen, MASK_MODE=mask,
-                                         BN=_tile(c.shape[1], wd))
+                                         BN=matryoshka_tile(c.shape[1], wd))
     return row_loss, tmp
 
 
-def _matryoshka_impl(q, a, dims, weights, row_start, row_count, scale, directions, joint, hardness_mode,
-                     hardness_strength, compute_grad, block_rows):
+def matryoshka_forward(q, a, dims, weights, row_start, row_count, scale, directions, joint, hardness_mode,
+                       hardness_strength, compute_grad, block_rows):
     args = (q, a, dims, weights, row_start, row_count, scale, directions, joint, hardness_mode, hardness_strength,
             compute_grad, block_rows)
     if q.device.type == "cuda":
         with torch.cuda.device(q.device):
-            return matryoshka_forward(*args, row_pass=triton_row_pass)
-    return matryoshka_forward(*args, row_pass=triton_row_pass)
-
-
-_lib = torch.library.Library("embedloss_triton_matryoshka", "DEF")
-_lib.define("matryoshka" + MATRYOSHKA_SCHEMA)
-torch.library.impl("embedloss_triton_matryoshka::matryoshka", "CompositeExplicitAutograd", lib=_lib)(
-    _matryoshka_impl
-)
-register_matryoshka_fake("embedloss_triton_matryoshka", _lib)
-torch.library.register_autograd("embedloss_triton_matryoshka::matryoshka", backward_scaled_grads,
-                                setup_context=setup_saved_grads, lib=_lib)
-
-matryoshka = torch.ops.embedloss_triton_matryoshka.matryoshka
+            return matryoshka_block_loop(*args, row_pass=triton_row_pass)
+    return matryoshka_block_loop(*args, row_pass=triton_row_pass)

@@ -9,13 +9,13 @@ Per tile, with ``rf`` the rows' factor (scale / max(||x_i||, eps)), ``ci`` the c
 
 Every factor arrives as a tensor (never a Python float), so a float64 launch stays float64 end to end. The loss
 maths around the block (LSE, softmax - onehot, the gradient products) is the torch backend's
-(``embedloss_kernels/ops/gist_torch.py``), which calls this kernel's launcher for each block.
+(``embedloss_kernels/backends/torch/gist.py``), which calls this kernel's launcher for each block.
 """
 
 import triton
 import triton.language as tl
 
-from .infonce_kernels import dot_tile
+from .infonce import dot_tile
 
 
 @triton.jit

@@ -1,5 +1,5 @@
 """Matryoshka row kernels: one dim's row pass over a block of cosines ``cos`` (rows x cols) that the launcher formed
-from the prefix products (``embedloss_kernels.ops.triton_matryoshka``).
+from the prefix products (``embedloss_kernels.backends.triton.matryoshka``).
 
 Logits ``L = scale * cos`` (``scale + boost`` on penalized query_to_doc columns), masked entries at -inf:
 
