@@ -185,20 +185,30 @@ def _pair_labels(n):
     return torch.linspace(0.05, 0.95, n, dtype=torch.float64, device=DEVICE).roll(n // 3)
 
 
+def _guide(x, y, z):
+    """A separate guide model's embeddings of the same rows (fixed, so its masks are the same on every call)."""
+    gen = torch.Generator().manual_seed(99)
+    mix = torch.randn(x.shape[1], 5, generator=gen, dtype=torch.float64).to(DEVICE)
+    return [t.detach() @ mix for t in (x, y, z)]
+
+
 def _losses_of(x, y, z, backend):
     """One loss of each op family (CoSENT's takes x and y only)."""
     return {
         "mnrl": functional.multiple_negatives_ranking_loss(x, y, z, backend=backend),
         "matryoshka": functional.matryoshka_mnrl_loss(x, y, z, dims=[3, 7], weights=[0.5, 2.0], backend=backend),
         "cosent": functional.cosent_loss(x, y, _pair_labels(x.shape[0]), backend=backend),
+        "gist": functional.gist_loss(x, y, z, guide=_guide(x, y, z), temperature=0.1, backend=backend),
     }
 
 
 def _references_of(x, y, z):
+    guide = _guide(x, y, z)
     return {
         "mnrl": reference.infonce_reference(x, [y, z]),
         "matryoshka": reference.matryoshka_reference(x, [y, z], [3, 7], [0.5, 2.0], reference.cos_sim, scale=20.0),
         "cosent": reference.cosent_pairs_reference(x, y, _pair_labels(x.shape[0])),
+        "gist": reference.gist_reference(x, [y, z], guide[0], guide[1:], temperature=0.1),
     }
 
 
@@ -212,7 +222,7 @@ def _grads(*tensors):
     return [t.grad for t in tensors if t.grad is not None]
 
 
-@pytest.mark.parametrize("name", ["mnrl", "matryoshka", "cosent"])
+@pytest.mark.parametrize("name", ["mnrl", "matryoshka", "cosent", "gist"])
 def test_retained_graph_gradients_never_share_the_saved_ones(backend, name):
     # Without retain_graph, backward hands the saved gradients on (scaled in place) instead of copying them. With it,
     # they must stay private: an in-place change of .grad (optimizer.zero_grad(set_to_none=False), clipping) between
@@ -234,8 +244,41 @@ def test_retained_graph_gradients_never_share_the_saved_ones(backend, name):
     torch.testing.assert_close(_grads(x, y, z), want, rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["mnrl", "matryoshka", "cosent", "gist"])
+def test_batched_gradients_match_the_reference(backend, name):
+    # is_grads_batched and jacobian(vectorize=True) run backward under the legacy vmap with a batched grad_output:
+    # backward must neither sync on it (.item()) nor scale the saved gradients in place by it.
+    v = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64, device=DEVICE)
+    want = _reference_grads(name, 1.0)
+    x, y, z = (t.requires_grad_() for t in tensors(3, seed=12))
+    loss = _losses_of(x, y, z, backend)[name]
+    got = torch.autograd.grad(loss, (x, y), v, is_grads_batched=True)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, v[:, None, None] * w, rtol=1e-10, atol=1e-12)
+    jac = torch.autograd.functional.jacobian(lambda a: _losses_of(a, y, z, backend)[name], x, vectorize=True)
+    torch.testing.assert_close(jac, want[0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["mnrl", "matryoshka", "cosent", "gist"])
+def test_saved_tensor_hooks_see_their_tensors_unchanged(backend, name):
+    # A pack hook may keep what it packs (offloading, checkpoint tools): those tensors must never change afterwards.
+    packed = []
+
+    def pack(t):
+        packed.append(t)
+        return t
+
+    x, y, z = (t.requires_grad_() for t in tensors(3, seed=12))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = _losses_of(x, y, z, backend)[name]
+    before = [t.clone() for t in packed]
+    (3.0 * loss).backward()
+    assert packed and all(torch.equal(a, b) for a, b in zip(packed, before))
+    torch.testing.assert_close(_grads(x, y, z), _reference_grads(name, 3.0), rtol=1e-8, atol=1e-12)
+
+
 @pytest.mark.parametrize("factor", [1.0, 0.25])
-@pytest.mark.parametrize("name", ["mnrl", "matryoshka", "cosent"])
+@pytest.mark.parametrize("name", ["mnrl", "matryoshka", "cosent", "gist"])
 def test_backward_allocates_no_gradient_sized_tensor(backend, name, factor):
     # The op computed the gradients in its forward; a backward that releases the graph scales them in place and
     # hands them to .grad (no copy, no zero-filled gradients for the gradient outputs). A retained graph copies.
@@ -339,12 +382,12 @@ def test_compile_fullgraph_is_the_first_call_in_a_fresh_process(backend, dynamic
 # -- 4. the cpp op's own autograd (direct calls of torch.ops.embedloss_cpp.*) ----------------------------------------
 def test_cpp_op_backward_twice_raises_like_pytorch():
     # the C++ extension computes on CPU: this test runs on CPU on purpose, whatever DEVICE is
-    from embedloss_kernels import _backends
+    from embedloss_kernels import dispatch
 
-    reason = _backends.why_not("cpp", "cpu")
+    reason = dispatch.why_not("cpp", "cpu")
     if reason is not None:
         pytest.skip(f"cpp backend unavailable: {reason}")
-    from embedloss_kernels.ops import QUERY_TO_DOC, SIM_COSINE
+    from embedloss_kernels.core.contract import QUERY_TO_DOC, SIM_COSINE
 
     q, a = (torch.randn(4, 6, dtype=torch.float64, requires_grad=True) for _ in range(2))
     labels = torch.tensor([0.1, 0.5, 0.2, 0.9], dtype=torch.float64)

@@ -10,8 +10,8 @@ import itertools
 import pytest
 import torch
 
-from embedloss_kernels import _backends, functional, reference
-from embedloss_kernels.ops import (
+from embedloss_kernels import dispatch, functional, reference
+from embedloss_kernels.core.contract import (
     DOC_TO_DOC,
     DOC_TO_QUERY,
     HARDNESS_ALL,
@@ -25,7 +25,7 @@ from embedloss_kernels.ops import (
     SIM_DOT,
 )
 
-_REASON = _backends.why_not("cpp", "cpu")
+_REASON = dispatch.why_not("cpp", "cpu")
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"cpp backend unavailable: {_REASON}")
 
 HARDNESS_NAMES = {HARDNESS_NONE: None, HARDNESS_IN_BATCH: "in_batch_negatives", HARDNESS_HARD: "hard_negatives",
@@ -35,9 +35,13 @@ DIRECTION_NAMES = {QUERY_TO_DOC: "query_to_doc", QUERY_TO_QUERY: "query_to_query
 
 
 def ops():
-    from embedloss_kernels.ops import cpp_ops
+    """The cpp backend's ops (``torch.ops.embedloss_cpp.*``) and its ``why_not``."""
+    from types import SimpleNamespace
 
-    return cpp_ops
+    from embedloss_kernels.backends import cpp
+    from embedloss_kernels.ops import backend_ops
+
+    return SimpleNamespace(**backend_ops("cpp"), why_not=cpp.why_not)
 
 
 def rand(*shape, dtype=torch.float64, seed=0):
@@ -210,29 +214,45 @@ def test_double_backward_raises():
         loss.backward()
 
 
-@pytest.mark.parametrize("namespace", ["embedloss_cpp", "embedloss_torch"])
-def test_direct_op_backward_hands_the_saved_gradients_on_only_when_the_graph_is_released(namespace):
-    # The ops called directly have their own autograd (C++ for embedloss_cpp, torch.library's for the others): a
-    # backward that releases the graph scales the saved gradients in place and hands them to .grad (no allocation of
-    # their size); a retained graph gets copies, so an in-place change of .grad between two backwards never reaches
-    # the second. (The hand-off needs the extension: it tells a retained graph apart.)
-    q = rand(64, 24, dtype=torch.float64, seed=30).requires_grad_()
-    a = rand(128, 24, dtype=torch.float64, seed=31).requires_grad_()
-    qr, ar = q.detach().clone().requires_grad_(), a.detach().clone().requires_grad_()
-    (3.0 * reference.infonce_reference(qr, [ar[:64], ar[64:]], 20.0)).backward()
-    import embedloss_kernels.ops.torch_ops  # noqa: F401 - registers embedloss_torch::infonce
+def _direct_calls(q, a, b, labels):
+    """Each op of the contract called directly, with gradients: (name, the call, its two differentiable inputs)."""
+    return [
+        ("infonce", lambda op: op.infonce(q, a, 0, 6, 20.0, True, QUERY_TO_DOC, True, HARDNESS_NONE, 0.0, True, 0),
+         (q, a)),
+        ("cosent", lambda op: op.cosent(q, b, labels, 20.0, SIM_COSINE, True), (q, b)),
+        ("matryoshka", lambda op: op.matryoshka(q, a, [3, 8], [1.0, 0.5], 0, 6, 20.0, QUERY_TO_DOC, True,
+                                                HARDNESS_NONE, 0.0, True, 0), (q, a)),
+        ("gist", lambda op: op.gist(q, a, q.detach(), a.detach(), 2, 0, 20.0, 0, 0.0, True, True, True, 0), (q, a)),
+    ]
 
-    op = getattr(torch.ops, namespace).infonce
-    loss = op(q, a, 0, 64, 20.0, True, QUERY_TO_DOC, True, HARDNESS_NONE, 0.0, True, 0)[0]
-    for retain in (True, True, False):
-        q.grad = a.grad = None
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-            (3.0 * loss).backward(retain_graph=retain)
-        allocated = sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
-        assert (allocated >= q.numel() * 8) if retain else (allocated < q.numel() * 8), (retain, allocated)
-        torch.testing.assert_close([q.grad, a.grad], [qr.grad, ar.grad], rtol=1e-10, atol=1e-12)
-        q.grad.zero_()  # were .grad the saved gradient, the next backward would see zeros
-        a.grad.zero_()
+
+@pytest.mark.parametrize("backend", ["cpp", "torch", "triton"])
+def test_direct_op_calls_never_change_what_they_returned(backend):
+    # Issue 26: the ops called directly (torch.ops.embedloss_<backend>.<loss>) return their saved gradients; backward
+    # must neither scale those in place nor hand them on as .grad, whatever the graph's fate.
+    if dispatch.why_not(backend, "cpu") is not None:
+        pytest.skip(f"{backend}: {dispatch.why_not(backend, 'cpu')}")
+    from types import SimpleNamespace
+
+    from embedloss_kernels.ops import backend_ops
+
+    op = SimpleNamespace(**backend_ops(backend))
+    q = rand(6, 8, dtype=torch.float64, seed=30).requires_grad_()
+    a = rand(12, 8, dtype=torch.float64, seed=31).requires_grad_()
+    b = rand(6, 8, dtype=torch.float64, seed=32).requires_grad_()
+    labels = torch.tensor([0.1, 0.5, 0.2, 0.9, 0.3, 0.7], dtype=torch.float64)
+    for name, call, (x, y) in _direct_calls(q, a, b, labels):
+        for retain in (False, True):
+            out = call(op)
+            returned = [t.clone() for t in out[1:3]]
+            x.grad = y.grad = None
+            (3.0 * out[0]).backward(retain_graph=retain)
+            assert torch.equal(out[1], returned[0]) and torch.equal(out[2], returned[1]), (name, retain)
+            torch.testing.assert_close([x.grad, y.grad], [3.0 * returned[0], 3.0 * returned[1]], rtol=1e-12,
+                                       atol=1e-14)
+            x.grad.zero_()
+            y.grad.zero_()
+            assert torch.equal(out[1], returned[0]) and torch.equal(out[2], returned[1]), (name, "zero_")
 
 
 def test_bad_arguments_raise_clear_errors():
@@ -249,11 +269,11 @@ def test_bad_arguments_raise_clear_errors():
 
 # -- backend selection and threads ------------------------------------------------------------------------------
 def test_backend_selection(monkeypatch):
-    assert _backends.current_backend("cpu") == "cpp"
-    assert "cpp" in _backends.available_backends("cpu")
+    assert dispatch.current_backend("cpu") == "cpp"
+    assert "cpp" in dispatch.available_backends("cpu")
     assert ops().why_not(torch.device("cuda")) == "the cpp backend runs on CPU only"
     monkeypatch.setenv("EMBEDLOSS_BACKEND", "cpp")
-    assert _backends.current_backend("cpu") == "cpp"
+    assert dispatch.current_backend("cpu") == "cpp"
 
 
 def test_one_thread_and_many_threads_agree():
