@@ -309,6 +309,23 @@ def test_repeated_texts_match_sentence_transformers(backend, monkeypatch, encode
     assert not off, f"{len(off)} configurations off sentence-transformers:\n" + "\n".join(off)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_repeated_texts_reference_matches_sentence_transformers(monkeypatch, encoders, dtype):
+    """The materialized oracle (reference.gist_reference) resolves the ties as sentence-transformers does."""
+    off = []
+    for seed, (strategy, margin, guide_kind, n_cols) in itertools.product([0, 1, 2], REPEAT_CONFIGS):
+        model, guide = repeated_text_columns(8, 8, n_cols, 31 * seed + n_cols, dtype,
+                                             guide_dim=None if guide_kind == "model" else 6)
+        kwargs = dict(temperature=0.5 if dtype == torch.float32 else 0.05, margin_strategy=strategy, margin=margin)
+        ref = st_gist_on_embeddings(monkeypatch, encoders, model, guide, **kwargs)
+        oracle = reference.gist_reference(model[0], model[1:], guide[0], guide[1:], **kwargs)
+        try:
+            _assert_matches(oracle, ref, _grads(oracle, model), _grads(ref, model), dtype, f"{seed} {kwargs}")
+        except AssertionError as exc:
+            off.append(f"{exc}".splitlines()[0])
+    assert not off, f"{len(off)} configurations off sentence-transformers:\n" + "\n".join(off)
+
+
 @pytest.mark.parametrize("n_cols", [2, 3])
 def test_repeated_texts_mnrl_and_matryoshka_match_sentence_transformers(backend, n_cols):
     """MNRL and Matryoshka MNRL exclude by index, not by similarity: repeated texts change nothing (0 off)."""
