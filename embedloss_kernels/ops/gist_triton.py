@@ -3,7 +3,8 @@ Triton interpreter, ``TRITON_INTERPRET=1``).
 
 Each masked logit block is one launch of :func:`~embedloss_kernels.triton.gist_kernels.gist_masked_logits_kernel`
 (the model's and the guide's products of a tile, the guide's test against the row bound, the masked logits
-stored), so the guide's similarities are never written; the row LSE, ``softmax - onehot`` and the gradient
+stored; the few entries within rounding of the bound flagged and decided exactly after it), so the guide's
+similarities are never written; the row LSE, ``softmax - onehot`` and the gradient
 products (cuBLAS) are the torch backend's row-block loop (:func:`~embedloss_kernels.ops.gist_torch.gist_forward`),
 to which the launcher is passed. Every scalar reaches the kernel inside a tensor of the work dtype.
 """
@@ -17,7 +18,7 @@ from torch import Tensor
 
 from . import GIST_SCHEMA
 from . import triton_ops as _triton_ops
-from .gist_torch import backward_scaled_grads, gist_forward, register_gist_fake, setup_saved_grads
+from .gist_torch import backward_scaled_grads, gist_forward, register_gist_fake, settle_ties_, setup_saved_grads
 
 why_not = _triton_ops.why_not
 
@@ -39,12 +40,14 @@ def _tiles(dim: int, dtype: torch.dtype, interpreted: bool, precision: str) -> t
 
 
 def masked_logits_triton(x: Tensor, y: Tensor, x_guide: Tensor, y_guide: Tensor, row_factor: Tensor,
-                         col_inv: Tensor, guide_row_inv: Tensor, guide_col_inv: Tensor, bound: Tensor,
-                         exempt_start: int | None) -> Tensor:
-    """The launcher: the same block as :func:`~embedloss_kernels.ops.gist_torch.masked_logits`, in one kernel."""
+                         col_inv: Tensor, bound: Tensor, band: float, exempt_start: int | None) -> Tensor:
+    """The launcher: the same block as :func:`~embedloss_kernels.ops.gist_torch.masked_logits`, in one kernel
+    (the entries it flags within ``band`` of their bound decided after it by ``settle_ties_``)."""
     x, y, x_guide, y_guide = (t.contiguous() for t in (x, y, x_guide, y_guide))
     n, m = x.shape[0], y.shape[0]
     out = torch.empty((n, m), dtype=x.dtype, device=x.device)
+    near = torch.empty((n, m), dtype=torch.int8, device=x.device)
+    band_t = torch.full((1,), band, dtype=bound.dtype, device=x.device)
     interpreted = _triton_ops._interpreted()
     prec, gprec = _triton_ops._precision(x.dtype), _triton_ops._precision(x_guide.dtype)
     bm, bn, bk = _tiles(x.shape[1], x.dtype, interpreted, prec)
@@ -54,13 +57,13 @@ def masked_logits_triton(x: Tensor, y: Tensor, x_guide: Tensor, y_guide: Tensor,
     grid = (triton.cdiv(n, bm), triton.cdiv(m, bn))
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         gist_masked_logits_kernel[grid](
-            x, y, x_guide, y_guide, row_factor.contiguous(), col_inv.contiguous(), guide_row_inv.contiguous(),
-            guide_col_inv.contiguous(), bound.contiguous(), out, n, m, x.shape[1], x_guide.shape[1], x.stride(0),
-            y.stride(0), x_guide.stride(0), y_guide.stride(0), out.stride(0),
+            x, y, x_guide, y_guide, row_factor.contiguous(), col_inv.contiguous(), bound.contiguous(), band_t, out,
+            near, n, m, x.shape[1], x_guide.shape[1], x.stride(0), y.stride(0), x_guide.stride(0), y_guide.stride(0),
+            out.stride(0), near.stride(0),
             0 if exempt_start is None else exempt_start, HAS_EXEMPT=exempt_start is not None, BM=bm, BN=bn, BK=bk,
             BKG=bkg, ACC=acc, GACC=gacc, PREC=prec, GPREC=gprec,
         )
-    return out
+    return settle_ties_(out, near.bool(), x_guide, y_guide, bound)
 
 
 _lib = torch.library.Library("embedloss_triton", "FRAGMENT")
