@@ -127,6 +127,8 @@ def _signature(fn, dt: str, constexprs: dict, guide_dt: str | None = None) -> di
             sig[arg] = "*fp64"  # CoSENT labels
         elif arg == "owner_ptr":
             sig[arg] = "*i32"  # column -> query index
+        elif arg == "near_ptr":
+            sig[arg] = "*i8"  # GIST's flags of the entries within rounding of their bound
         elif arg.endswith("_ptr"):
             sig[arg] = f"*{work}"
         elif arg in ("scale", "boost", "weight", "onehot"):

@@ -185,9 +185,16 @@ def gist_reference(
     local = torch.arange(b, device=anchor.device)
     own = local + row_start
     a, ps = cosine_normalize(anchor), [cosine_normalize(d) for d in docs]
+
+    def guide_sim(x: Tensor, y: Tensor) -> Tensor:
+        # sentence-transformers' nn.CosineSimilarity on the broadcast pairs: a repeated text gives the same bits in
+        # every block, so its tie with the threshold (an entry of the anchor-positive block) is kept
+        return F.cosine_similarity(x[:, None], y[None], dim=-1)
+
     with torch.no_grad():
-        ag, pgs = cosine_normalize(anchor_guide), [cosine_normalize(d) for d in docs_guide]
-        t = (ag * pgs[0][own]).sum(-1, keepdim=True)  # (B, 1): each row's threshold
+        ag, pgs = anchor_guide, list(docs_guide)
+        guide_ap = guide_sim(ag, pgs[0])
+        t = guide_ap[local, own][:, None]  # (B, 1): each row's threshold, an entry of the same matrix
         bound = t - margin if margin_strategy == "absolute" else t - t.abs() * margin
 
     def masked(sim: Tensor, guide_sim: Tensor, keep_positive: bool = False) -> Tensor:
@@ -196,12 +203,15 @@ def gist_reference(
             mask[local, own] = False
         return sim.masked_fill(mask, float("-inf"))
 
-    blocks = [masked(a @ ps[0].T, ag @ pgs[0].T, keep_positive=True)]
+    with torch.no_grad():
+        guide_blocks = [guide_ap, guide_sim(ag, ag), guide_sim(pgs[0][own], pgs[0])]
+        guide_blocks += [guide_sim(ag, neg_g) for neg_g in pgs[1:]]
+    blocks = [masked(a @ ps[0].T, guide_blocks[0], keep_positive=True)]
     if contrast_anchors:
-        blocks.append(masked(a @ a.T, ag @ ag.T))
+        blocks.append(masked(a @ a.T, guide_blocks[1]))
     if contrast_positives:
-        blocks.append(masked(ps[0][own] @ ps[0].T, pgs[0][own] @ pgs[0].T))
-    for neg, neg_g in zip(ps[1:], pgs[1:]):
-        blocks.append(masked(a @ neg.T, ag @ neg_g.T))
+        blocks.append(masked(ps[0][own] @ ps[0].T, guide_blocks[2]))
+    for neg, neg_g in zip(ps[1:], guide_blocks[3:]):
+        blocks.append(masked(a @ neg.T, neg_g))
     logits = torch.cat(blocks, dim=1) / temperature
     return F.cross_entropy(logits, own)

@@ -209,6 +209,129 @@ def test_threshold_is_strict(backend):
     torch.testing.assert_close(loss.detach(), plain, rtol=0, atol=1e-10)
 
 
+# -- repeated texts: ties with the threshold (issue 26) --------------------------------------------------------
+def repeated_text_ids(batch, n_cols, seed):
+    """Text ids (n_cols, batch) with repeats within and across columns: random repeats, then the cases that tie a
+    guide similarity with a row's threshold t_i = cos(a'_i, p'_i) at margin 0: an anchor that is its own positive,
+    two anchors sharing a positive, an anchor that is another row's positive, a negative that is another row's
+    positive (and one that is its row's anchor)."""
+    assert batch >= 6
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randperm(n_cols * batch, generator=gen).view(n_cols, batch).clone()
+    for _ in range(batch // 2):
+        c, c2 = torch.randint(0, n_cols, (2,), generator=gen).tolist()
+        i, j = torch.randint(0, batch, (2,), generator=gen).tolist()
+        ids[c, i] = ids[c2, j]
+    ids[1, 0] = ids[0, 0]  # anchor == its positive
+    ids[1, 2] = ids[1, 1]  # two anchors share a positive
+    ids[0, 3] = ids[1, 4]  # an anchor is another row's positive
+    if n_cols > 2:
+        ids[2, 5] = ids[1, 3]  # a negative is another row's positive
+        ids[2, 1] = ids[0, 1]  # a negative is its row's anchor
+    return ids
+
+
+def repeated_text_columns(batch, dim, n_cols, seed, dtype, guide_dim=None):
+    """Model columns (leaves) and guide columns for repeated texts: equal ids give bit-identical rows in both; the
+    guide is the model's own embeddings (``guide_dim`` None) or a separate noisy projection of them."""
+    ids = repeated_text_ids(batch, n_cols, seed)
+    texts = rand(n_cols * batch, dim, seed + 1)
+    if guide_dim is None:
+        guide_texts = texts
+    else:
+        guide_texts = texts @ rand(dim, guide_dim, seed + 2) + 0.7 * rand(n_cols * batch, guide_dim, seed + 3)
+    model = [texts[ids[c]].to(dtype).requires_grad_() for c in range(n_cols)]
+    guide = [guide_texts[ids[c]].to(dtype) for c in range(n_cols)]
+    return model, guide
+
+
+def st_cached_gist_on_embeddings(tiny_model, model_cols, guide_cols, mini_batch_size, **kwargs):
+    """sentence-transformers' CachedGISTEmbedLoss.calculate_loss on given embeddings (the model only builds the
+    loss), in its mini-batches (views of the leaves, so the gradient reaches them)."""
+    loss = st_losses.CachedGISTEmbedLoss(tiny_model, tiny_model, mini_batch_size=mini_batch_size, **kwargs)
+    reps = [list(torch.split(c, mini_batch_size)) for c in model_cols]
+    reps_guided = [list(torch.split(g, mini_batch_size)) for g in guide_cols]
+    return loss.calculate_loss(reps, reps_guided)
+
+
+def _assert_matches(loss, ref, grads, ref_grads, dtype, msg):
+    if dtype == torch.float64:
+        rtol, atol = 1e-8, 1e-12
+    else:  # a different masking decision moves the loss by far more than fp32 round-off at temperature 0.5
+        rtol, atol = 2e-5, 1e-6
+    torch.testing.assert_close(loss.detach(), ref.detach(), rtol=rtol, atol=atol, msg=lambda m: f"{msg}: {m}")
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=rtol * 10, atol=atol * 10, msg=lambda m: f"{msg} (grad): {m}")
+
+
+REPEAT_CONFIGS = list(itertools.product(["absolute", "relative"], [0.0, 0.1], ["model", "separate"], [2, 3]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_repeated_texts_match_sentence_transformers(backend, monkeypatch, encoders, tiny_model, dtype):
+    """Repeated texts tie guide similarities with the threshold (sentence-transformers keeps a tie: its mask is a
+    strict >, and the threshold is an entry of the same guide matrices): the loss and gradients of GISTEmbedLoss
+    and CachedGISTEmbedLoss over both strategies, margins 0 and 0.1, the guide = the model or another, 2 and 3
+    columns, several row blocks; 0 configurations may differ."""
+    seeds = [0] if is_interpreted(backend) else [0, 1, 2]
+    batch, dim = 8, 8
+    off = []
+    for seed, (strategy, margin, guide_kind, n_cols) in itertools.product(seeds, REPEAT_CONFIGS):
+        model, guide = repeated_text_columns(batch, dim, n_cols, 31 * seed + n_cols, dtype,
+                                             guide_dim=None if guide_kind == "model" else 6)
+        kwargs = dict(temperature=0.5 if dtype == torch.float32 else 0.05, margin_strategy=strategy, margin=margin)
+        ref = st_gist_on_embeddings(monkeypatch, encoders, model, guide, **kwargs)
+        ref_grads = _grads(ref, model)
+        cached = st_cached_gist_on_embeddings(tiny_model, model, guide, 3, **kwargs)
+        cached_grads = _grads(cached, model)
+        for block_rows in (3, 0):
+            loss = functional.gist_loss(*model, guide=tuple(guide), backend=backend, block_rows=block_rows,
+                                        **kwargs)
+            grads = _grads(loss, model)
+            msg = f"seed {seed} {kwargs} guide {guide_kind} cols {n_cols} block_rows {block_rows}"
+            try:
+                _assert_matches(loss, ref, grads, ref_grads, dtype, msg + " vs GISTEmbedLoss")
+                _assert_matches(loss, cached, grads, cached_grads, dtype, msg + " vs CachedGISTEmbedLoss")
+            except AssertionError as exc:
+                off.append(f"{exc}".splitlines()[0] + f" (loss {loss.item():.6g}, st {ref.item():.6g})")
+    assert not off, f"{len(off)} configurations off sentence-transformers:\n" + "\n".join(off)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_repeated_texts_reference_matches_sentence_transformers(monkeypatch, encoders, dtype):
+    """The materialized oracle (reference.gist_reference) resolves the ties as sentence-transformers does."""
+    off = []
+    for seed, (strategy, margin, guide_kind, n_cols) in itertools.product([0, 1, 2], REPEAT_CONFIGS):
+        model, guide = repeated_text_columns(8, 8, n_cols, 31 * seed + n_cols, dtype,
+                                             guide_dim=None if guide_kind == "model" else 6)
+        kwargs = dict(temperature=0.5 if dtype == torch.float32 else 0.05, margin_strategy=strategy, margin=margin)
+        ref = st_gist_on_embeddings(monkeypatch, encoders, model, guide, **kwargs)
+        oracle = reference.gist_reference(model[0], model[1:], guide[0], guide[1:], **kwargs)
+        try:
+            _assert_matches(oracle, ref, _grads(oracle, model), _grads(ref, model), dtype, f"{seed} {kwargs}")
+        except AssertionError as exc:
+            off.append(f"{exc}".splitlines()[0])
+    assert not off, f"{len(off)} configurations off sentence-transformers:\n" + "\n".join(off)
+
+
+@pytest.mark.parametrize("n_cols", [2, 3])
+def test_repeated_texts_mnrl_and_matryoshka_match_sentence_transformers(backend, n_cols):
+    """MNRL and Matryoshka MNRL exclude by index, not by similarity: repeated texts change nothing (0 off)."""
+    from sentence_transformers import util as st_util
+
+    batch = 8
+    model, _ = repeated_text_columns(batch, 12, n_cols, 7 + n_cols, torch.float64)
+    mnrl = st_losses.MultipleNegativesRankingLoss(None, scale=20.0, similarity_fct=st_util.cos_sim)
+    ref = mnrl.compute_loss_from_embeddings(model, None)
+    loss = functional.multiple_negatives_ranking_loss(*model, scale=20.0, backend=backend, block_rows=3)
+    _assert_matches(loss, ref, _grads(loss, model), _grads(ref, model), torch.float64, "MNRL")
+    dims, weights = [12, 8, 4], [1.0, 0.5, 2.0]
+    ref = sum(w * mnrl.compute_loss_from_embeddings([m[:, :d] for m in model], None) for d, w in zip(dims, weights))
+    loss = functional.matryoshka_mnrl_loss(*model, dims=dims, weights=weights, scale=20.0, backend=backend,
+                                           block_rows=3)
+    _assert_matches(loss, ref, _grads(loss, model), _grads(ref, model), torch.float64, "Matryoshka MNRL")
+
+
 def test_inputs_untouched_and_no_grad_to_guide(backend):
     model, guide = model_and_guide(5, 8, 8, 3, seed=30)
     guide = [g.requires_grad_() for g in guide]

@@ -3,7 +3,7 @@
 //
 // Per block of local anchor rows i, own = row_start + i, with ^ the cosine normalization (x / max(||x||, 1e-8), as
 // nn.CosineSimilarity) and ' the guide's embeddings:
-//   t_i = a'^_i . p'^_own;  bound_i = t_i - margin (absolute) or t_i - |t_i| margin (relative)
+//   t_i = a'^_i . p'^_own (exact_dot);  bound_i = t_i - margin (absolute) or t_i - |t_i| margin (relative)
 //   L_c  = s a^_i C^T    masked where a'^_i C'^T > bound_i, never at column own     (R, columns*Bw)
 //   L_aa = s a^_i A^T    masked where a'^_i A'^T > bound_i                            (R, B)
 //   L_pp = s p^_own P^T  masked where p'^_own P'^T > bound_i                          (R, Bw)
@@ -13,8 +13,12 @@
 // As the InfoNCE kernel: products on the raw rows (ATen's BLAS) and the inverse norms applied in the row pass, the
 // gradient matrix becomes diag(1/n_row) G diag(1/n_col) in place, so the accumulators hold d/dv^ / max(||v||, eps);
 // the normalization's backward (with the clamp held constant, as nn.CosineSimilarity) maps them to d/dv at the end.
-// The guide's three products per block land in a second buffer of the guide's dtype, read once by the row pass
-// (forward only). Extra memory: one block of logits and one of guide similarities, plus the two gradients.
+// The guide's three products per block (of its normalized rows) land in a second buffer of the guide's dtype, read
+// once by the row pass (forward only). Ties: sentence-transformers takes t_i from the same guide matrix as every
+// candidate and masks strictly, so a repeated text (a candidate equal to t_i) is kept; a BLAS product can round the
+// same pair of rows differently at another position or in another product, so the row pass recomputes t_i and every
+// candidate within tie_band of the bound with exact_dot (one fixed loop: the same bits for the same pair of rows).
+// Extra memory: one block of logits and one of guide similarities, plus the two gradients.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -34,22 +38,39 @@ namespace embedloss {
 namespace {
 
 struct GistArgs {
-  int64_t b, bw, pool, row_start, rows_per_block, strategy;
-  double scale, margin;
+  int64_t b, bw, pool, row_start, rows_per_block, strategy, guide_dim;
+  double scale, margin, band;
   bool contrast_anchors, contrast_positives, compute_grad;
 };
 
-// One row of a block: logits scaled by s / (||row|| ||col||) and masked where the guide's similarity (computed the
-// same way from the guide's product) exceeds the bound; returns the row max. Branch-free over the columns.
+// x . y in one sequential loop, never inlined (one body whatever ISA clone calls it): the same bits for the same
+// pair of rows, in either order, at any position.
+template <typename G>
+[[gnu::noinline]] G exact_dot(const G* x, const G* y, int64_t n) {
+  G acc = 0;
+  for (int64_t k = 0; k < n; ++k) acc += x[k] * y[k];
+  return acc;
+}
+
+// In place on a row of guide similarities g (n, from BLAS): those within band of the bound replaced by exact_dot of
+// the row's and the column's normalized guide rows, so that a tie with the threshold is decided as it is exactly.
+template <typename G>
+void settle_ties(G* g, int64_t n, G bound, G band, const G* row, const G* cols, int64_t dim) {
+  for (int64_t j = 0; j < n; ++j) {
+    if (std::abs(g[j] - bound) <= band) g[j] = exact_dot(row, cols + j * dim, dim);
+  }
+}
+
+// One row of a block: logits scaled by s / (||row|| ||col||) and masked where the guide's similarity (settled:
+// settle_ties) exceeds the bound; returns the row max. Branch-free over the columns.
 template <typename T, typename G>
 EMBEDLOSS_INLINE T scale_and_mask(T* __restrict__ x, const G* __restrict__ g, int64_t n, T row_factor,
-                             const T* __restrict__ inv_col, G guide_row, const G* __restrict__ ginv_col, G bound) {
+                             const T* __restrict__ inv_col, G bound) {
   const T neg_inf = -std::numeric_limits<T>::infinity();
   T m = neg_inf;
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) {
-    const G gs = g[j] * guide_row * ginv_col[j];
-    const T v = gs > bound ? neg_inf : x[j] * row_factor * inv_col[j];
+    const T v = g[j] > bound ? neg_inf : x[j] * row_factor * inv_col[j];
     x[j] = v;
     m = simd_max(m, v);
   }
@@ -63,17 +84,20 @@ EMBEDLOSS_INLINE void scale_cols(T* __restrict__ x, int64_t n, T f, const T* __r
 }
 
 struct GistNorms {
-  const void *inv_a, *inv_c, *ginv_a, *ginv_c;  // clamped inverse norms: model (T) and guide (G)
+  const void *inv_a, *inv_c;  // clamped inverse norms of the model's rows (T)
+  const void *ga, *gc;        // the guide's normalized rows (G)
 };
 
 // Rows [begin, end) of the block starting at local row r0.
 template <typename T, typename G>
 EMBEDLOSS_INLINE void gist_rows(const GistArgs& p, const GistNorms& nrm, int64_t r0, int64_t begin, int64_t end, T* lc,
-                           T* laa, T* lpp, const G* gc, const G* gaa, const G* gpp, double* row_loss) {
+                           T* laa, T* lpp, G* gc, G* gaa, G* gpp, double* row_loss) {
   const T* inv_a = static_cast<const T*>(nrm.inv_a);
   const T* inv_c = static_cast<const T*>(nrm.inv_c);
-  const G* ginv_a = static_cast<const G*>(nrm.ginv_a);
-  const G* ginv_c = static_cast<const G*>(nrm.ginv_c);
+  const G* ga = static_cast<const G*>(nrm.ga);
+  const G* gpool = static_cast<const G*>(nrm.gc);
+  const int64_t Dg = p.guide_dim;
+  const G band = static_cast<G>(p.band);
   const int64_t C = p.pool, B = p.b, Bw = p.bw;
   const T s = static_cast<T>(p.scale);
   const T s_over_b = static_cast<T>(p.scale / static_cast<double>(B));
@@ -83,17 +107,22 @@ EMBEDLOSS_INLINE void gist_rows(const GistArgs& p, const GistNorms& nrm, int64_t
     T* x_c = lc + i * C;
     T* x_aa = p.contrast_anchors ? laa + i * B : nullptr;
     T* x_pp = p.contrast_positives ? lpp + i * Bw : nullptr;
-    // the threshold, from the guide's product exactly as every other guide similarity of the row
-    const G t = gc[i * C + own] * ginv_a[row] * ginv_c[own];
+    // the threshold, by the exact computation that decides every candidate near it
+    const G* g_a = ga + row * Dg;
+    const G* g_p = gpool + own * Dg;
+    const G t = exact_dot(g_a, g_p, Dg);
     const G bound = p.strategy == kGistAbsolute ? t - margin : t - std::abs(t) * margin;
+    settle_ties(gc + i * C, C, bound, band, g_a, gpool, Dg);
+    if (x_aa) settle_ties(gaa + i * B, B, bound, band, g_a, ga, Dg);
+    if (x_pp) settle_ties(gpp + i * Bw, Bw, bound, band, g_p, gpool, Dg);
     const T r_a = inv_a[row] * s;
     const T positive = x_c[own] * r_a * inv_c[own];
-    T m = scale_and_mask(x_c, gc + i * C, C, r_a, inv_c, ginv_a[row], ginv_c, bound);
+    T m = scale_and_mask(x_c, gc + i * C, C, r_a, inv_c, bound);
     x_c[own] = positive;  // the true positive is never masked
     m = std::max(m, positive);
-    if (x_aa) m = std::max(m, scale_and_mask(x_aa, gaa + i * B, B, r_a, inv_a, ginv_a[row], ginv_a, bound));
+    if (x_aa) m = std::max(m, scale_and_mask(x_aa, gaa + i * B, B, r_a, inv_a, bound));
     const T r_p = inv_c[own] * s;
-    if (x_pp) m = std::max(m, scale_and_mask(x_pp, gpp + i * Bw, Bw, r_p, inv_c, ginv_c[own], ginv_c, bound));
+    if (x_pp) m = std::max(m, scale_and_mask(x_pp, gpp + i * Bw, Bw, r_p, inv_c, bound));
     T total = exp_shift_sum(x_c, C, m);
     if (x_aa) total += exp_shift_sum(x_aa, B, m);
     if (x_pp) total += exp_shift_sum(x_pp, Bw, m);
@@ -112,23 +141,23 @@ EMBEDLOSS_INLINE void gist_rows(const GistArgs& p, const GistNorms& nrm, int64_t
 }
 
 EMBEDLOSS_CLONES void gist_rows_isa(const GistArgs& p, const GistNorms& n, int64_t r0, int64_t begin, int64_t end,
-                               float* lc, float* laa, float* lpp, const float* gc, const float* gaa, const float* gpp,
+                               float* lc, float* laa, float* lpp, float* gc, float* gaa, float* gpp,
                                double* row_loss) {
   gist_rows<float, float>(p, n, r0, begin, end, lc, laa, lpp, gc, gaa, gpp, row_loss);
 }
 EMBEDLOSS_CLONES void gist_rows_isa(const GistArgs& p, const GistNorms& n, int64_t r0, int64_t begin, int64_t end,
-                               float* lc, float* laa, float* lpp, const double* gc, const double* gaa,
-                               const double* gpp, double* row_loss) {
+                               float* lc, float* laa, float* lpp, double* gc, double* gaa, double* gpp,
+                               double* row_loss) {
   gist_rows<float, double>(p, n, r0, begin, end, lc, laa, lpp, gc, gaa, gpp, row_loss);
 }
 EMBEDLOSS_CLONES void gist_rows_isa(const GistArgs& p, const GistNorms& n, int64_t r0, int64_t begin, int64_t end,
-                               double* lc, double* laa, double* lpp, const float* gc, const float* gaa,
-                               const float* gpp, double* row_loss) {
+                               double* lc, double* laa, double* lpp, float* gc, float* gaa, float* gpp,
+                               double* row_loss) {
   gist_rows<double, float>(p, n, r0, begin, end, lc, laa, lpp, gc, gaa, gpp, row_loss);
 }
 EMBEDLOSS_CLONES void gist_rows_isa(const GistArgs& p, const GistNorms& n, int64_t r0, int64_t begin, int64_t end,
-                               double* lc, double* laa, double* lpp, const double* gc, const double* gaa,
-                               const double* gpp, double* row_loss) {
+                               double* lc, double* laa, double* lpp, double* gc, double* gaa, double* gpp,
+                               double* row_loss) {
   gist_rows<double, double>(p, n, r0, begin, end, lc, laa, lpp, gc, gaa, gpp, row_loss);
 }
 
@@ -141,8 +170,8 @@ T* ptr_or_null(const at::Tensor& t) {
 // of the row losses (in row order: the same for any thread count).
 template <typename T, typename G>
 double gist_blocks(const GistArgs& p, const at::Tensor& a, const at::Tensor& c, const at::Tensor& ag,
-                   const at::Tensor& cg, const at::Tensor& inv_a, const at::Tensor& inv_c, const at::Tensor& ginv_a,
-                   const at::Tensor& ginv_c, at::Tensor& ha, at::Tensor& hc) {
+                   const at::Tensor& cg, const at::Tensor& inv_a, const at::Tensor& inv_c, at::Tensor& ha,
+                   at::Tensor& hc) {
   const int64_t R = p.rows_per_block, C = p.pool, B = p.b, Bw = p.bw;
   const at::Tensor pm = c.narrow(0, 0, Bw), pg = cg.narrow(0, 0, Bw);
   at::Tensor l_c = at::empty({R, C}, a.options());
@@ -151,7 +180,7 @@ double gist_blocks(const GistArgs& p, const at::Tensor& a, const at::Tensor& c, 
   at::Tensor g_c = at::empty({R, C}, ag.options());
   at::Tensor g_aa = p.contrast_anchors ? at::empty({R, B}, ag.options()) : at::Tensor();
   at::Tensor g_pp = p.contrast_positives ? at::empty({R, Bw}, ag.options()) : at::Tensor();
-  const GistNorms norms{inv_a.data_ptr<T>(), inv_c.data_ptr<T>(), ginv_a.data_ptr<G>(), ginv_c.data_ptr<G>()};
+  const GistNorms norms{inv_a.data_ptr<T>(), inv_c.data_ptr<T>(), ag.data_ptr<G>(), cg.data_ptr<G>()};
   std::vector<double> row_loss(R);
   double loss_sum = 0.0;
 
@@ -240,6 +269,21 @@ int64_t gist_block_rows(int64_t width, int64_t elem, int64_t rows) {
   return std::max<int64_t>(1, std::min(r, rows));
 }
 
+// The guide's rows normalized as nn.CosineSimilarity does: x / max(||x||, eps) (equal rows give equal rows).
+at::Tensor normalized_rows(const at::Tensor& x) {
+  return (x / at::linalg_vector_norm(x, 2, {1}, /*keepdim=*/true).clamp_min(kGistEps)).contiguous();
+}
+
+// A bound on |BLAS product - exact_dot| (+ rounding) for unit rows of dim coordinates: each is within (dim + 2) u of
+// the true dot; a reduced-precision fp32 product (tf32, bf16) adds 2^-8 per operand's rounding. Outside it, the
+// product's decision is the exact one (the torch backend's tie_band).
+double tie_band(int64_t dim, bool is_double) {
+  const double u = is_double ? std::numeric_limits<double>::epsilon() / 2 : std::numeric_limits<float>::epsilon() / 2;
+  const bool reduced =
+      !is_double && at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST;
+  return 3.0 * ((reduced ? std::ldexp(1.0, -8) : 0.0) + static_cast<double>(dim + 2) * u);
+}
+
 std::tuple<at::Tensor, at::Tensor> inverse_norms(const at::Tensor& x) {
   const at::Tensor norm = at::linalg_vector_norm(x, 2, {1});
   at::Tensor inv_clamped = norm.clamp_min(kGistEps).reciprocal_();
@@ -278,11 +322,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_cpu(
   const auto work = anchor.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto gwork = anchor_guide.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor a = anchor.detach().to(work).contiguous(), c = candidates.detach().to(work).contiguous();
-  const at::Tensor ag = anchor_guide.detach().to(gwork).contiguous();
-  const at::Tensor cg = candidates_guide.detach().to(gwork).contiguous();
+  const at::Tensor ag = normalized_rows(anchor_guide.detach().to(gwork));
+  const at::Tensor cg = normalized_rows(candidates_guide.detach().to(gwork));
   auto [inv_a, tinv_a] = inverse_norms(a);
   auto [inv_c, tinv_c] = inverse_norms(c);
-  const at::Tensor ginv_a = std::get<0>(inverse_norms(ag)), ginv_c = std::get<0>(inverse_norms(cg));
 
   GistArgs p;
   p.b = b;
@@ -292,6 +335,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_cpu(
   p.strategy = margin_strategy;
   p.scale = scale;
   p.margin = margin;
+  p.guide_dim = ag.size(1);
+  p.band = tie_band(p.guide_dim, gwork == at::kDouble);
   p.contrast_anchors = contrast_anchors;
   p.contrast_positives = contrast_positives;
   p.compute_grad = compute_grad;
@@ -305,9 +350,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gist_cpu(
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "embedloss_gist_cpu", [&] {
     using T = scalar_t;
     if (gwork == at::kDouble) {
-      loss_sum = gist_blocks<T, double>(p, a, c, ag, cg, inv_a, inv_c, ginv_a, ginv_c, ha, hc);
+      loss_sum = gist_blocks<T, double>(p, a, c, ag, cg, inv_a, inv_c, ha, hc);
     } else {
-      loss_sum = gist_blocks<T, float>(p, a, c, ag, cg, inv_a, inv_c, ginv_a, ginv_c, ha, hc);
+      loss_sum = gist_blocks<T, float>(p, a, c, ag, cg, inv_a, inv_c, ha, hc);
     }
   });
   at::Tensor loss = at::scalar_tensor(loss_sum / static_cast<double>(b), anchor.options().dtype(work));

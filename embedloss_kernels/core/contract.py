@@ -72,6 +72,8 @@ GIST (guided in-batch negatives, sentence-transformers' ``GISTEmbedLoss``) op ``
 * Row threshold ``t_i = cos(a'_i, p'_{row_start+i})``; a candidate ``j`` of a block is masked (logit -inf) where
   its guide similarity ``> t_i - margin`` (:data:`GIST_ABSOLUTE`) or ``> t_i - |t_i| * margin``
   (:data:`GIST_RELATIVE`), strictly; the guide similarities and ``t`` are computed in the guide's work dtype.
+  As in sentence-transformers (``t`` an entry of its guide matrix), a candidate whose guide rows equal the row's
+  anchor and positive (a repeated text) ties with ``t`` exactly and is kept at margin 0, in every block.
   The anchor's own positive is never masked; nothing else is exempt (the anchor-anchor diagonal follows the rule).
 * Blocks of row ``i``: anchor-positive ``cos(a_i, P)`` (Bw), anchor-anchor ``cos(a_i, A)`` (B, local anchors) if
   ``contrast_anchors``, positive-positive ``cos(p_{row_start+i}, P)`` (Bw) if ``contrast_positives``,

@@ -10,8 +10,9 @@ run).
 
 Pass 1 (forward): for the local anchor rows against each visiting block, the logits of every selected direction come
 from the torch backend's block primitive :func:`~embedloss_kernels.backends.torch.infonce.direction_logits` (the
-same maths as the fused op; the rank's own block carries the masks, the positives and the "own" columns of the hardness modes, a foreign block none of them), folded
-into running per-row max / sum-exp (one per row in ``joint`` mode, one per direction in ``per_direction`` mode).
+same maths as the fused op; the rank's own block carries the masks, the positives and the "own" columns of the
+hardness modes, a foreign block none of them), folded into running per-row max / sum-exp (one per row in ``joint``
+mode, one per direction in ``per_direction`` mode).
 Saved for backward: the local normalized block, its norms and the per-row log-sum-exps, ``O(B_l)`` (for 16-bit
 inputs also the raw 16-bit block, which is what travels).
 

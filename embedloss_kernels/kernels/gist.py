@@ -2,14 +2,17 @@
 guide's false-negative test against each row's bound, and the masked, scaled logits stored; the guide's
 similarities never leave registers.
 
-Per tile, with ``rf`` the rows' factor (scale / max(||x_i||, eps)), ``ci`` the columns' inverse norms and ``gr``,
-``gc`` the guide's::
+Per tile, with ``rf`` the rows' factor (scale / max(||x_i||, eps)), ``ci`` the columns' inverse norms and the
+guide's rows already normalized (x' / max(||x'||, eps))::
 
-    L[i, j] = (x_i . y_j) rf_i ci_j,   -inf where (x'_i . y'_j) gr_i gc_j > bound_i  (except j == i + exempt_start)
+    L[i, j] = (x_i . y_j) rf_i ci_j,   -inf where x'_i . y'_j - bound_i > band  (except j == i + exempt_start)
 
-Every factor arrives as a tensor (never a Python float), so a float64 launch stays float64 end to end. The loss
-maths around the block (LSE, softmax - onehot, the gradient products) is the torch backend's
-(``embedloss_kernels/backends/torch/gist.py``), which calls this kernel's launcher for each block.
+An entry within ``band`` of its row's bound (a repeated text ties with the threshold exactly in
+sentence-transformers) keeps its logit and is flagged in ``near``: the launcher decides it by the exact computation
+that gave the bound (``embedloss_kernels/backends/torch/gist.py``, ``settle_ties_``), so a tile's rounding never breaks
+a tie. Every factor arrives as a tensor (never a Python float), so a float64 launch stays float64 end to end. The
+loss maths around the block (LSE, softmax - onehot, the gradient products) is the torch backend's, which calls this
+kernel's launcher for each block.
 """
 
 import triton
@@ -21,10 +24,10 @@ from .infonce import dot_tile
 @triton.jit
 def gist_masked_logits_kernel(
     x_ptr, y_ptr, xg_ptr, yg_ptr,  # model rows (n, D), columns (m, D); the guide's (n, D'), (m, D')
-    row_factor_ptr, col_inv_ptr, guide_row_inv_ptr, guide_col_inv_ptr, bound_ptr,  # (n,), (m,), (n,), (m,), (n,)
-    out_ptr,  # (n, m) masked logits
+    row_factor_ptr, col_inv_ptr, bound_ptr, band_ptr,  # (n,), (m,), (n,), (1,)
+    out_ptr, near_ptr,  # (n, m) masked logits; (n, m) int8: 1 where the guide's similarity is within band
     n_rows, n_cols, n_dim, guide_dim,
-    stride_x, stride_y, stride_xg, stride_yg, stride_out,
+    stride_x, stride_y, stride_xg, stride_yg, stride_out, stride_near,
     exempt_start,
     HAS_EXEMPT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKG: tl.constexpr,
@@ -38,14 +41,19 @@ def gist_masked_logits_kernel(
     rf = tl.load(row_factor_ptr + rows, mask=row_ok, other=0.0)
     ci = tl.load(col_inv_ptr + cols, mask=col_ok, other=0.0)
     logits = logits * rf[:, None] * ci[None, :]
-    # -- the guide's similarities, compared with each row's bound (strictly) --
+    # -- the guide's similarities (normalized rows), compared with each row's bound (strictly) --
     guide = dot_tile(xg_ptr, yg_ptr, rows, cols, row_ok, col_ok, guide_dim, stride_xg, stride_yg, BKG, GACC, GPREC)
-    gr = tl.load(guide_row_inv_ptr + rows, mask=row_ok, other=0.0)
-    gc = tl.load(guide_col_inv_ptr + cols, mask=col_ok, other=0.0)
     bound = tl.load(bound_ptr + rows, mask=row_ok, other=0.0)
-    masked = guide * gr[:, None] * gc[None, :] > bound[:, None]
+    band = tl.load(band_ptr)
+    diff = guide - bound[:, None]
+    masked = diff > band
+    near = tl.abs(diff) <= band
     if HAS_EXEMPT:  # the row's own positive is never masked
-        masked = masked & (cols[None, :] != rows[:, None] + exempt_start)
+        own = cols[None, :] == rows[:, None] + exempt_start
+        masked = masked & ~own
+        near = near & ~own
     out = tl.where(masked, float("-inf"), logits)
+    ok = row_ok[:, None] & col_ok[None, :]
     tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_out + cols[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+             mask=ok)
+    tl.store(near_ptr + rows[:, None].to(tl.int64) * stride_near + cols[None, :], near.to(tl.int8), mask=ok)
