@@ -274,6 +274,17 @@ def test_module_validation_and_config_match_sentence_transformers():
     assert ours.matryoshka_dims == (16, 8, 4) and ours.matryoshka_weights == (2, 1, 3)
 
 
+def test_a_dim_that_is_not_an_int_raises_type_error_as_sentence_transformers():
+    # issue 26: [16, 8.5] trained silently at dim 8 (its config saying 8.5); sentence-transformers raises TypeError
+    model = PassThroughModel(16)
+    feats = [{"embedding": torch.randn(4, 16, dtype=torch.float64, device=DEVICE)} for _ in range(2)]
+    for dims in ([16, 8.5], [8.0], [16.0, 4]):
+        with pytest.raises(TypeError):
+            st_losses.MatryoshkaLoss(model, st_losses.MultipleNegativesRankingLoss(model), dims)(feats, None)
+        with pytest.raises(TypeError, match="matryoshka_dims must hold ints"):
+            ek.MatryoshkaLoss(model, ek.MultipleNegativesRankingLoss(model), dims)(feats, None)
+
+
 def test_other_inner_loss_is_sentence_transformers_behaviour():
     model = PassThroughModel(12)
     gen = torch.Generator().manual_seed(0)

@@ -14,6 +14,7 @@ sentence-transformers.
 
 from __future__ import annotations
 
+import operator
 import random
 from collections.abc import Iterable, Sequence
 
@@ -63,6 +64,12 @@ def fused_matryoshka_loss(
 
     def check() -> None:
         check_embeddings(embeddings, names)
+        for d in dims:  # sentence-transformers slices with each dim: what cannot end a slice is its TypeError
+            try:
+                operator.index(d)
+            except TypeError:
+                raise TypeError(f"matryoshka_dims must hold ints (each is a slice end), got {type(d).__name__} "
+                                f"({d!r}) in {list(dims)!r}") from None
         width = embeddings[0].shape[1]
         if max(dims) > width:
             raise ValueError(

@@ -31,6 +31,18 @@ def _python_impls(backend: str) -> dict:
             "matryoshka": matryoshka.matryoshka_forward, "gist": gist.gist_forward}
 
 
+def _without_autocast(forward):
+    """``forward`` with autocast off: the op computes in its inputs' dtypes (fp32 logits and LSE for 16-bit inputs),
+    the same under ``torch.autocast`` as without, on every backend (the C++ kernels never see autocast)."""
+
+    def impl(first: Tensor, *args):
+        with torch.autocast(first.device.type, enabled=False):
+            return forward(first, *args)
+
+    impl.__name__ = impl.__qualname__ = forward.__name__
+    return impl
+
+
 def _arguments(schema: str) -> list[str]:
     return [arg.split()[-1] for arg in schema[1 : schema.index(") ->")].split(", ")]
 
@@ -59,7 +71,7 @@ def _register(backend: str) -> dict:
     for loss in LOSSES:
         lib.define(loss + SCHEMAS[loss])
         if loss in impls:
-            lib.impl(loss, impls[loss], "CompositeExplicitAutograd")
+            lib.impl(loss, _without_autocast(impls[loss]), "CompositeExplicitAutograd")
         torch.library.register_fake(f"{namespace}::{loss}", _fake(loss), lib=lib)
         register_op_autograd(f"{namespace}::{loss}", lib)
     _libs.append(lib)
