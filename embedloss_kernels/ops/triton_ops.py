@@ -257,15 +257,31 @@ def _launch(kernel, grid, args: tuple, meta: dict, configs: list[dict], key: tup
     kernel[grid(best)](*args, **meta, **best)
 
 
-def _combine(stats: list[tuple[Tensor, Tensor, Tensor]], joint: bool) -> tuple[list[Tensor], Tensor]:
-    """Per-direction (max, sum, positive) of every row -> the LSE each direction's softmax uses, and the mean LSE."""
+def _combine(stats: list[tuple[Tensor, Tensor, Tensor]], joint: bool, exp2: bool) -> tuple[list[Tensor], Tensor]:
+    """Per-direction (max, sum, positive) of every row -> the LSE each direction's softmax uses, and the mean LSE,
+    in the kernels' units (base 2 with ``exp2``: the gradient kernels subtract it from the same base-2 logits the
+    max was taken over, so a lone column gets ``exp2(0) == 1`` exactly)."""
+    exp, log = (torch.exp2, torch.log2) if exp2 else (torch.exp, torch.log)
     if joint:
         row_max = torch.stack([m for m, _, _ in stats]).amax(0)
-        total = sum(s * (m - row_max).exp() for m, s, _ in stats)
-        lse = row_max + total.log()
+        total = sum(s * exp(m - row_max) for m, s, _ in stats)
+        lse = row_max + log(total)
         return [lse] * len(stats), lse
-    lses = [m + s.log() for m, s, _ in stats]
+    lses = [m + log(s) for m, s, _ in stats]
     return lses, sum(lses) / len(stats)
+
+
+def _onehot(name: str, blocks: list, dir_w: float) -> float:
+    """The weight of the one-hot (column ``g``, the positive) in a direction block's ``G~``. Joint: all of it in
+    query_to_doc. per_direction: doc_to_query's column ``g`` is the same pair (``a_g . q_g`` at the plain scale) as
+    query_to_doc's positive, so each of the two takes its direction's share: a lone column's ``w * softmax - onehot``
+    is then exactly 0 in each block, where ``w - 1`` and ``w`` cancelled only after the gradient products (their
+    fused accumulation left ~1e-8 * scale). query_to_query and doc_to_doc mask column ``g``. ``dir_w``: each
+    direction's weight (1 when joint)."""
+    split = dir_w < 1.0 and any(b[0] == "dq" for b in blocks)
+    if name == "qd":
+        return 1.0 - dir_w if split else 1.0
+    return dir_w if split and name == "dq" else 0.0
 
 
 def _with_float64(scalars: tuple, *more: float) -> tuple:
@@ -304,7 +320,7 @@ def infonce_forward(q: Tensor, a: Tensor, row_start: int, row_count: int, scale:
     grads = _blocked.BlockGrads(q, a, rq, ra, directions, cosine, scale / row_count) if compute_grad else None
     if compute_grad and strategy == "fused":
         stats = _fused(blocks, grads, row_start, row_count, scalars, joint, exp2, block_rows)
-        lses, lse_mean = _combine(stats, joint)
+        lses, lse_mean = _combine(stats, joint, exp2)
     else:
         stats = []
         for _, x, y, rx, ry, pen, mask in blocks:
@@ -315,8 +331,9 @@ def infonce_forward(q: Tensor, a: Tensor, row_start: int, row_count: int, scale:
             _launch(row_lse_kernel, lambda c: (triton.cdiv(row_count, c["BM"]),), args, meta,
                     tile_configs(n_dim, dtype, arch), ("lse", n_dim, dtype, arch, pen, mask))
             stats.append((m, s, p))
-        lses, lse_mean = _combine(stats, joint)
-    loss = (lse_mean - stats[0][2]).mean()  # the query_to_doc block's diagonal logit, always at the plain scale
+        lses, lse_mean = _combine(stats, joint, exp2)
+    # the query_to_doc block's diagonal logit, always at the plain scale; back to natural units after the difference
+    loss = (lse_mean - stats[0][2]).mean() / unit
     if not compute_grad:
         return no_grads(loss, q)
     if strategy == "flash":
@@ -338,7 +355,7 @@ def _flash(blocks, lses, grads, row_start, row_count, scalars, dir_w, exp2) -> N
         dx = torch.empty(row_count, n_dim, dtype=wd, device=q.device)
         dy = torch.empty(n_cols, n_dim, dtype=wd, device=q.device)
         common = (row_start, row_count, n_cols, n_dim, x.stride(0), y.stride(0))
-        consts = _with_float64(scalars, dir_w, 1.0 if name == "qd" else 0.0)
+        consts = _with_float64(scalars, dir_w, _onehot(name, blocks, dir_w))
         flash_dx_kernel[(triton.cdiv(row_count, cfg["BM"]),)](x, y, rx, ry, lse, dx, *common, dx.stride(0), *consts,
                                                                 PEN_MODE=pen, MASK_MODE=mask, **meta)
         flash_dy_kernel[(triton.cdiv(n_cols, cfg["BN"]),)](x, y, rx, ry, lse, dy, *common, dy.stride(0), *consts,
@@ -362,7 +379,7 @@ def _workspace(blocks, lses, grads, row_start, row_count, scalars, dir_w, exp2, 
             n = min(per_block, row_count - r0)
             g = workspace[: n * n_cols].view(n, n_cols)
             args = (x, y, rx, ry, lse[r0:], g, row_start + r0, n, n_cols, n_dim, x.stride(0), y.stride(0),
-                    g.stride(0), *_with_float64(scalars, dir_w, 1.0 if name == "qd" else 0.0))
+                    g.stride(0), *_with_float64(scalars, dir_w, _onehot(name, blocks, dir_w)))
 
             def grid(c, n=n, n_cols=n_cols):
                 return (triton.cdiv(n, c["BM"]) * triton.cdiv(n_cols, c["BN"]),)
@@ -372,12 +389,12 @@ def _workspace(blocks, lses, grads, row_start, row_count, scalars, dir_w, exp2, 
             grads.add(name, row_start + r0, row_start + r0 + n, g)
 
 
-def _row_pass(block, view, lse, stats, mode, row0, n, scalars, dir_w, exp2, cfg, grid) -> None:
+def _row_pass(block, view, lse, stats, mode, row0, n, scalars, dir_w, exp2, cfg, grid, onehot) -> None:
     name, _, _, rx, ry, pen, mask = block
     sv, gv = view
     m, s, p = stats
     row_pass_kernel[grid](sv, gv, rx, ry, lse, m, s, p, row0, n, sv.shape[1], sv.stride(0), gv.stride(0),
-                          *_with_float64(scalars, dir_w, 1.0 if name == "qd" else 0.0), PEN_MODE=pen, MASK_MODE=mask,
+                          *_with_float64(scalars, dir_w, onehot), PEN_MODE=pen, MASK_MODE=mask,
                           MODE=mode, EXP2=exp2, **cfg)
 
 
@@ -434,13 +451,14 @@ def _fused(blocks, grads, row_start, row_count, scalars, joint, exp2, block_rows
             grid = (triton.cdiv(n, cfg["BM"]),)
             common = (row_start + r0, n, scalars, dir_w, exp2, cfg, grid)
             if len(blocks) == 1:
-                _row_pass(blocks[0], views[0], lse[r0:], [t[r0:] for t in stats[0]], 0, *common)
+                _row_pass(blocks[0], views[0], lse[r0:], [t[r0:] for t in stats[0]], 0, *common, 1.0)
             else:
                 for block, view, st in zip(blocks, views, stats):
-                    _row_pass(block, view, lse[r0:], [t[r0:] for t in st], 1, *common)
-                lses, _ = _combine([tuple(t[r0 : r0 + n] for t in st) for st in stats], joint)
+                    _row_pass(block, view, lse[r0:], [t[r0:] for t in st], 1, *common, 0.0)  # statistics only
+                lses, _ = _combine([tuple(t[r0 : r0 + n] for t in st) for st in stats], joint, exp2)
                 for block, view, st, lse_i in zip(blocks, views, stats, lses):
-                    _row_pass(block, view, lse_i.contiguous(), [t[r0:] for t in st], 2, *common)
+                    _row_pass(block, view, lse_i.contiguous(), [t[r0:] for t in st], 2, *common,
+                              _onehot(block[0], blocks, dir_w))
             if side is not None:
                 ready[k % n_bufs].record(side)
         if side is not None:

@@ -19,8 +19,11 @@ builds). ``PEN_MODE``: 0 none, 1 boost columns of other queries (in-batch), 2 bo
 ``c == g`` (query_to_query), 2 mask ``owner[c] == g`` (doc_to_doc).
 
 ``EXP2``: logits are formed in base 2 (``scale`` and ``boost`` arrive multiplied by log2(e), ``exp2`` replaces
-``exp``: one multiply fewer per logit); stored maxima and positives are converted back to natural units. float64
-keeps ``exp`` (its scalars must not pass through an fp32 log2(e) product).
+``exp``: one multiply fewer per logit). Stored maxima, positives and the LSE the gradient kernels read stay in the
+kernel's units (log2 when ``EXP2``; the launcher combines them with ``exp2`` / ``log2`` and converts only the
+loss): a round trip through natural units (``m * ln 2``, later ``lse * log2(e)``) is rounded twice, so a row's max
+logit no longer gave ``exp2(L - lse) == 1`` and a single-candidate row a gradient of ~1e-6 * scale instead of 0.
+float64 keeps ``exp`` (its scalars must not pass through an fp32 log2(e) product).
 
 Float scalars come twice: ``scale, boost, weight, onehot`` (plain Python floats: fp32 in a compiled kernel) and
 ``scale64, ...`` annotated ``tl.float64``; :func:`_in_acc` gives float64 kernels the latter. With the fp32 ones alone
@@ -32,8 +35,6 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634  # the launcher multiplies scale and boost by it
-_LN2 = tl.constexpr(0.6931471805599453)
-_LOG2E = tl.constexpr(LOG2E)
 
 
 @triton.jit
@@ -68,7 +69,8 @@ def _scale_and_mask(dots, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, owner_ptr,
         coef = scale
     rx = tl.load(rx_ptr + rows, mask=row_ok, other=0.0)  # inverse norms, indexed by global row / column
     ry = tl.load(ry_ptr + cols, mask=col_ok, other=0.0)
-    logits = dots * coef * rx[:, None] * ry[None, :]
+    logits = dots * coef * (rx[:, None] * ry[None, :])  # rx * ry commutes: a pair and its transpose (query_to_doc
+    # and doc_to_query) get the same logit
     valid = row_ok[:, None] & col_ok[None, :]
     if MASK_MODE == 1:
         valid = valid & (~pos)
@@ -114,6 +116,15 @@ def _exp(x, EXP2: tl.constexpr):
 
 
 @triton.jit
+def _log(x, EXP2: tl.constexpr):
+    """The inverse of :func:`_exp`: ``log2`` in base-2 units, so ``lse = max + _log(sum)`` stays in the logits'
+    units (a lone column: ``sum == 1``, ``lse == max`` exactly)."""
+    if EXP2:
+        return tl.log2(x)
+    return tl.log(x)
+
+
+@triton.jit
 def row_lse_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, max_ptr, sum_ptr, pos_ptr, row_start, row_count, n_cols, n_dim,
                    stride_x, stride_y, owner_ptr, scale, boost, scale64: tl.float64, boost64: tl.float64,
                    PEN_MODE: tl.constexpr, MASK_MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -138,10 +149,7 @@ def row_lse_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, max_ptr, sum_ptr, pos_ptr, row_
         s = s * _exp(m - safe, EXP2) + tl.sum(_exp(lg - safe[:, None], EXP2), axis=1)
         m = m_new
         p += tl.sum(tl.where((cols[None, :] == rows[:, None]) & (lg > float("-inf")), lg, 0.0), axis=1)
-    if EXP2:  # back to natural units
-        m = m * _LN2
-        p = p * _LN2
-    tl.store(max_ptr + local, m, mask=row_ok)
+    tl.store(max_ptr + local, m, mask=row_ok)  # in the logits' units (log2 with EXP2): never converted back
     tl.store(sum_ptr + local, s, mask=row_ok)
     tl.store(pos_ptr + local, p, mask=row_ok)
 
@@ -183,9 +191,8 @@ def softmax_grad_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, lse_ptr, g_ptr, row_start,
 
 @triton.jit
 def _grad_from_logits(lg, lse, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, weight, onehot, EXP2: tl.constexpr):
-    """``(weight * exp(L - lse) - onehot * [c == g]) * rx * ry`` (``lse`` (BM,) in natural units), zero outside."""
-    if EXP2:
-        lse = lse * _LOG2E
+    """``(weight * exp(L - lse) - onehot * [c == g]) * rx * ry`` (``lse`` (BM,) in the logits' units: log2 with
+    ``EXP2``, never rescaled here, so the max logit of a lone column gives ``exp2(0) == 1``), zero outside."""
     g = weight * _exp(lg - lse[:, None], EXP2)
     g = tl.where(cols[None, :] == rows[:, None], g - onehot, g)
     rx = tl.load(rx_ptr + rows, mask=row_ok, other=0.0)
@@ -230,13 +237,10 @@ def row_pass_kernel(s_ptr, g_ptr, rx_ptr, ry_ptr, lse_ptr, max_ptr, sum_ptr, pos
             s = s * _exp(m - safe, EXP2) + tl.sum(_exp(lg - safe[:, None], EXP2), axis=1)
             m = m_new
             p += tl.sum(tl.where((cols[None, :] == rows[:, None]) & (lg > float("-inf")), lg, 0.0), axis=1)
-        if EXP2:
-            m = m * _LN2
-            p = p * _LN2
-        tl.store(max_ptr + local, m, mask=row_ok)
+        tl.store(max_ptr + local, m, mask=row_ok)  # in the logits' units, like row_lse_kernel
         tl.store(sum_ptr + local, s, mask=row_ok)
         tl.store(pos_ptr + local, p, mask=row_ok)
-        lse = m + tl.log(s)
+        lse = m + _log(s, EXP2)
     if MODE != 1:
         if MODE == 2:
             lse = tl.load(lse_ptr + local, mask=row_ok, other=0.0)
