@@ -354,13 +354,14 @@ def _flash(blocks, softmax, grads, row_start, row_count, scalars, dir_w, exp2) -
     wd = _blocked.acc_dtype(q.dtype)
     for (name, x, y, rx, ry, pen, mask), (smax, ssum) in zip(blocks, softmax):
         n_cols, n_dim = y.shape
+        wsum = dir_w / ssum  # the kernels take weight / sum per row
         dx = torch.empty(row_count, n_dim, dtype=wd, device=q.device)
         dy = torch.empty(n_cols, n_dim, dtype=wd, device=q.device)
         common = (row_start, row_count, n_cols, n_dim, x.stride(0), y.stride(0))
         consts = _with_float64(scalars, dir_w, _onehot(name, blocks, dir_w))
-        flash_dx_kernel[(triton.cdiv(row_count, cfg["BM"]),)](x, y, rx, ry, smax, ssum, dx, *common, dx.stride(0),
+        flash_dx_kernel[(triton.cdiv(row_count, cfg["BM"]),)](x, y, rx, ry, smax, wsum, dx, *common, dx.stride(0),
                                                                 *consts, PEN_MODE=pen, MASK_MODE=mask, **meta)
-        flash_dy_kernel[(triton.cdiv(n_cols, cfg["BN"]),)](x, y, rx, ry, smax, ssum, dy, *common, dy.stride(0),
+        flash_dy_kernel[(triton.cdiv(n_cols, cfg["BN"]),)](x, y, rx, ry, smax, wsum, dy, *common, dy.stride(0),
                                                              *consts, PEN_MODE=pen, MASK_MODE=mask, **meta)
         grads.add_products(name, row_start, row_start + row_count, dx, dy)
 
@@ -377,10 +378,11 @@ def _workspace(blocks, softmax, grads, row_start, row_count, scalars, dir_w, exp
     meta_common = dict(ACC=_acc(dtype), PREC=_precision(dtype), EXP2=exp2, GROUP=GROUP_ROWS)
     for (name, x, y, rx, ry, pen, mask), (smax, ssum) in zip(blocks, softmax):
         n_cols = y.shape[0]
+        wsum = dir_w / ssum  # the kernels take weight / sum per row
         for r0 in range(0, row_count, per_block):
             n = min(per_block, row_count - r0)
             g = workspace[: n * n_cols].view(n, n_cols)
-            args = (x, y, rx, ry, smax[r0:], ssum[r0:], g, row_start + r0, n, n_cols, n_dim, x.stride(0), y.stride(0),
+            args = (x, y, rx, ry, smax[r0:], wsum[r0:], g, row_start + r0, n, n_cols, n_dim, x.stride(0), y.stride(0),
                     g.stride(0), *_with_float64(scalars, dir_w, _onehot(name, blocks, dir_w)))
 
             def grid(c, n=n, n_cols=n_cols):
@@ -459,7 +461,7 @@ def _fused(blocks, grads, row_start, row_count, scalars, joint, exp2, block_rows
                     _row_pass(block, view, (unused, unused), [t[r0:] for t in st], 1, *common, 0.0)  # statistics
                 softmax, _ = _combine([tuple(t[r0 : r0 + n] for t in st) for st in stats], joint, exp2)
                 for block, view, st, (smax, ssum) in zip(blocks, views, stats, softmax):
-                    _row_pass(block, view, (smax.contiguous(), ssum.contiguous()), [t[r0:] for t in st], 2, *common,
+                    _row_pass(block, view, (smax.contiguous(), dir_w / ssum), [t[r0:] for t in st], 2, *common,
                               _onehot(block[0], blocks, dir_w))
             if side is not None:
                 ready[k % n_bufs].record(side)

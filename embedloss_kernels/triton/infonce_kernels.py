@@ -158,14 +158,15 @@ def _grouped(pid, n_row_tiles, n_col_tiles, GROUP: tl.constexpr):
 
 
 @triton.jit
-def softmax_grad_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, smax_ptr, ssum_ptr, g_ptr, row_start, row_count, n_cols, n_dim,
+def softmax_grad_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, smax_ptr, wsum_ptr, g_ptr, row_start, row_count, n_cols, n_dim,
                         stride_x, stride_y, stride_g, owner_ptr, scale, boost, weight, onehot, scale64: tl.float64,
                         boost64: tl.float64, weight64: tl.float64, onehot64: tl.float64, PEN_MODE: tl.constexpr,
                         MASK_MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                         ACC: tl.constexpr, PREC: tl.constexpr, EXP2: tl.constexpr, GROUP: tl.constexpr):
     """``G~[i, c] = (weight * exp(L[i, c] - lse[i]) - onehot * [c == g_i]) * rx_i * ry_c`` for one tile, stored in
-    ``g_ptr``'s dtype (the input's: 16-bit G feeds tensor-core products); the softmax from the row's max and sum
-    (``smax_ptr``, ``ssum_ptr``)."""
+    ``g_ptr``'s dtype (the input's: 16-bit G feeds tensor-core products); the softmax from the row's max and
+    ``weight / sum`` (``smax_ptr``, ``wsum_ptr``: the launcher divides, an fp64 division in flash_dx_kernel spilled
+    on sm_80)."""
     scale, boost = _in_acc(scale, scale64, ACC), _in_acc(boost, boost64, ACC)
     weight, onehot = _in_acc(weight, weight64, ACC), _in_acc(onehot, onehot64, ACC)
     n_row_tiles = tl.cdiv(row_count, BM)
@@ -178,21 +179,21 @@ def softmax_grad_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, smax_ptr, ssum_ptr, g_ptr,
     lg = _logit_tile(x_ptr, y_ptr, rx_ptr, ry_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y,
                      owner_ptr, scale, boost, PEN_MODE, MASK_MODE, BK, ACC, PREC)
     smax = tl.load(smax_ptr + local, mask=row_ok, other=0.0)
-    ssum = tl.load(ssum_ptr + local, mask=row_ok, other=1.0)
-    g = _grad_from_logits(lg, smax, ssum, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, weight, onehot, EXP2)
+    wsum = tl.load(wsum_ptr + local, mask=row_ok, other=0.0)
+    g = _grad_from_logits(lg, smax, wsum, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, onehot, EXP2)
     tl.store(g_ptr + local[:, None].to(tl.int64) * stride_g + cols[None, :], g.to(g_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
-def _grad_from_logits(lg, smax, ssum, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, weight, onehot,
-                      EXP2: tl.constexpr):
+def _grad_from_logits(lg, smax, wsum, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, onehot, EXP2: tl.constexpr):
     """``(weight * exp(L - lse) - onehot * [c == g]) * rx * ry``, zero outside, with the softmax formed as
-    ``(weight / sum) * exp(L - max)`` from the row's max and sum (BM,) in the logits' units (log2 with ``EXP2``):
-    ``L - max`` is exact at the max (``exp2(0) == 1``: a lone column gives ``1 - onehot == 0``) and ``1 / sum`` is
-    rounded once, relative to 1, where ``exp(L - (max + log(sum)))`` inherits the LSE's rounding at the max's
-    magnitude. The same per-logit work: the per-row factor replaces the multiply by ``weight``."""
-    g = (weight / ssum)[:, None] * _exp(lg - smax[:, None], EXP2)
+    ``(weight / sum) * exp(L - max)`` from the row's max and ``wsum = weight / sum`` (BM,), in the logits' units
+    (log2 with ``EXP2``): ``L - max`` is exact at the max (``exp2(0) == 1``: a lone column gives ``1 - onehot ==
+    0``) and ``1 / sum`` is rounded once, relative to 1, where ``exp(L - (max + log(sum)))`` inherits the LSE's
+    rounding at the max's magnitude. The same per-logit work: the per-row factor replaces the multiply by
+    ``weight``."""
+    g = wsum[:, None] * _exp(lg - smax[:, None], EXP2)
     g = tl.where(cols[None, :] == rows[:, None], g - onehot, g)
     rx = tl.load(rx_ptr + rows, mask=row_ok, other=0.0)
     ry = tl.load(ry_ptr + cols, mask=col_ok, other=0.0)
@@ -203,7 +204,7 @@ def _grad_from_logits(lg, smax, ssum, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr
 # Gradient in the forward pass: S of a row block from cuBLAS, one fused row pass turns it into G~ in place.
 # ------------------------------------------------------------------------------------------------------------------
 @triton.jit
-def row_pass_kernel(s_ptr, g_ptr, rx_ptr, ry_ptr, smax_ptr, ssum_ptr, max_ptr, sum_ptr, pos_ptr, row_start, row_count,
+def row_pass_kernel(s_ptr, g_ptr, rx_ptr, ry_ptr, smax_ptr, wsum_ptr, max_ptr, sum_ptr, pos_ptr, row_start, row_count,
                     n_cols, stride_s, stride_g, owner_ptr, scale, boost, weight, onehot, scale64: tl.float64,
                     boost64: tl.float64, weight64: tl.float64, onehot64: tl.float64, PEN_MODE: tl.constexpr,
                     MASK_MODE: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -211,8 +212,8 @@ def row_pass_kernel(s_ptr, g_ptr, rx_ptr, ry_ptr, smax_ptr, ssum_ptr, max_ptr, s
     """BM rows of ``S`` (raw dot products, fp32/fp64, row stride ``stride_s``) per program.
 
     ``MODE`` 0 (one direction): row max / sum / positive, then ``G~`` written over the same rows; 1: statistics only
-    (several directions share a joint LSE the launcher combines); 2: ``G~`` only, from the softmax's max and sum
-    (``smax_ptr``, ``ssum_ptr``).
+    (several directions share a joint LSE the launcher combines); 2: ``G~`` only, from the softmax's max and
+    ``weight / sum`` (``smax_ptr``, ``wsum_ptr``).
     ``g_ptr`` may alias ``s_ptr`` (``G~`` in 16-bit occupies the first half of each fp32 row): a program reads a
     column tile before writing it, and writes only at or before the columns it has read.
     """
@@ -240,11 +241,11 @@ def row_pass_kernel(s_ptr, g_ptr, rx_ptr, ry_ptr, smax_ptr, ssum_ptr, max_ptr, s
         tl.store(max_ptr + local, m, mask=row_ok)  # in the logits' units, like row_lse_kernel
         tl.store(sum_ptr + local, s, mask=row_ok)
         tl.store(pos_ptr + local, p, mask=row_ok)
-        smax, ssum = m, s
+        smax, wsum = m, weight / tl.where(row_ok, s, 1.0)
     if MODE != 1:
         if MODE == 2:
             smax = tl.load(smax_ptr + local, mask=row_ok, other=0.0)
-            ssum = tl.load(ssum_ptr + local, mask=row_ok, other=1.0)
+            wsum = tl.load(wsum_ptr + local, mask=row_ok, other=0.0)
         g_rows = g_ptr + local[:, None].to(tl.int64) * stride_g
         for c0 in range(0, n_cols, BN):
             cols = c0 + tl.arange(0, BN)
@@ -252,7 +253,7 @@ def row_pass_kernel(s_ptr, g_ptr, rx_ptr, ry_ptr, smax_ptr, ssum_ptr, max_ptr, s
             dots = tl.load(s_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             lg = _scale_and_mask(dots, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, owner_ptr, scale, boost, PEN_MODE,
                                  MASK_MODE)
-            g = _grad_from_logits(lg, smax, ssum, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, weight, onehot, EXP2)
+            g = _grad_from_logits(lg, smax, wsum, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, onehot, EXP2)
             tl.store(g_rows + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -268,7 +269,7 @@ def _mm(a, b, ACC: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def flash_dx_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, smax_ptr, ssum_ptr, dx_ptr, row_start, row_count, n_cols, n_dim,
+def flash_dx_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, smax_ptr, wsum_ptr, dx_ptr, row_start, row_count, n_cols, n_dim,
                     stride_x, stride_y, stride_dx, owner_ptr, scale, boost, weight, onehot, scale64: tl.float64,
                     boost64: tl.float64, weight64: tl.float64, onehot64: tl.float64, PEN_MODE: tl.constexpr,
                     MASK_MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
@@ -283,13 +284,13 @@ def flash_dx_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, smax_ptr, ssum_ptr, dx_ptr, ro
     k_ok = ks < n_dim
     acc = tl.zeros((BM, BK), dtype=ACC)
     smax = tl.load(smax_ptr + local, mask=row_ok, other=0.0)
-    ssum = tl.load(ssum_ptr + local, mask=row_ok, other=1.0)
+    wsum = tl.load(wsum_ptr + local, mask=row_ok, other=0.0)
     for c0 in range(0, n_cols, BN):
         cols = c0 + tl.arange(0, BN)
         col_ok = cols < n_cols
         lg = _logit_tile(x_ptr, y_ptr, rx_ptr, ry_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y,
                          owner_ptr, scale, boost, PEN_MODE, MASK_MODE, BK, ACC, PREC)
-        g = _grad_from_logits(lg, smax, ssum, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, weight, onehot, EXP2)
+        g = _grad_from_logits(lg, smax, wsum, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, onehot, EXP2)
         yt = tl.load(y_ptr + cols[:, None].to(tl.int64) * stride_y + ks[None, :],
                      mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc += _mm(g, yt, ACC, PREC)
@@ -298,7 +299,7 @@ def flash_dx_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, smax_ptr, ssum_ptr, dx_ptr, ro
 
 
 @triton.jit
-def flash_dy_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, smax_ptr, ssum_ptr, dy_ptr, row_start, row_count, n_cols, n_dim,
+def flash_dy_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, smax_ptr, wsum_ptr, dy_ptr, row_start, row_count, n_cols, n_dim,
                     stride_x, stride_y, stride_dy, owner_ptr, scale, boost, weight, onehot, scale64: tl.float64,
                     boost64: tl.float64, weight64: tl.float64, onehot64: tl.float64, PEN_MODE: tl.constexpr,
                     MASK_MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
@@ -317,10 +318,10 @@ def flash_dy_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, smax_ptr, ssum_ptr, dy_ptr, ro
         row_ok = local < row_count
         rows = row_start + local
         smax = tl.load(smax_ptr + local, mask=row_ok, other=0.0)
-        ssum = tl.load(ssum_ptr + local, mask=row_ok, other=1.0)
+        wsum = tl.load(wsum_ptr + local, mask=row_ok, other=0.0)
         lg = _logit_tile(x_ptr, y_ptr, rx_ptr, ry_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y,
                          owner_ptr, scale, boost, PEN_MODE, MASK_MODE, BK, ACC, PREC)
-        g = _grad_from_logits(lg, smax, ssum, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, weight, onehot, EXP2)
+        g = _grad_from_logits(lg, smax, wsum, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, onehot, EXP2)
         xt = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + ks[None, :],
                      mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         acc += _mm(tl.trans(g), xt, ACC, PREC)
