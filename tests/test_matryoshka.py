@@ -154,6 +154,33 @@ def test_float32_error_within_4x_sentence_transformers(forced_backend, seed):
         assert rel_err(g, ref, 1e-5) <= 4 * rel_err(g_st, ref, 1e-5) + floor, f"column {i} ({cfg})"
 
 
+@pytest.mark.parametrize("directions,partition", [
+    (("query_to_doc",), "joint"), (("query_to_doc", "doc_to_query"), "per_direction"),
+    (("query_to_doc", "query_to_query"), "joint"), (("query_to_doc", "doc_to_doc"), "joint")],
+    ids=["qd", "qd+dq-per_direction", "qd+qq", "qd+dd"])
+def test_triton_single_candidate_rows_give_zero_float32_gradient(directions, partition, monkeypatch):
+    """B = 1 with one doc: every softmax of the row has one entry (query_to_query's and doc_to_doc's only column is
+    masked), so the gradient is exactly 0, as sentence-transformers' float32 gives. The triton row kernels put all
+    of the one-hot in query_to_doc, so per_direction query_to_doc + doc_to_query gave -w and +w that cancelled only
+    after the gradient products (9e-7 at scale 50); now each block takes its share. Within 4x
+    sentence-transformers' error + 1e-7."""
+    skip_without_op("triton")
+    monkeypatch.setenv("EMBEDLOSS_BACKEND", "triton")
+    for seed in range(4):
+        cfg = dict(batch=1, dim=17, n_neg=0, scale=(20.0, 50.0)[seed % 2], cosine=seed < 2, directions=directions,
+                   partition_mode=partition, hardness_mode=HARDNESS[seed], hardness_strength=5.0, block_rows=0,
+                   dims=[17, 8, 3], weights=[1, 0.5, 2.0], n_dims_per_step=-1)
+        columns64 = make_columns(cfg, torch.float64, seed)
+        st = matryoshka_module(cfg, False)
+        _, exact = loss_and_grads(module_loss(st, seed), columns64)
+        _, st32 = loss_and_grads(module_loss(st, seed), [c.float() for c in columns64])
+        _, grads = loss_and_grads(module_loss(matryoshka_module(cfg, True), seed), [c.float() for c in columns64])
+        for i, (g, g_st, ref) in enumerate(zip(grads, st32, exact)):
+            assert ref.abs().max() <= 1e-12
+            err, st_err = (g - ref).abs().max().item(), (g_st - ref).abs().max().item()
+            assert err <= 4 * st_err + 1e-7, f"column {i}: {err:.3g} (sentence-transformers {st_err:.3g}) {cfg}"
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_functional_matches_reference(backend, seed):
     skip_without_op(backend)

@@ -4,9 +4,9 @@ The inputs are read raw: normalization is two vectors applied to the tiles, neve
 
 * :func:`row_lse_kernel`: online row max / sum of ``exp(L - max)`` over column tiles (pass 1, per row).
 * :func:`softmax_grad_kernel`: recomputes a row block's tiles and writes ``G~ = (w * exp(L - lse) - onehot) * rx *
-  ry`` into a bounded (rows x columns) workspace in the input dtype; the launcher turns it into ``G~ Y`` and
-  ``G~^T X`` with tensor-core matmuls (fp32 accumulation), already divided by the norms the normalization backward
-  needs.
+  ry`` (as ``(w / sum) * exp(L - max)``: :func:`_grad_from_logits`) into a bounded (rows x columns) workspace in
+  the input dtype; the launcher turns it into ``G~ Y`` and ``G~^T X`` with tensor-core matmuls (fp32
+  accumulation), already divided by the norms the normalization backward needs.
 * :func:`row_pass_kernel`: the gradient-in-forward row block: the launcher computes ``S = X_g Y^T`` (fp32) with
   cuBLAS; this kernel applies scale, norms, masks and hardness, takes the exact LSE, and overwrites ``S`` with
   ``G~`` (16-bit ``G~`` in the first half of each fp32 row), so S is computed once per block.
@@ -19,8 +19,13 @@ builds). ``PEN_MODE``: 0 none, 1 boost columns of other queries (in-batch), 2 bo
 ``c == g`` (query_to_query), 2 mask ``owner[c] == g`` (doc_to_doc).
 
 ``EXP2``: logits are formed in base 2 (``scale`` and ``boost`` arrive multiplied by log2(e), ``exp2`` replaces
-``exp``: one multiply fewer per logit); stored maxima and positives are converted back to natural units. float64
-keeps ``exp`` (its scalars must not pass through an fp32 log2(e) product).
+``exp``: one multiply fewer per logit). Stored maxima and positives stay in the kernel's units (log2 when ``EXP2``;
+the launcher combines them with ``exp2`` / ``log2`` and converts only the loss), and the gradient kernels read the
+row's (max, sum), never an LSE: a round trip through natural units (``m * ln 2``, later ``lse * log2(e)``) is
+rounded twice, so a row's max logit no longer gave ``exp2(L - lse) == 1`` and a single-candidate row a gradient of
+~1e-6 * scale instead of 0; an LSE ``max + log(sum)`` itself is rounded at the max's magnitude (~1e-5 at logit 144),
+which a nearly saturated row's ``softmax - 1`` inherits.
+float64 keeps ``exp`` (its scalars must not pass through an fp32 log2(e) product).
 
 Float scalars come twice: ``scale, boost, weight, onehot`` (plain Python floats: fp32 in a compiled kernel) and
 ``scale64, ...`` annotated ``tl.float64``; :func:`_in_acc` gives float64 kernels the latter. With the fp32 ones alone
@@ -32,8 +37,6 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634  # the launcher multiplies scale and boost by it
-_LN2 = tl.constexpr(0.6931471805599453)
-_LOG2E = tl.constexpr(LOG2E)
 
 
 @triton.jit
@@ -68,7 +71,8 @@ def _scale_and_mask(dots, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, owner_ptr,
         coef = scale
     rx = tl.load(rx_ptr + rows, mask=row_ok, other=0.0)  # inverse norms, indexed by global row / column
     ry = tl.load(ry_ptr + cols, mask=col_ok, other=0.0)
-    logits = dots * coef * rx[:, None] * ry[None, :]
+    logits = dots * coef * (rx[:, None] * ry[None, :])  # rx * ry commutes: a pair and its transpose (query_to_doc
+    # and doc_to_query) get the same logit
     valid = row_ok[:, None] & col_ok[None, :]
     if MASK_MODE == 1:
         valid = valid & (~pos)
@@ -138,10 +142,7 @@ def row_lse_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, max_ptr, sum_ptr, pos_ptr, row_
         s = s * _exp(m - safe, EXP2) + tl.sum(_exp(lg - safe[:, None], EXP2), axis=1)
         m = m_new
         p += tl.sum(tl.where((cols[None, :] == rows[:, None]) & (lg > float("-inf")), lg, 0.0), axis=1)
-    if EXP2:  # back to natural units
-        m = m * _LN2
-        p = p * _LN2
-    tl.store(max_ptr + local, m, mask=row_ok)
+    tl.store(max_ptr + local, m, mask=row_ok)  # in the logits' units (log2 with EXP2): never converted back
     tl.store(sum_ptr + local, s, mask=row_ok)
     tl.store(pos_ptr + local, p, mask=row_ok)
 
@@ -157,13 +158,15 @@ def _grouped(pid, n_row_tiles, n_col_tiles, GROUP: tl.constexpr):
 
 
 @triton.jit
-def softmax_grad_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, lse_ptr, g_ptr, row_start, row_count, n_cols, n_dim, stride_x,
-                        stride_y, stride_g, owner_ptr, scale, boost, weight, onehot, scale64: tl.float64,
+def softmax_grad_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, smax_ptr, wsum_ptr, g_ptr, row_start, row_count, n_cols, n_dim,
+                        stride_x, stride_y, stride_g, owner_ptr, scale, boost, weight, onehot, scale64: tl.float64,
                         boost64: tl.float64, weight64: tl.float64, onehot64: tl.float64, PEN_MODE: tl.constexpr,
                         MASK_MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                         ACC: tl.constexpr, PREC: tl.constexpr, EXP2: tl.constexpr, GROUP: tl.constexpr):
     """``G~[i, c] = (weight * exp(L[i, c] - lse[i]) - onehot * [c == g_i]) * rx_i * ry_c`` for one tile, stored in
-    ``g_ptr``'s dtype (the input's: 16-bit G feeds tensor-core products)."""
+    ``g_ptr``'s dtype (the input's: 16-bit G feeds tensor-core products); the softmax from the row's max and
+    ``weight / sum`` (``smax_ptr``, ``wsum_ptr``: the launcher divides, an fp64 division in flash_dx_kernel spilled
+    on sm_80)."""
     scale, boost = _in_acc(scale, scale64, ACC), _in_acc(boost, boost64, ACC)
     weight, onehot = _in_acc(weight, weight64, ACC), _in_acc(onehot, onehot64, ACC)
     n_row_tiles = tl.cdiv(row_count, BM)
@@ -175,18 +178,22 @@ def softmax_grad_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, lse_ptr, g_ptr, row_start,
     rows = row_start + local
     lg = _logit_tile(x_ptr, y_ptr, rx_ptr, ry_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y,
                      owner_ptr, scale, boost, PEN_MODE, MASK_MODE, BK, ACC, PREC)
-    lse = tl.load(lse_ptr + local, mask=row_ok, other=0.0)
-    g = _grad_from_logits(lg, lse, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, weight, onehot, EXP2)
+    smax = tl.load(smax_ptr + local, mask=row_ok, other=0.0)
+    wsum = tl.load(wsum_ptr + local, mask=row_ok, other=0.0)
+    g = _grad_from_logits(lg, smax, wsum, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, onehot, EXP2)
     tl.store(g_ptr + local[:, None].to(tl.int64) * stride_g + cols[None, :], g.to(g_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
-def _grad_from_logits(lg, lse, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, weight, onehot, EXP2: tl.constexpr):
-    """``(weight * exp(L - lse) - onehot * [c == g]) * rx * ry`` (``lse`` (BM,) in natural units), zero outside."""
-    if EXP2:
-        lse = lse * _LOG2E
-    g = weight * _exp(lg - lse[:, None], EXP2)
+def _grad_from_logits(lg, smax, wsum, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, onehot, EXP2: tl.constexpr):
+    """``(weight * exp(L - lse) - onehot * [c == g]) * rx * ry``, zero outside, with the softmax formed as
+    ``(weight / sum) * exp(L - max)`` from the row's max and ``wsum = weight / sum`` (BM,), in the logits' units
+    (log2 with ``EXP2``): ``L - max`` is exact at the max (``exp2(0) == 1``: a lone column gives ``1 - onehot ==
+    0``) and ``1 / sum`` is rounded once, relative to 1, where ``exp(L - (max + log(sum)))`` inherits the LSE's
+    rounding at the max's magnitude. The same per-logit work: the per-row factor replaces the multiply by
+    ``weight``."""
+    g = wsum[:, None] * _exp(lg - smax[:, None], EXP2)
     g = tl.where(cols[None, :] == rows[:, None], g - onehot, g)
     rx = tl.load(rx_ptr + rows, mask=row_ok, other=0.0)
     ry = tl.load(ry_ptr + cols, mask=col_ok, other=0.0)
@@ -197,15 +204,16 @@ def _grad_from_logits(lg, lse, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, weigh
 # Gradient in the forward pass: S of a row block from cuBLAS, one fused row pass turns it into G~ in place.
 # ------------------------------------------------------------------------------------------------------------------
 @triton.jit
-def row_pass_kernel(s_ptr, g_ptr, rx_ptr, ry_ptr, lse_ptr, max_ptr, sum_ptr, pos_ptr, row_start, row_count, n_cols,
-                    stride_s, stride_g, owner_ptr, scale, boost, weight, onehot, scale64: tl.float64,
+def row_pass_kernel(s_ptr, g_ptr, rx_ptr, ry_ptr, smax_ptr, wsum_ptr, max_ptr, sum_ptr, pos_ptr, row_start, row_count,
+                    n_cols, stride_s, stride_g, owner_ptr, scale, boost, weight, onehot, scale64: tl.float64,
                     boost64: tl.float64, weight64: tl.float64, onehot64: tl.float64, PEN_MODE: tl.constexpr,
                     MASK_MODE: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                     EXP2: tl.constexpr):
     """BM rows of ``S`` (raw dot products, fp32/fp64, row stride ``stride_s``) per program.
 
     ``MODE`` 0 (one direction): row max / sum / positive, then ``G~`` written over the same rows; 1: statistics only
-    (several directions share a joint LSE the launcher combines); 2: ``G~`` only, from ``lse_ptr``.
+    (several directions share a joint LSE the launcher combines); 2: ``G~`` only, from the softmax's max and
+    ``weight / sum`` (``smax_ptr``, ``wsum_ptr``).
     ``g_ptr`` may alias ``s_ptr`` (``G~`` in 16-bit occupies the first half of each fp32 row): a program reads a
     column tile before writing it, and writes only at or before the columns it has read.
     """
@@ -230,16 +238,14 @@ def row_pass_kernel(s_ptr, g_ptr, rx_ptr, ry_ptr, lse_ptr, max_ptr, sum_ptr, pos
             s = s * _exp(m - safe, EXP2) + tl.sum(_exp(lg - safe[:, None], EXP2), axis=1)
             m = m_new
             p += tl.sum(tl.where((cols[None, :] == rows[:, None]) & (lg > float("-inf")), lg, 0.0), axis=1)
-        if EXP2:
-            m = m * _LN2
-            p = p * _LN2
-        tl.store(max_ptr + local, m, mask=row_ok)
+        tl.store(max_ptr + local, m, mask=row_ok)  # in the logits' units, like row_lse_kernel
         tl.store(sum_ptr + local, s, mask=row_ok)
         tl.store(pos_ptr + local, p, mask=row_ok)
-        lse = m + tl.log(s)
+        smax, wsum = m, weight / tl.where(row_ok, s, 1.0)
     if MODE != 1:
         if MODE == 2:
-            lse = tl.load(lse_ptr + local, mask=row_ok, other=0.0)
+            smax = tl.load(smax_ptr + local, mask=row_ok, other=0.0)
+            wsum = tl.load(wsum_ptr + local, mask=row_ok, other=0.0)
         g_rows = g_ptr + local[:, None].to(tl.int64) * stride_g
         for c0 in range(0, n_cols, BN):
             cols = c0 + tl.arange(0, BN)
@@ -247,7 +253,7 @@ def row_pass_kernel(s_ptr, g_ptr, rx_ptr, ry_ptr, lse_ptr, max_ptr, sum_ptr, pos
             dots = tl.load(s_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             lg = _scale_and_mask(dots, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, owner_ptr, scale, boost, PEN_MODE,
                                  MASK_MODE)
-            g = _grad_from_logits(lg, lse, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, weight, onehot, EXP2)
+            g = _grad_from_logits(lg, smax, wsum, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, onehot, EXP2)
             tl.store(g_rows + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -263,8 +269,8 @@ def _mm(a, b, ACC: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def flash_dx_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, lse_ptr, dx_ptr, row_start, row_count, n_cols, n_dim, stride_x,
-                    stride_y, stride_dx, owner_ptr, scale, boost, weight, onehot, scale64: tl.float64,
+def flash_dx_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, smax_ptr, wsum_ptr, dx_ptr, row_start, row_count, n_cols, n_dim,
+                    stride_x, stride_y, stride_dx, owner_ptr, scale, boost, weight, onehot, scale64: tl.float64,
                     boost64: tl.float64, weight64: tl.float64, onehot64: tl.float64, PEN_MODE: tl.constexpr,
                     MASK_MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
                     PREC: tl.constexpr, EXP2: tl.constexpr):
@@ -277,13 +283,14 @@ def flash_dx_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, lse_ptr, dx_ptr, row_start, ro
     ks = tl.arange(0, BK)
     k_ok = ks < n_dim
     acc = tl.zeros((BM, BK), dtype=ACC)
-    lse = tl.load(lse_ptr + local, mask=row_ok, other=0.0)
+    smax = tl.load(smax_ptr + local, mask=row_ok, other=0.0)
+    wsum = tl.load(wsum_ptr + local, mask=row_ok, other=0.0)
     for c0 in range(0, n_cols, BN):
         cols = c0 + tl.arange(0, BN)
         col_ok = cols < n_cols
         lg = _logit_tile(x_ptr, y_ptr, rx_ptr, ry_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y,
                          owner_ptr, scale, boost, PEN_MODE, MASK_MODE, BK, ACC, PREC)
-        g = _grad_from_logits(lg, lse, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, weight, onehot, EXP2)
+        g = _grad_from_logits(lg, smax, wsum, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, onehot, EXP2)
         yt = tl.load(y_ptr + cols[:, None].to(tl.int64) * stride_y + ks[None, :],
                      mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc += _mm(g, yt, ACC, PREC)
@@ -292,8 +299,8 @@ def flash_dx_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, lse_ptr, dx_ptr, row_start, ro
 
 
 @triton.jit
-def flash_dy_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, lse_ptr, dy_ptr, row_start, row_count, n_cols, n_dim, stride_x,
-                    stride_y, stride_dy, owner_ptr, scale, boost, weight, onehot, scale64: tl.float64,
+def flash_dy_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, smax_ptr, wsum_ptr, dy_ptr, row_start, row_count, n_cols, n_dim,
+                    stride_x, stride_y, stride_dy, owner_ptr, scale, boost, weight, onehot, scale64: tl.float64,
                     boost64: tl.float64, weight64: tl.float64, onehot64: tl.float64, PEN_MODE: tl.constexpr,
                     MASK_MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
                     PREC: tl.constexpr, EXP2: tl.constexpr):
@@ -310,10 +317,11 @@ def flash_dy_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, lse_ptr, dy_ptr, row_start, ro
         local = r0 + tl.arange(0, BM)
         row_ok = local < row_count
         rows = row_start + local
-        lse = tl.load(lse_ptr + local, mask=row_ok, other=0.0)
+        smax = tl.load(smax_ptr + local, mask=row_ok, other=0.0)
+        wsum = tl.load(wsum_ptr + local, mask=row_ok, other=0.0)
         lg = _logit_tile(x_ptr, y_ptr, rx_ptr, ry_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y,
                          owner_ptr, scale, boost, PEN_MODE, MASK_MODE, BK, ACC, PREC)
-        g = _grad_from_logits(lg, lse, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, weight, onehot, EXP2)
+        g = _grad_from_logits(lg, smax, wsum, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, onehot, EXP2)
         xt = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + ks[None, :],
                      mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         acc += _mm(tl.trans(g), xt, ACC, PREC)

@@ -60,15 +60,33 @@ _PEN_MODE = {HARDNESS_NONE: 0, HARDNESS_IN_BATCH: 1, HARDNESS_HARD: 2, HARDNESS_
 MASK_NONE, MASK_SELF, MASK_OWN_DOCS = 0, 1, 2
 
 
-def _combine(stats: list[tuple[Tensor, Tensor, Tensor]], joint: bool) -> tuple[list[Tensor], Tensor]:
-    """Per-direction (max, sum, positive) of every row -> the LSE each direction's softmax uses, and the mean LSE."""
+def _combine(stats: list[tuple[Tensor, Tensor, Tensor]], joint: bool,
+             exp2: bool) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
+    """Per-direction (max, sum, positive) of every row -> the (max, sum) each direction's softmax uses, and each
+    row's loss ``mean LSE - positive``, all in the kernels' units (base 2 with ``exp2``; the caller converts the
+    loss). No LSE is handed on: the gradient kernels form ``exp(L - max) / sum`` from the same logits the max was
+    taken over (a lone column: exactly 1), and the loss adds ``log(sum)`` to ``max - positive`` (exact where the
+    positive is the max), so neither is rounded at the max's magnitude."""
+    exp, log = (torch.exp2, torch.log2) if exp2 else (torch.exp, torch.log)
+    pos = stats[0][2]
     if joint:
         row_max = torch.stack([m for m, _, _ in stats]).amax(0)
-        total = sum(s * (m - row_max).exp() for m, s, _ in stats)
-        lse = row_max + total.log()
-        return [lse] * len(stats), lse
-    lses = [m + s.log() for m, s, _ in stats]
-    return lses, sum(lses) / len(stats)
+        total = sum(s * exp(m - row_max) for m, s, _ in stats)
+        return [(row_max, total)] * len(stats), (row_max - pos) + log(total)
+    return [(m, s) for m, s, _ in stats], sum((m - pos) + log(s) for m, s, _ in stats) / len(stats)
+
+
+def _onehot(name: str, blocks: list, dir_w: float) -> float:
+    """The weight of the one-hot (column ``g``, the positive) in a direction block's ``G~``. Joint: all of it in
+    query_to_doc. per_direction: doc_to_query's column ``g`` is the same pair (``a_g . q_g`` at the plain scale) as
+    query_to_doc's positive, so each of the two takes its direction's share: a lone column's ``w * softmax - onehot``
+    is then exactly 0 in each block, where ``w - 1`` and ``w`` cancelled only after the gradient products (their
+    fused accumulation left ~1e-8 * scale). query_to_query and doc_to_doc mask column ``g``. ``dir_w``: each
+    direction's weight (1 when joint)."""
+    split = dir_w < 1.0 and any(b[0] == "dq" for b in blocks)
+    if name == "qd":
+        return 1.0 - dir_w if split else 1.0
+    return dir_w if split and name == "dq" else 0.0
 
 
 def infonce_forward(q: Tensor, a: Tensor, row_start: int, row_count: int, scale: float, cosine: bool,
@@ -99,7 +117,7 @@ def infonce_forward(q: Tensor, a: Tensor, row_start: int, row_count: int, scale:
     grads = _blocked.BlockGrads(q, a, rq, ra, directions, cosine, scale / row_count) if compute_grad else None
     if compute_grad and strategy == "fused":
         stats = _fused(blocks, grads, row_start, row_count, scalars, joint, exp2, block_rows)
-        lses, lse_mean = _combine(stats, joint)
+        softmax, row_loss = _combine(stats, joint, exp2)
     else:
         stats = []
         for _, x, y, rx, ry, pen, mask in blocks:
@@ -110,38 +128,40 @@ def infonce_forward(q: Tensor, a: Tensor, row_start: int, row_count: int, scale:
             launch(row_lse_kernel, lambda c: (triton.cdiv(row_count, c["BM"]),), args, meta,
                     tile_configs(n_dim, dtype, arch), ("lse", n_dim, dtype, arch, pen, mask))
             stats.append((m, s, p))
-        lses, lse_mean = _combine(stats, joint)
-    loss = (lse_mean - stats[0][2]).mean()  # the query_to_doc block's diagonal logit, always at the plain scale
+        softmax, row_loss = _combine(stats, joint, exp2)
+    # the positive: the query_to_doc block's diagonal logit, always at the plain scale; back to natural units last
+    loss = row_loss.mean() / unit
     if not compute_grad:
         return no_grads(loss, q)
     if strategy == "flash":
-        _flash(blocks, lses, grads, row_start, row_count, scalars, dir_w, exp2)
+        _flash(blocks, softmax, grads, row_start, row_count, scalars, dir_w, exp2)
     elif strategy == "workspace":
-        _workspace(blocks, lses, grads, row_start, row_count, scalars, dir_w, exp2, block_rows)
+        _workspace(blocks, softmax, grads, row_start, row_count, scalars, dir_w, exp2, block_rows)
     dq, da = grads.finish()
     return loss, _blocked.unshorten(dq, cq), _blocked.unshorten(da, ca), grads.scale_grad(scale)
 
 
-def _flash(blocks, lses, grads, row_start, row_count, scalars, dir_w, exp2) -> None:
+def _flash(blocks, softmax, grads, row_start, row_count, scalars, dir_w, exp2) -> None:
     """dX and dY of each direction block accumulated on chip (fp32, already in v units)."""
     q = blocks[0][1]
     cfg = flash_config(q.shape[1], q.dtype)
     meta = dict(ACC=acc_type(q.dtype), PREC=precision(q.dtype), EXP2=exp2, **cfg)
     wd = _blocked.acc_dtype(q.dtype)
-    for (name, x, y, rx, ry, pen, mask), lse in zip(blocks, lses):
+    for (name, x, y, rx, ry, pen, mask), (smax, ssum) in zip(blocks, softmax):
         n_cols, n_dim = y.shape
+        wsum = dir_w / ssum  # the kernels take weight / sum per row
         dx = torch.empty(row_count, n_dim, dtype=wd, device=q.device)
         dy = torch.empty(n_cols, n_dim, dtype=wd, device=q.device)
         common = (row_start, row_count, n_cols, n_dim, x.stride(0), y.stride(0))
-        consts = with_float64(scalars, dir_w, 1.0 if name == "qd" else 0.0)
-        flash_dx_kernel[(triton.cdiv(row_count, cfg["BM"]),)](x, y, rx, ry, lse, dx, *common, dx.stride(0), *consts,
-                                                                PEN_MODE=pen, MASK_MODE=mask, **meta)
-        flash_dy_kernel[(triton.cdiv(n_cols, cfg["BN"]),)](x, y, rx, ry, lse, dy, *common, dy.stride(0), *consts,
-                                                             PEN_MODE=pen, MASK_MODE=mask, **meta)
+        consts = with_float64(scalars, dir_w, _onehot(name, blocks, dir_w))
+        flash_dx_kernel[(triton.cdiv(row_count, cfg["BM"]),)](x, y, rx, ry, smax, wsum, dx, *common, dx.stride(0),
+                                                                *consts, PEN_MODE=pen, MASK_MODE=mask, **meta)
+        flash_dy_kernel[(triton.cdiv(n_cols, cfg["BN"]),)](x, y, rx, ry, smax, wsum, dy, *common, dy.stride(0),
+                                                             *consts, PEN_MODE=pen, MASK_MODE=mask, **meta)
         grads.add_products(name, row_start, row_start + row_count, dx, dy)
 
 
-def _workspace(blocks, lses, grads, row_start, row_count, scalars, dir_w, exp2, block_rows) -> None:
+def _workspace(blocks, softmax, grads, row_start, row_count, scalars, dir_w, exp2, block_rows) -> None:
     """Two-pass strategy: softmax_grad_kernel recomputes S tile by tile into a 16-bit G~ workspace of one row
     block, then two cuBLAS products."""
     q = blocks[0][1]
@@ -151,13 +171,14 @@ def _workspace(blocks, lses, grads, row_start, row_count, scalars, dir_w, exp2, 
     per_block = min(per_block, row_count)
     workspace = torch.empty(per_block * width, dtype=dtype, device=q.device)
     meta_common = dict(ACC=acc_type(dtype), PREC=precision(dtype), EXP2=exp2, GROUP=GROUP_ROWS)
-    for (name, x, y, rx, ry, pen, mask), lse in zip(blocks, lses):
+    for (name, x, y, rx, ry, pen, mask), (smax, ssum) in zip(blocks, softmax):
         n_cols = y.shape[0]
+        wsum = dir_w / ssum  # the kernels take weight / sum per row
         for r0 in range(0, row_count, per_block):
             n = min(per_block, row_count - r0)
             g = workspace[: n * n_cols].view(n, n_cols)
-            args = (x, y, rx, ry, lse[r0:], g, row_start + r0, n, n_cols, n_dim, x.stride(0), y.stride(0),
-                    g.stride(0), *with_float64(scalars, dir_w, 1.0 if name == "qd" else 0.0))
+            args = (x, y, rx, ry, smax[r0:], wsum[r0:], g, row_start + r0, n, n_cols, n_dim, x.stride(0), y.stride(0),
+                    g.stride(0), *with_float64(scalars, dir_w, _onehot(name, blocks, dir_w)))
 
             def grid(c, n=n, n_cols=n_cols):
                 return (triton.cdiv(n, c["BM"]) * triton.cdiv(n_cols, c["BN"]),)
@@ -167,12 +188,12 @@ def _workspace(blocks, lses, grads, row_start, row_count, scalars, dir_w, exp2, 
             grads.add(name, row_start + r0, row_start + r0 + n, g)
 
 
-def _row_pass(block, view, lse, stats, mode, row0, n, scalars, dir_w, exp2, cfg, grid) -> None:
+def _row_pass(block, view, softmax, stats, mode, row0, n, scalars, dir_w, exp2, cfg, grid, onehot) -> None:
     name, _, _, rx, ry, pen, mask = block
     sv, gv = view
     m, s, p = stats
-    row_pass_kernel[grid](sv, gv, rx, ry, lse, m, s, p, row0, n, sv.shape[1], sv.stride(0), gv.stride(0),
-                          *with_float64(scalars, dir_w, 1.0 if name == "qd" else 0.0), PEN_MODE=pen, MASK_MODE=mask,
+    row_pass_kernel[grid](sv, gv, rx, ry, *softmax, m, s, p, row0, n, sv.shape[1], sv.stride(0), gv.stride(0),
+                          *with_float64(scalars, dir_w, onehot), PEN_MODE=pen, MASK_MODE=mask,
                           MODE=mode, EXP2=exp2, **cfg)
 
 
@@ -194,7 +215,7 @@ def _fused(blocks, grads, row_start, row_count, scalars, joint, exp2, block_rows
     n_bufs = n_streams if per_block < row_count else 1
     bufs = [torch.empty(per_block * sum(widths), dtype=wd, device=q.device) for _ in range(n_bufs)]
     stats = [tuple(torch.empty(row_count, dtype=wd, device=q.device) for _ in range(3)) for _ in blocks]
-    lse = torch.empty(row_count, dtype=wd, device=q.device)
+    unused = torch.empty(row_count, dtype=wd, device=q.device)  # the (max, sum) pointers of MODE 0 and 1
     cfg = row_pass_config(dtype)
     dir_w = 1.0 if joint else 1.0 / len(blocks)
     main = side = None
@@ -219,13 +240,14 @@ def _fused(blocks, grads, row_start, row_count, scalars, joint, exp2, block_rows
             grid = (triton.cdiv(n, cfg["BM"]),)
             common = (row_start + r0, n, scalars, dir_w, exp2, cfg, grid)
             if len(blocks) == 1:
-                _row_pass(blocks[0], views[0], lse[r0:], [t[r0:] for t in stats[0]], 0, *common)
+                _row_pass(blocks[0], views[0], (unused, unused), [t[r0:] for t in stats[0]], 0, *common, 1.0)
             else:
                 for block, view, st in zip(blocks, views, stats):
-                    _row_pass(block, view, lse[r0:], [t[r0:] for t in st], 1, *common)
-                lses, _ = _combine([tuple(t[r0 : r0 + n] for t in st) for st in stats], joint)
-                for block, view, st, lse_i in zip(blocks, views, stats, lses):
-                    _row_pass(block, view, lse_i.contiguous(), [t[r0:] for t in st], 2, *common)
+                    _row_pass(block, view, (unused, unused), [t[r0:] for t in st], 1, *common, 0.0)  # statistics
+                softmax, _ = _combine([tuple(t[r0 : r0 + n] for t in st) for st in stats], joint, exp2)
+                for block, view, st, (smax, ssum) in zip(blocks, views, stats, softmax):
+                    _row_pass(block, view, (smax.contiguous(), dir_w / ssum), [t[r0:] for t in st], 2, *common,
+                              _onehot(block[0], blocks, dir_w))
             if side is not None:
                 ready[k % n_bufs].record(side)
         if side is not None:

@@ -70,13 +70,18 @@ def triton_row_pass(
     if not compute_grad:
         return row_loss, None
     g_weight = scale * weight * inv_rows / (1 if joint else len(cos))
-    params = torch.tensor([scale, alpha, g_weight, scale * weight * inv_rows], dtype=wd, device=device)
+    onehot = scale * weight * inv_rows
+    # per_direction: doc_to_query's column g is query_to_doc's positive pair, so each takes its share of the one-hot
+    # (a lone column's G is then exactly 0 in both blocks, not -w and +w cancelling after the products)
+    split = not joint and "dq" in cos
+    onehots = {"qd": onehot - g_weight, "dq": g_weight} if split else {"qd": onehot}
     for key, c in cos.items():
         owner, pen, mask = owners[key]
         g = tmp[key]
         lse = lses[key].contiguous()
+        params = torch.tensor([scale, alpha, g_weight, onehots.get(key, 0.0)], dtype=wd, device=device)
         matryoshka_row_grad_kernel[(n,)](c, g, owner, params, lse, row0, c.shape[1], c.stride(0), g.stride(0),
-                                         POSITIVE=key == "qd", PEN_MODE=pen, MASK_MODE=mask,
+                                         POSITIVE=key in onehots, PEN_MODE=pen, MASK_MODE=mask,
                                          BN=matryoshka_tile(c.shape[1], wd))
     return row_loss, tmp
 
