@@ -236,9 +236,9 @@ def check_margin(margin_strategy, margin) -> float:
     return margin
 
 
-def check_guide(columns: Sequence[Tensor], guide, names: Sequence[str]) -> list[Tensor]:
+def check_guide(columns: Sequence[Tensor], guide, names: Sequence[str], strict: bool = True) -> list[Tensor]:
     """The guide's embeddings: one (B, D') tensor per model column, same rows and device as the model's columns
-    (their own dtype and dim), finite."""
+    (their own dtype and dim), finite (as :func:`check_embeddings`; ``strict=False`` for the drop-in modules)."""
     if isinstance(guide, Tensor) or not isinstance(guide, Sequence):
         raise TypeError(
             "guide must be a tuple of the guide model's embeddings, one per column "
@@ -251,7 +251,7 @@ def check_guide(columns: Sequence[Tensor], guide, names: Sequence[str]) -> list[
             f"got {len(guide)}"
         )
     guide_names = [f"guide[{i}] ({name})" for i, name in enumerate(names)]
-    check_embeddings(guide, guide_names)
+    check_embeddings(guide, guide_names, strict=strict)
     if guide[0].device != columns[0].device:
         raise ValueError(f"guide embeddings are on {guide[0].device} but {names[0]} is on {columns[0].device}; "
                          "expected one device")

@@ -101,11 +101,14 @@ def gather_metadata(columns: Sequence[Tensor], group=None, schedule: str = "gath
                 + ", ".join(f"rank {i}: {v}" for i, v in enumerate(values))
             )
     if len({r[4] for r in rows}) > 1 and any(r[5] for r in rows):
-        blocked = [i for i, r in enumerate(rows) if r[5]]
-        why = f"; here: {ring_blocker}" if ring_blocker is not None else ""
+        # every rank sees the same rows, so every rank comes here and gathers the blocked ranks' reasons: the error
+        # names the cause on every rank, not only where it arose
+        reasons = gather_text(ring_blocker or "", first.device, group)
+        why = "; ".join(f"rank {i}: {reasons[i]}" for i, r in enumerate(rows) if r[5])
         raise ValueError(
-            f"gather_across_devices: rank(s) {blocked} cannot run the ring schedule the other ranks run{why}. Pass "
-            f"the same similarity_fct and a finite, non-zero scale on every rank, or set {SCHEDULE_ENV}=gather"
+            f"gather_across_devices: {SCHEDULE_ENV}=ring, but not every rank can run the ring schedule ({why}), so "
+            "those ranks run the gather schedule and the ranks would not meet. Pass the same similarity_fct (cosine "
+            f"or dot) and a finite, non-zero scale on every rank, or set {SCHEDULE_ENV}=gather"
         )
     if len({r[4] for r in rows}) > 1:
         raise ValueError(
@@ -118,6 +121,21 @@ def gather_metadata(columns: Sequence[Tensor], group=None, schedule: str = "gath
             + str([r[0] for r in rows])
         )
     return rows
+
+
+def gather_text(text: str, device: torch.device, group) -> list[str]:
+    """Every rank's ``text`` (UTF-8 bytes, padded to the longest), after two small all-gathers."""
+    data = torch.tensor(list(text.encode()), dtype=torch.int64, device=device)
+    world = dist.get_world_size(group)
+    lengths = torch.empty(world, dtype=torch.int64, device=device)
+    all_gather_flat(lengths, torch.tensor([data.numel()], dtype=torch.int64, device=device), group)
+    width = max(1, *(int(n) for n in lengths.tolist()))
+    padded = torch.zeros(width, dtype=torch.int64, device=device)
+    padded[:data.numel()] = data
+    out = torch.empty(world * width, dtype=torch.int64, device=device)
+    all_gather_flat(out, padded, group)
+    return [bytes(row[:n]).decode(errors="replace")
+            for row, n in zip(out.view(world, width).tolist(), lengths.tolist())]
 
 
 def agree_on_validation(check: Callable[[], None], device: torch.device, group) -> None:

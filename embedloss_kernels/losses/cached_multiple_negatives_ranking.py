@@ -160,9 +160,11 @@ class CachedMultipleNegativesRankingLoss(CachedLossMixin, nn.Module):
         self.model = model
         self.sort_by_length = sort_by_length
         self._row_orders: list[Tensor | None] | None = None
-        # The wrapped loss validates and owns the hyperparameters and computes step 2.
+        # The wrapped loss validates and owns the hyperparameters and computes step 2. It holds the model too, as
+        # sentence-transformers' inner loss does: the state_dict has the same keys (``model.*`` and ``loss.model.*``,
+        # the same tensors), so checkpoints load both ways with strict=True, and parameters() keeps the same order.
         self.loss = MultipleNegativesRankingLoss(
-            None,
+            model,
             scale=scale,
             similarity_fct=similarity_fct,
             gather_across_devices=gather_across_devices,

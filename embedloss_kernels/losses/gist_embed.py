@@ -24,7 +24,8 @@ from sentence_transformers.util import batch_to_device
 from torch import Tensor
 
 from .. import functional
-from ..core.validate import check_embeddings, check_guide, check_margin, check_temperature
+from ..core.validate import check_embeddings, check_finite_inputs, check_guide, check_margin, check_temperature
+from ._common import warn_if_nonfinite
 from .cached_multiple_negatives_ranking import _CITATION_GRADCACHE
 
 
@@ -36,7 +37,9 @@ def _check_options(loss) -> None:
 
 
 def _gist_loss(loss, anchor: Tensor, docs: list[Tensor], anchor_guide: Tensor, docs_guide: list[Tensor]) -> Tensor:
-    """The fused loss of a GIST module's settings (read at call time, as sentence-transformers does)."""
+    """The fused loss of a GIST module's settings (read at call time, as sentence-transformers does). NaN or Inf
+    embeddings give what sentence-transformers gives (a NaN loss for the model's, the guide's compare false and mask
+    nothing) and one warning per module; ``EMBEDLOSS_CHECK_FINITE=1`` raises instead."""
     columns = [anchor, *docs]
     names = ["anchor", "positive"] + [f"negatives[{i}]" for i in range(len(docs) - 1)]
     options = dict(
@@ -45,14 +48,18 @@ def _gist_loss(loss, anchor: Tensor, docs: list[Tensor], anchor_guide: Tensor, d
         contrast_positives=bool(loss.contrast_positives),
     )
 
+    strict = check_finite_inputs(strict=False)  # EMBEDLOSS_CHECK_FINITE=1: raise on NaN/Inf, as the functional API
+
     def check() -> None:
-        check_embeddings(columns, names)
-        check_guide(columns, [anchor_guide, *docs_guide], names)
+        check_embeddings(columns, names, strict=strict)
+        check_guide(columns, [anchor_guide, *docs_guide], names, strict=strict)
 
     if loss.gather_across_devices:
-        return functional.gist_across_devices(anchor, docs, anchor_guide, docs_guide, check=check, **options)
-    check()
-    return functional.gist_from_columns(anchor, docs, anchor_guide, docs_guide, **options)
+        result = functional.gist_across_devices(anchor, docs, anchor_guide, docs_guide, check=check, **options)
+    else:
+        check()
+        result = functional.gist_from_columns(anchor, docs, anchor_guide, docs_guide, **options)
+    return warn_if_nonfinite(loss, result)
 
 
 def retokenized_for_guide(loss, sentence_feature: dict[str, Tensor]) -> dict[str, Tensor]:

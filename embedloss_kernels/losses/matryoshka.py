@@ -24,8 +24,8 @@ from sentence_transformers.sentence_transformer.losses.matryoshka_2d import Matr
 from torch import Tensor, nn
 
 from .. import functional
-from ..core.validate import check_embeddings
-from ._common import embed_columns
+from ..core.validate import check_embeddings, check_finite_inputs
+from ._common import embed_columns, warn_if_nonfinite
 from .cached_multiple_negatives_ranking import CachedMultipleNegativesRankingLoss
 from .multiple_negatives_ranking import MultipleNegativesRankingLoss
 
@@ -51,9 +51,12 @@ def is_fusable_cached(loss: nn.Module) -> bool:
 
 
 def fused_matryoshka_loss(
-    mnrl: MultipleNegativesRankingLoss, embeddings: Sequence[Tensor], dims: Sequence[int], weights: Sequence[float]
+    mnrl: MultipleNegativesRankingLoss, embeddings: Sequence[Tensor], dims: Sequence[int], weights: Sequence[float],
+    owner: nn.Module,
 ) -> Tensor:
-    """``sum_k weights[k] * mnrl(shrink(embeddings, dims[k]))`` in one fused call (``gather_across_devices`` too)."""
+    """``sum_k weights[k] * mnrl(shrink(embeddings, dims[k]))`` in one fused call (``gather_across_devices`` too).
+    NaN or Inf embeddings give a NaN/Inf loss, as sentence-transformers' per-dim loop does, and ``owner`` (the
+    Matryoshka module) warns once; ``EMBEDLOSS_CHECK_FINITE=1`` raises instead."""
     embeddings = list(embeddings)
     names = ["embeddings[0] (queries)"] + [f"embeddings[{i}]" for i in range(1, len(embeddings))]
     options = dict(
@@ -62,8 +65,10 @@ def fused_matryoshka_loss(
         hardness_strength=mnrl.hardness_strength,
     )
 
+    strict = check_finite_inputs(strict=False)  # EMBEDLOSS_CHECK_FINITE=1: raise on NaN/Inf, as the functional API
+
     def check() -> None:
-        check_embeddings(embeddings, names)
+        check_embeddings(embeddings, names, strict=strict)
         for d in dims:  # sentence-transformers slices with each dim: what cannot end a slice is its TypeError
             try:
                 operator.index(d)
@@ -78,12 +83,14 @@ def fused_matryoshka_loss(
             )
 
     if mnrl.gather_across_devices:
-        return functional.infonce_across_devices(
+        loss = functional.infonce_across_devices(
             embeddings[0], embeddings[1:], check=check, schedule=None, matryoshka=(list(dims), list(weights)),
             **options,
         )
-    check()
-    return functional.matryoshka_from_columns(embeddings[0], embeddings[1:], dims, weights, **options)
+    else:
+        check()
+        loss = functional.matryoshka_from_columns(embeddings[0], embeddings[1:], dims, weights, **options)
+    return warn_if_nonfinite(owner, loss)
 
 
 def draw_dim_indices(n_dims: int, n_dims_per_step: int, sort: bool) -> list[int]:
@@ -102,8 +109,10 @@ class FusedCachedMatryoshkaStep:
     cache, this is one fused call on the cached full embeddings with the drawn dims and their weights (same draw,
     same numbers)."""
 
-    def __init__(self, cached_loss: CachedMultipleNegativesRankingLoss, dims, weights, n_dims_per_step: int):
+    def __init__(self, cached_loss: CachedMultipleNegativesRankingLoss, dims, weights, n_dims_per_step: int,
+                 owner: nn.Module):
         self.cached_loss = cached_loss
+        self.owner = owner  # the MatryoshkaLoss: it warns (once) on a non-finite loss
         self.matryoshka_dims = dims
         self.matryoshka_weights = weights
         self.n_dims_per_step = n_dims_per_step
@@ -113,7 +122,7 @@ class FusedCachedMatryoshkaStep:
         columns = self.cached_loss.columns_from_reps(reps)
         loss = fused_matryoshka_loss(
             self.cached_loss.loss, columns, [self.matryoshka_dims[i] for i in picked],
-            [self.matryoshka_weights[i] for i in picked],
+            [self.matryoshka_weights[i] for i in picked], self.owner,
         )
         if with_backward:
             loss.backward()
@@ -174,7 +183,7 @@ class MatryoshkaLoss(_STMatryoshkaLoss):
         if is_fusable_cached(loss):
             # replaces the per-dim CachedLossDecorator that sentence-transformers' __init__ installed
             loss.calculate_loss = FusedCachedMatryoshkaStep(
-                loss, self.matryoshka_dims, self.matryoshka_weights, self.n_dims_per_step
+                loss, self.matryoshka_dims, self.matryoshka_weights, self.n_dims_per_step, self
             )
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
@@ -186,7 +195,7 @@ class MatryoshkaLoss(_STMatryoshkaLoss):
         embeddings = embed_columns(model, sentence_features)
         return fused_matryoshka_loss(
             self.loss, embeddings, [self.matryoshka_dims[i] for i in picked],
-            [self.matryoshka_weights[i] for i in picked],
+            [self.matryoshka_weights[i] for i in picked], self,
         )
 
 
