@@ -17,6 +17,7 @@ from torch import nn
 
 import embedloss_kernels as ek
 from embedloss_kernels import dispatch, functional, reference
+from embedloss_kernels.losses.matryoshka import draw_dim_indices
 
 st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
 st_util = pytest.importorskip("sentence_transformers.util")
@@ -472,3 +473,252 @@ def test_gather_across_devices_two_ranks(tmp_path, schedule):
         res = torch.load(tmp_path / f"r{rank}.pt")
         for g, col in zip(res["grads"], world_cols):
             torch.testing.assert_close(g, col.grad[rank * 6:(rank + 1) * 6], rtol=1e-9, atol=1e-12)
+
+
+# -- a learnable scale (an nn.Parameter as the inner MNRL's scale), as sentence-transformers trains it ---------------
+def learnable_scale(value, dtype=torch.float64):
+    return nn.Parameter(torch.tensor(value, dtype=dtype, device=DEVICE))
+
+
+def masks_cells(directions) -> bool:
+    """sentence-transformers multiplies its -inf masked cells by the scale, so its d loss / d scale is NaN with
+    query_to_query or doc_to_doc (the float64 reference masks after scaling)."""
+    return bool(set(directions) & {"query_to_query", "doc_to_doc"})
+
+
+def reference_scale_grad(module, cfg, columns, seed):
+    """d loss / d scale of the float64 reference on the dims the module draws with ``seed``."""
+    random.seed(seed)
+    picked = draw_dim_indices(len(module.matryoshka_dims), module.n_dims_per_step, sort=True)
+    scale = learnable_scale(cfg["scale"])
+    kw = mnrl_kwargs(cfg, True)
+    reference.matryoshka_reference(
+        columns[0], columns[1:], [module.matryoshka_dims[i] for i in picked],
+        [module.matryoshka_weights[i] for i in picked], kw["similarity_fct"], scale=scale,
+        directions=kw["directions"], partition_mode=kw["partition_mode"], hardness_mode=kw["hardness_mode"],
+        hardness_strength=kw["hardness_strength"]).backward()
+    return scale.grad
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_learnable_scale_float64_matches_sentence_transformers(forced_backend, seed):
+    """Loss, every embedding gradient and d loss / d scale within 1e-8 of sentence-transformers' MatryoshkaLoss around
+    its MNRL with an nn.Parameter scale (random dims, weights, n_dims_per_step, directions, hardness, block sizes)."""
+    cfg = random_config(seed + 300, small=is_interpreted(forced_backend))
+    columns = make_columns(cfg, torch.float64, seed)
+    results = []
+    for ours in (False, True):
+        module = matryoshka_module(cfg, ours)
+        module.loss.scale = learnable_scale(cfg["scale"])
+        loss, grads = loss_and_grads(module_loss(module, seed), columns, grad_scale=2.0)
+        results.append((loss, grads, module.loss.scale.grad))
+    (ref_loss, ref_grads, ref_scale_grad), (loss, grads, scale_grad) = results
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-8, atol=1e-10)
+    for i, (g, ref) in enumerate(zip(grads, ref_grads)):
+        assert rel_err(g, ref) <= 1e-8, f"column {i}: {rel_err(g, ref)} ({cfg})"
+    assert scale_grad is not None and scale_grad.shape == () and scale_grad.dtype == torch.float64
+    if masks_cells(cfg["directions"]):
+        assert ref_scale_grad.isnan()
+        ref_scale_grad = 2.0 * reference_scale_grad(module, cfg, columns, seed)
+    torch.testing.assert_close(scale_grad, ref_scale_grad, rtol=1e-8, atol=1e-10, msg=str(cfg))
+
+
+def test_learnable_scale_functional_and_op(backend):
+    """The functional API takes a tensor scale and gives it its gradient (block_rows and row ranges too); the op's
+    fourth output is d loss / d scale (empty without compute_grad), in the loss's dtype."""
+    skip_without_op(backend)
+    cols = make_columns(dict(batch=5, dim=13, n_neg=1), torch.float64, 3)
+    opts = dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction",
+                hardness_mode="hard_negatives", hardness_strength=0.5)
+    for block_rows in (0, 2):
+        leaves = [c.detach().clone().requires_grad_() for c in cols]
+        scale = learnable_scale(7.5)
+        functional.matryoshka_mnrl_loss(*leaves, dims=[13, 6, 2], weights=[1.0, 0.5, 2.0], scale=scale,
+                                        backend=backend, block_rows=block_rows, **opts).backward()
+        ref_leaves = [c.detach().clone().requires_grad_() for c in cols]
+        ref_scale = learnable_scale(7.5)
+        reference.matryoshka_reference(ref_leaves[0], ref_leaves[1:], [13, 6, 2], [1.0, 0.5, 2.0], scale=ref_scale,
+                                       **opts).backward()
+        torch.testing.assert_close(scale.grad, ref_scale.grad, rtol=1e-10, atol=1e-12)
+        for g, ref in zip(leaves, ref_leaves):
+            assert rel_err(g.grad, ref.grad) <= 1e-10
+    op = dispatch.get_op("matryoshka", DEVICE, backend)
+    q, a = cols[0].contiguous(), torch.cat(cols[1:])
+    for row_start, row_count in ((0, 5), (1, 3)):
+        loss, _, _, grad_scale = op(q, a, [2, 6, 13], [2.0, 0.5, 1.0], row_start, row_count, 7.5, 1 | 4, False, 2,
+                                    0.5, True, 2)
+        ref_scale = learnable_scale(7.5)
+        ref = reference.matryoshka_reference(q, [cols[1], cols[2]], [2, 6, 13], [2.0, 0.5, 1.0], scale=ref_scale,
+                                             row_start=row_start, row_count=row_count, **opts)
+        ref.backward()
+        torch.testing.assert_close(loss, ref.detach(), rtol=1e-10, atol=1e-12)
+        assert grad_scale.shape == () and grad_scale.dtype == loss.dtype
+        torch.testing.assert_close(grad_scale, ref_scale.grad, rtol=1e-10, atol=1e-12)
+    out = op(q.float(), a.float(), [2, 13], [1.0, 1.0], 0, 5, 7.5, 1, True, 0, 0.0, False, 0)
+    assert len(out) == 4 and out[3].shape == (0,) and out[0].dtype == torch.float32
+
+
+def test_learnable_scale_float32_and_zero(backend, monkeypatch):
+    """A float32 Parameter with float32 embeddings gets a float32 gradient close to the float64 one; a learnable
+    scale of exactly 0 (the fused identity divides by it) runs the plain computation, as sentence-transformers'."""
+    skip_without_op(backend)
+    monkeypatch.setenv("EMBEDLOSS_BACKEND", backend)
+    cfg = random_config(0, small=True) | dict(directions=("query_to_doc",), partition_mode="joint", n_dims_per_step=-1)
+    cols = make_columns(cfg, torch.float64, 1)
+    grads = {}
+    for dtype in (torch.float64, torch.float32):
+        module = matryoshka_module(cfg, True)
+        module.loss.scale = learnable_scale(cfg["scale"], dtype)
+        module_loss(module, 0)([c.to(dtype) for c in cols]).backward()
+        grads[dtype] = module.loss.scale.grad
+    assert grads[torch.float32].dtype == torch.float32 and grads[torch.float32].shape == ()
+    torch.testing.assert_close(grads[torch.float32].double(), grads[torch.float64], rtol=1e-4, atol=1e-5)
+    results = []
+    for ours in (False, True):
+        module = matryoshka_module(cfg, ours)
+        module.loss.scale = learnable_scale(0.0)
+        loss, col_grads = loss_and_grads(module_loss(module, 0), cols)
+        results.append((loss, col_grads, module.loss.scale.grad))
+    (ref_loss, ref_grads, ref_scale_grad), (loss, col_grads, scale_grad) = results
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
+    for g, ref in zip(col_grads, ref_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12)
+    assert scale_grad.isfinite() and scale_grad != 0
+    torch.testing.assert_close(scale_grad, ref_scale_grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", ["cached", "cached_symmetric"])
+def test_learnable_scale_under_the_gradient_cache(tmp_path, variant):
+    """Our cached MNRL inside MatryoshkaLoss (one fused call per step on the cache) with a learnable scale: loss and
+    every model gradient within 1e-8 of sentence-transformers' cached MatryoshkaLoss, and d loss / d scale within 1e-8
+    of the gradient of the loss it returns, which sentence-transformers' uncached MatryoshkaLoss gives.
+
+    sentence-transformers' ``CachedLossDecorator`` weights the embeddings' gradients by each dim's weight but not the
+    scale's (its inner step's own backward reaches the scale unweighted), so with non-uniform weights its cached
+    d loss / d scale is ``sum_d dL_d/ds``, not ``sum_d w_d dL_d/ds``; with uniform weights the two agree, and ours
+    matches it there too."""
+    pytest.importorskip("transformers")
+    from tiny_model import make_tiny_sentence_transformer, on_device, sentences
+
+    model = make_tiny_sentence_transformer(tmp_path / "tiny").eval().double()
+    if variant == "cached":
+        cached, plain = "CachedMultipleNegativesRankingLoss", "MultipleNegativesRankingLoss"
+        n_cols, n_dims_per_step = 3, 2
+        kwargs = dict(hardness_mode="in_batch_negatives", hardness_strength=0.5)
+    else:
+        cached, plain = "CachedMultipleNegativesSymmetricRankingLoss", "MultipleNegativesSymmetricRankingLoss"
+        n_cols, n_dims_per_step = 2, -1
+        kwargs = {}
+    feats = [on_device(model.preprocess(sentences(7, 30 + c))) for c in range(n_cols)]
+
+    def run(lib, name, weights, mini_batch_size):
+        m = copy.deepcopy(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            extra = dict(mini_batch_size=mini_batch_size) if mini_batch_size else {}
+            inner = getattr(lib, name)(m, **extra, **kwargs)
+            inner.scale = nn.Parameter(torch.tensor(13.0, dtype=torch.float64, device=m.device))
+            loss_fn = lib.MatryoshkaLoss(m, inner, [32, 20, 8, 3], weights, n_dims_per_step)
+        random.seed(11)
+        loss = loss_fn(feats, None)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        return loss.detach(), grads, inner.scale.grad
+
+    for weights in ([1, 0.5, 2, 1], [1, 1, 1, 1]):
+        loss, grads, scale_grad = run(ek, cached, weights, 3)
+        st_loss, st_grads, st_scale_grad = run(st_losses, cached, weights, 3)
+        torch.testing.assert_close(loss, st_loss, rtol=1e-8, atol=1e-10)
+        assert grads.keys() == st_grads.keys()
+        for name in grads:
+            assert rel_err(grads[name], st_grads[name]) <= 1e-8, name
+        exact_loss, _, exact_scale_grad = run(st_losses, plain, weights, None)
+        torch.testing.assert_close(loss, exact_loss, rtol=1e-8, atol=1e-10)
+        assert scale_grad is not None
+        torch.testing.assert_close(scale_grad, exact_scale_grad, rtol=1e-8, atol=1e-10)
+        if len(set(weights)) == 1:
+            torch.testing.assert_close(scale_grad, st_scale_grad, rtol=1e-8, atol=1e-10)
+        else:  # sentence-transformers' cached scale gradient leaves out the dims' weights (see the docstring)
+            assert not torch.allclose(st_scale_grad, exact_scale_grad, rtol=1e-3)
+
+
+SCALE_DIST_CONFIGS = [
+    dict(kwargs=dict(hardness_mode="in_batch_negatives", hardness_strength=0.5), dims=[21, 9, 4],
+         weights=[1.0, 0.5, 2.0], n_dims_per_step=-1, scale=15.0),
+    dict(kwargs=dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction",
+                     hardness_mode="all_negatives", hardness_strength=0.75, similarity_fct="dot"),
+         dims=[21, 13, 6, 2], weights=[2.0, 1.0, 0.25, 3.0], n_dims_per_step=2, scale=7.5),
+    dict(kwargs=dict(hardness_mode="hard_negatives", hardness_strength=5.0), dims=[21, 1], weights=[1.0, 1.0],
+         n_dims_per_step=1, scale=50.0),
+]
+
+
+def _scale_gather_worker(rank, world, init_file, out_dir, backends_):
+    import datetime
+    import traceback
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
+        out = {}
+        for i, cfg in enumerate(SCALE_DIST_CONFIGS):
+            gen = torch.Generator().manual_seed(i)
+            world_cols = [torch.randn(3 * world, 21, generator=gen, dtype=torch.float64) for _ in range(3)]
+            for name in ("sentence-transformers", *backends_):
+                if name != "sentence-transformers":
+                    os.environ["EMBEDLOSS_BACKEND"] = name
+                lib = st_losses if name == "sentence-transformers" else ek
+                local = [c[rank * 3:(rank + 1) * 3].clone().requires_grad_() for c in world_cols]
+                kwargs = dict(cfg["kwargs"])
+                if kwargs.get("similarity_fct") == "dot":
+                    kwargs["similarity_fct"] = st_util.dot_score
+                model = PassThroughModel(21)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    inner = lib.MultipleNegativesRankingLoss(model, gather_across_devices=True, **kwargs)
+                    inner.scale = nn.Parameter(torch.tensor(cfg["scale"], dtype=torch.float64))
+                    module = lib.MatryoshkaLoss(model, inner, cfg["dims"], cfg["weights"], cfg["n_dims_per_step"])
+                random.seed(5 + i)
+                loss = module([{"embedding": c} for c in local], None)
+                loss.backward()
+                out[i, name] = (loss.detach(), [c.grad for c in local], inner.scale.grad.clone())
+        torch.save(out, os.path.join(out_dir, f"scale_r{rank}.pt"))
+    except Exception:
+        with open(os.path.join(out_dir, f"scale_r{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_learnable_scale_gather_across_devices_two_ranks(tmp_path):
+    """Two gloo ranks (CPU on purpose), gather_across_devices with an nn.Parameter scale: on every backend each
+    rank's loss, its embedding gradients and its d loss / d scale are sentence-transformers' (within 1e-8)."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    backends_ = [n for n in dispatch.BACKEND_NAMES if dispatch.why_not(n, "cpu", "matryoshka") is None]
+    ctx = mp.spawn(_scale_gather_worker, args=(2, str(tmp_path / "init"), str(tmp_path), backends_), nprocs=2,
+                   join=False)
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("workers did not finish within 240 s")
+    for rank in range(2):
+        res = torch.load(tmp_path / f"scale_r{rank}.pt", weights_only=False)
+        for i, cfg in enumerate(SCALE_DIST_CONFIGS):
+            ref_loss, ref_grads, ref_scale_grad = res[i, "sentence-transformers"]
+            assert ref_scale_grad.isfinite() and ref_scale_grad != 0
+            for name in backends_:
+                loss, grads, scale_grad = res[i, name]
+                torch.testing.assert_close(loss, ref_loss, rtol=1e-8, atol=1e-10, msg=f"{name} {cfg}")
+                for g, ref in zip(grads, ref_grads):
+                    assert rel_err(g, ref) <= 1e-8, (name, rank, cfg)
+                torch.testing.assert_close(scale_grad, ref_scale_grad, rtol=1e-8, atol=1e-10, msg=f"{name} {cfg}")

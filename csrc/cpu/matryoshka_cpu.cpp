@@ -12,6 +12,7 @@
 //   C_k = sum_{j >= k} G_j / (|r_{:d_j}| |c_{:d_j}|)          suffix sum, written over P_k by the row pass
 //   dR[:, seg_k] += C_k C[:, seg_k];  dC[:, seg_k] += C_k^T R[:, seg_k]
 //   dR[:, seg_k] -= R[:, seg_k] rho_k,  rho_k = sum_{j >= k} (sum_cols G_j cos_j) / |r_{:d_j}|^2    (and column-wise)
+//   d loss / d s = sum_k sum(G_k cos_k) / s                  (the penalty is stop-gradient: the radial row sums' total)
 //
 // The row pass runs over rows in parallel (at::parallel_for); for each row it walks the dims from the largest down,
 // so that C_k = Gh_k + C_{k+1} is formed in the same pass that computes dim k's LSE. Column radial sums are kept per
@@ -217,7 +218,7 @@ double matryoshka_blocks(const Params& p, const std::vector<int64_t>& dims, cons
                          int64_t row_start, int64_t rows_per_block, bool use_qq, bool use_dq, bool use_dd,
                          const at::Tensor& qf, const at::Tensor& af, const at::Tensor& inv_qn,
                          const at::Tensor& inv_an, at::Tensor& dq, at::Tensor& da, at::Tensor& rad_q,
-                         at::Tensor& rad_a) {
+                         at::Tensor& rad_a, at::Tensor& gcos) {
   const int64_t m = p.m, Bq = p.bq, Ka = af.size(0), R = rows_per_block;
   const auto opts = qf.options();
   struct Spec {
@@ -289,6 +290,7 @@ double matryoshka_blocks(const Params& p, const std::vector<int64_t>& dims, cons
 
     // -- radial sums: rows of this block, columns summed over threads in thread order --
     at::Tensor col_sum = col_acc.sum(0);  // (m, width)
+    gcos.add_(rad_row.narrow(1, 0, n_dirs).narrow(2, 0, n).sum());  // sum of G cos over the block: s dL/ds
     for (int d = 0; d < n_dirs; ++d) {
       const Spec& sp = specs[d];
       at::Tensor rr = rad_row.select(1, d).narrow(1, 0, n);  // (m, n)
@@ -315,7 +317,7 @@ double matryoshka_blocks(const Params& p, const std::vector<int64_t>& dims, cons
   return loss_sum;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> matryoshka_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> matryoshka_cpu(
     const at::Tensor& q, const at::Tensor& a, at::IntArrayRef dims_ref, at::ArrayRef<double> weights_ref,
     int64_t row_start, int64_t row_count, double scale, int64_t directions, bool joint, int64_t hardness_mode,
     double hardness_strength, bool compute_grad, int64_t block_rows) {
@@ -356,15 +358,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> matryoshka_cpu(
   at::Tensor da = compute_grad ? at::zeros_like(af) : at::Tensor();
   at::Tensor rad_q = compute_grad ? at::zeros({m, Bq}, qf.options()) : at::Tensor();
   at::Tensor rad_a = compute_grad ? at::zeros({m, Ka}, qf.options()) : at::Tensor();
+  at::Tensor gcos = at::zeros({}, qf.options());
   double loss_sum;
   if (wd == at::kDouble)
     loss_sum = matryoshka_blocks<double>(p, dims, weights, row_start, R, use_qq, use_dq, use_dd, qf, af, inv_qn,
-                                         inv_an, dq, da, rad_q, rad_a);
+                                         inv_an, dq, da, rad_q, rad_a, gcos);
   else
     loss_sum = matryoshka_blocks<float>(p, dims, weights, row_start, R, use_qq, use_dq, use_dd, qf, af, inv_qn,
-                                        inv_an, dq, da, rad_q, rad_a);
+                                        inv_an, dq, da, rad_q, rad_a, gcos);
   at::Tensor loss = at::scalar_tensor(loss_sum / static_cast<double>(row_count), qf.options());
-  if (!compute_grad) return {loss, q.new_empty({0}), q.new_empty({0})};
+  if (!compute_grad) return {loss, q.new_empty({0}), q.new_empty({0}), loss.new_empty({0})};
   // radial terms: segment k takes rho_k = sum_{j >= k} rad_j; rows whose prefix norm was clamped take none
   const at::Tensor xs[2] = {qf, af};
   at::Tensor grads[2] = {dq, da};
@@ -377,7 +380,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> matryoshka_cpu(
       grads[t].narrow(1, lo, w).addcmul_(xs[t].narrow(1, lo, w), rho[k].unsqueeze(1), -1.0);
     }
   }
-  return {loss, dq.to(out_dtype), da.to(out_dtype)};
+  // every logit is s cos_k (+ a stop-gradient penalty), and G_k = d loss / d cos_k carries the factor s:
+  // d loss / d s = sum(G cos) / s (not finite at s = 0: the functional layer sends a learnable 0 to the reference)
+  at::Tensor grad_scale = gcos / scale;
+  return {loss, dq.to(out_dtype), da.to(out_dtype), grad_scale};
 }
 
 }  // namespace

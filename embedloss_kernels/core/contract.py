@@ -46,7 +46,7 @@ Matryoshka MNRL op ``matryoshka`` (maths in ``embedloss_kernels/backends/torch/m
 
     matryoshka(Tensor q, Tensor a, int[] dims, float[] weights, int row_start, int row_count, float scale,
                int directions, bool joint, int hardness_mode, float hardness_strength, bool compute_grad,
-               int block_rows) -> (Tensor loss, Tensor grad_q, Tensor grad_a)
+               int block_rows) -> (Tensor loss, Tensor grad_q, Tensor grad_a, Tensor grad_scale)
 
 * ``q``, ``a``, rows, ``directions``, ``joint``, hardness, ``compute_grad``, ``block_rows``: as ``infonce``, on the
   full-dimension (unnormalized) embeddings.
@@ -54,6 +54,12 @@ Matryoshka MNRL op ``matryoshka`` (maths in ``embedloss_kernels/backends/torch/m
 * ``loss = sum_k weights[k] * infonce(normalize(q[:, :dims[k]]), normalize(a[:, :dims[k]]), cosine)``: every
   prefix is L2-normalized (sentence-transformers' ``MatryoshkaLoss`` ``shrink``), so the similarity is always the
   cosine of the prefixes. Loss and gradients (w.r.t. the raw ``q``, ``a``) as for infonce.
+* ``grad_scale``: d loss / d scale, 0-dim in the loss's dtype, when ``compute_grad`` (else empty (0,)): with
+  ``S_k = scale * cos_k`` (plus the stop-gradient hardness penalty, which adds nothing), the sum over every dim and
+  logit of ``d loss / d S_k * cos_k``. The row pass already sums ``G_k * cos_k`` (``G_k = d loss / d cos_k``, which
+  carries the factor ``scale``) for the normalization's radial terms; their total over ``scale`` is the gradient.
+  As for infonce it divides by ``scale``: at ``scale == 0`` it is not finite, and the functional layer runs a
+  learnable scale of 0 through the plain reference instead.
 
 GIST (guided in-batch negatives, sentence-transformers' ``GISTEmbedLoss``) op ``gist``, schema::
 
@@ -133,7 +139,7 @@ COSENT_SCHEMA = (
 MATRYOSHKA_SCHEMA = (
     "(Tensor q, Tensor a, int[] dims, float[] weights, int row_start, int row_count, float scale, int directions, "
     "bool joint, int hardness_mode, float hardness_strength, bool compute_grad, int block_rows) "
-    "-> (Tensor, Tensor, Tensor)"
+    "-> (Tensor, Tensor, Tensor, Tensor)"
 )
 GIST_SCHEMA = (
     "(Tensor anchor, Tensor candidates, Tensor anchor_guide, Tensor candidates_guide, int columns, int row_start, "

@@ -14,10 +14,9 @@ from ..core.validate import (
     check_hardness,
     check_matryoshka_dims,
     check_scale,
-    scale_value,
 )
 from ..ops.autograd import loss_from_op, needs_grad
-from .common import check_block_rows, op_inputs, resolve_similarity, similarity_name
+from .common import check_block_rows, fused_scale, op_inputs, resolve_similarity, similarity_name
 
 
 def sorted_dims(dims: Sequence[int], weights: Sequence[float]) -> tuple[list[int], list[float]]:
@@ -51,28 +50,27 @@ def matryoshka_from_columns(
     row_count = queries.shape[0] - row_start if row_count is None else row_count
     dims, weights = sorted_dims(dims, weights)
     kind = resolve_similarity(similarity)
+    value, param = fused_scale(scale)
     if kind is None:
         warn_once(
             f"unfused:{similarity_name(similarity)}",
             f"similarity_fct {similarity_name(similarity)} is not fused (only cosine and dot product are); "
             "running the plain materialized PyTorch computation once per Matryoshka dim.",
         )
+    if kind is None or value is None:
+        plain = similarity if kind is None else {"cosine": reference.cos_sim, "dot": reference.dot_score}[kind]
+        if len(docs) == 1 and docs[0].shape[0] != queries.shape[0]:  # a candidate pool [P; N_1; ...] in one tensor
+            docs = list(docs[0].view(-1, *queries.shape).unbind(0))
         return reference.matryoshka_reference(
-            queries, docs, dims, weights, similarity, scale=scale, directions=directions,
+            queries, docs, dims, weights, plain, scale=scale, directions=directions,
             partition_mode=partition_mode, hardness_mode=hardness_mode, hardness_strength=hardness_strength,
             row_start=row_start, row_count=row_count,
         )
-    if isinstance(scale, Tensor) and scale.requires_grad:
-        raise NotImplementedError(
-            "embedloss_kernels: the fused Matryoshka loss has no gradient for a learnable (requires_grad) scale yet; "
-            "pass a number, or a tensor that does not require grad"
-        )
-    scale = scale_value(scale)
     q, candidates, bits, hardness = op_inputs(queries, docs, directions, hardness_mode, hardness_strength, block_rows)
     op = dispatch.get_op("matryoshka", q.device, backend)
     return loss_from_op(
-        op, q, candidates, dims, weights, row_start, row_count, scale, bits, partition_mode == "joint", hardness,
-        hardness_strength, needs_grad(q, candidates), block_rows,
+        op, q, candidates, dims, weights, row_start, row_count, value, bits, partition_mode == "joint", hardness,
+        hardness_strength, needs_grad(q, candidates, *(() if param is None else (param,))), block_rows, scale=param,
     )
 
 

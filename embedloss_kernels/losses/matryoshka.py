@@ -8,8 +8,11 @@ their cached variants), this class embeds once and makes one fused call that tak
 as it is (this class derives from it: same signature, defaults, validation, ``get_config_dict`` and citation).
 
 ``n_dims_per_step`` draws its dims with the same ``random`` calls as sentence-transformers (``random.sample``, then
-sorted outside the cached losses), so a seed gives the same dims and the same loss. Importing this module imports
-sentence-transformers.
+sorted outside the cached losses), so a seed gives the same dims and the same loss. A learnable inner ``scale`` (an
+``nn.Parameter``) gets ``d loss / d scale`` from the same fused call, with ``gather_across_devices`` and the gradient
+cache too. Under the cache this is the gradient of the loss returned, ``sum_d w_d dL_d/ds``: sentence-transformers'
+``CachedLossDecorator`` weights the embeddings' gradients by ``w_d`` but leaves the scale's unweighted. Importing this
+module imports sentence-transformers.
 """
 
 from __future__ import annotations

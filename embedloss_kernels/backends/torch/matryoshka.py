@@ -18,6 +18,7 @@ Back through the per-prefix normalization (``d cos / d r = c / (|r||c|) - cos r 
     dR[:, seg_k] += C_k C[:, seg_k];  dC[:, seg_k] += C_k^T R[:, seg_k]
     dR[:, seg_k] -= R[:, seg_k] * rho_k,  rho_k = sum_{j >= k} (sum_cols G_j * cos_j) / |r_{:d_j}|^2   (per row)
     (and the same column-wise for dC)
+    d loss / d s = sum_k sum(G_k * cos_k) / s          the penalty is stop-gradient; the radial sums' total, over s
 
 The products cost ``6 B N D`` flops, one MNRL at full D: every coordinate takes part in one forward product and
 two gradient products. On top: one elementwise pass per dim over the block. The radial terms ``rho`` are per-row
@@ -45,7 +46,7 @@ from ...core.contract import (
     QUERY_TO_QUERY,
 )
 from ...heuristics.blocks import budget_rows
-from ..common import work_dtype
+from ..common import no_grads, work_dtype
 from .infonce import row_block_lse
 
 
@@ -135,9 +136,9 @@ def matryoshka_forward(
     compute_grad: bool,
     block_rows: int,
     row_pass: RowPass = torch_row_pass,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``sum_k w_k MNRL(shrink(q, d_k), shrink(a, d_k))`` and (with ``compute_grad``) its gradients w.r.t. the raw
-    ``q`` and ``a``, one block of anchor rows at a time (see the module docstring for the maths)."""
+    ``q`` and ``a`` and the scale, one block of anchor rows at a time (see the module docstring for the maths)."""
     out_dtype = q.dtype
     wd = work_dtype(q.dtype)
     bq = q.shape[0]
@@ -159,6 +160,7 @@ def matryoshka_forward(
     da = torch.zeros_like(af) if compute_grad else None
     rad_q = qf.new_zeros(m, bq) if compute_grad else None  # sum_cols G cos / |q_{:d}|^2 per dim
     rad_a = af.new_zeros(m, a.shape[0]) if compute_grad else None
+    gcos_sum = torch.zeros((), dtype=wd, device=q.device)  # sum of G * cos over every dim and logit: s dL/ds
     loss_sum = torch.zeros((), dtype=wd, device=q.device)
     inv_rows = 1.0 / row_count
 
@@ -200,8 +202,10 @@ def matryoshka_forward(
             if not compute_grad:
                 continue
             for key, (_, _, rn, cn, rr, cr) in spec.items():
-                gc = cos[key]  # G * cos: the radial sums
-                row_rad = gc.sum(1) / rn[k].square()
+                gc = cos[key]  # G * cos: the radial sums, and the scale's gradient
+                row_sums = gc.sum(1)
+                gcos_sum += row_sums.sum()
+                row_rad = row_sums / rn[k].square()
                 col_rad = gc.sum(0) / cn[k].square()
                 (rad_q if rr == "q" else rad_a)[k, r0:r1] += row_rad
                 (rad_q if cr == "q" else rad_a)[k] += col_rad
@@ -226,11 +230,15 @@ def matryoshka_forward(
 
     loss = loss_sum * inv_rows
     if not compute_grad:
-        return loss, q.new_empty((0,)), q.new_empty((0,))
+        return no_grads(loss, q)
     # radial terms: segment k takes rho_k = sum_{j >= k} rad_j (rows clamped at EPS have none, as F.normalize)
     for x, grad, rad, norms in ((qf, dq, rad_q, qn), (af, da, rad_a, an)):
         rad.masked_fill_(norms <= EPS, 0.0)
         rho = rad.flip(0).cumsum(0).flip(0)
         for k, (lo, hi) in enumerate(segs):
             grad[:, lo:hi].addcmul_(x[:, lo:hi], rho[k][:, None], value=-1.0)
-    return loss, dq.to(out_dtype), da.to(out_dtype)
+    # every logit is s cos_k (+ a stop-gradient penalty) and G_k = d loss / d cos_k = s d loss / d S_k, so
+    # d loss / d s = sum_k sum(d loss / d S_k * cos_k) = sum(G * cos) / s (not finite at s = 0: the functional layer
+    # runs a learnable scale of 0 through the plain reference)
+    grad_scale = gcos_sum / scale
+    return loss, dq.to(out_dtype), da.to(out_dtype), grad_scale
