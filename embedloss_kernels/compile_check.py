@@ -118,7 +118,7 @@ def _signature(fn, dt: str, constexprs: dict, guide_dt: str | None = None) -> di
         if arg in constexprs:
             sig[arg] = "constexpr"
         elif isinstance(annotations.get(arg), tl.dtype):
-            sig[arg] = str(annotations[arg])  # scale64, ...: tl.float64 (what Triton's launcher specializes them to)
+            sig[arg] = str(annotations[arg])  # an annotated scalar (what Triton's launcher specializes it to)
         elif arg in ("xg_ptr", "yg_ptr"):
             sig[arg] = f"*{guide_dt}"  # GIST's guide embeddings, in the guide's dtype
         elif arg in ("x_ptr", "y_ptr", "g_ptr") and not fn.__name__.startswith("pair_"):
@@ -132,7 +132,7 @@ def _signature(fn, dt: str, constexprs: dict, guide_dt: str | None = None) -> di
         elif arg.endswith("_ptr"):
             sig[arg] = f"*{work}"
         elif arg in ("scale", "boost", "weight", "onehot"):
-            sig[arg] = "fp32"  # a Python float argument
+            sig[arg] = "fp32"  # a Python float argument (no launched kernel takes one: test_compile_check checks)
         else:
             sig[arg] = "i32"
     return sig

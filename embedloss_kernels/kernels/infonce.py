@@ -27,10 +27,10 @@ rounded twice, so a row's max logit no longer gave ``exp2(L - lse) == 1`` and a 
 which a nearly saturated row's ``softmax - 1`` inherits.
 float64 keeps ``exp`` (its scalars must not pass through an fp32 log2(e) product).
 
-Float scalars come twice: ``scale, boost, weight, onehot`` (plain Python floats: fp32 in a compiled kernel) and
-``scale64, ...`` annotated ``tl.float64``; :func:`_in_acc` gives float64 kernels the latter. With the fp32 ones alone
-a float64 loss saw its scale, hardness boost and weights rounded to fp32 on the GPU (1e-8 relative gradient errors;
-the interpreter keeps Python floats in double and hid it). Both are kernel parameters: no registers.
+Float scalars ``(scale, boost, weight, onehot)`` arrive in a small tensor of the work dtype (``params_ptr``), never as
+Python floats: a compiled kernel takes a float parameter as fp32, and so does triton 3.9's interpreter even where it
+is annotated ``tl.float64``, which rounded a float64 loss's scale, hardness boost and weights to fp32 (1e-8 relative
+errors). Four scalar loads per program.
 """
 
 import triton
@@ -40,12 +40,9 @@ LOG2E = 1.4426950408889634  # the launcher multiplies scale and boost by it
 
 
 @triton.jit
-def _in_acc(v32, v64, ACC: tl.constexpr):
-    """The scalar for an ``ACC`` kernel: the ``tl.float64`` argument for float64, the fp32 one otherwise."""
-    if ACC == tl.float64:
-        return v64
-    else:
-        return v32
+def _params(params_ptr):
+    """The kernel's float scalars ``(scale, boost, weight, onehot)``, read from a tensor in the work dtype."""
+    return tl.load(params_ptr), tl.load(params_ptr + 1), tl.load(params_ptr + 2), tl.load(params_ptr + 3)
 
 
 @triton.jit
@@ -119,13 +116,13 @@ def _exp(x, EXP2: tl.constexpr):
 
 @triton.jit
 def row_lse_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, max_ptr, sum_ptr, pos_ptr, row_start, row_count, n_cols, n_dim,
-                   stride_x, stride_y, owner_ptr, scale, boost, scale64: tl.float64, boost64: tl.float64,
+                   stride_x, stride_y, owner_ptr, params_ptr,
                    PEN_MODE: tl.constexpr, MASK_MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                    BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXP2: tl.constexpr):
     """Per local row: running max and sum of ``exp(L - max)`` over every column tile (the max is subtracted
     before exponentiating, so scale 100 on large-norm dot products cannot overflow). Also stores the logit at column
     ``g`` (the positive, read off the same tile so that a lone column gives an exact zero loss)."""
-    scale, boost = _in_acc(scale, scale64, ACC), _in_acc(boost, boost64, ACC)
+    scale, boost, _, _ = _params(params_ptr)
     local = tl.program_id(0) * BM + tl.arange(0, BM)
     row_ok = local < row_count
     rows = row_start + local
@@ -159,16 +156,15 @@ def _grouped(pid, n_row_tiles, n_col_tiles, GROUP: tl.constexpr):
 
 @triton.jit
 def softmax_grad_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, smax_ptr, wsum_ptr, g_ptr, row_start, row_count, n_cols, n_dim,
-                        stride_x, stride_y, stride_g, owner_ptr, scale, boost, weight, onehot, scale64: tl.float64,
-                        boost64: tl.float64, weight64: tl.float64, onehot64: tl.float64, PEN_MODE: tl.constexpr,
+                        stride_x, stride_y, stride_g, owner_ptr, params_ptr,
+                        PEN_MODE: tl.constexpr,
                         MASK_MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                         ACC: tl.constexpr, PREC: tl.constexpr, EXP2: tl.constexpr, GROUP: tl.constexpr):
     """``G~[i, c] = (weight * exp(L[i, c] - lse[i]) - onehot * [c == g_i]) * rx_i * ry_c`` for one tile, stored in
     ``g_ptr``'s dtype (the input's: 16-bit G feeds tensor-core products); the softmax from the row's max and
     ``weight / sum`` (``smax_ptr``, ``wsum_ptr``: the launcher divides, an fp64 division in flash_dx_kernel spilled
     on sm_80)."""
-    scale, boost = _in_acc(scale, scale64, ACC), _in_acc(boost, boost64, ACC)
-    weight, onehot = _in_acc(weight, weight64, ACC), _in_acc(onehot, onehot64, ACC)
+    scale, boost, weight, onehot = _params(params_ptr)
     n_row_tiles = tl.cdiv(row_count, BM)
     tile_m, tile_n = _grouped(tl.program_id(0), n_row_tiles, tl.cdiv(n_cols, BN), GROUP)
     local = tile_m * BM + tl.arange(0, BM)
@@ -205,8 +201,8 @@ def _grad_from_logits(lg, smax, wsum, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr
 # ------------------------------------------------------------------------------------------------------------------
 @triton.jit
 def row_pass_kernel(s_ptr, g_ptr, rx_ptr, ry_ptr, smax_ptr, wsum_ptr, max_ptr, sum_ptr, pos_ptr, row_start, row_count,
-                    n_cols, stride_s, stride_g, owner_ptr, scale, boost, weight, onehot, scale64: tl.float64,
-                    boost64: tl.float64, weight64: tl.float64, onehot64: tl.float64, PEN_MODE: tl.constexpr,
+                    n_cols, stride_s, stride_g, owner_ptr, params_ptr,
+                    PEN_MODE: tl.constexpr,
                     MASK_MODE: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                     EXP2: tl.constexpr):
     """BM rows of ``S`` (raw dot products, fp32/fp64, row stride ``stride_s``) per program.
@@ -217,8 +213,7 @@ def row_pass_kernel(s_ptr, g_ptr, rx_ptr, ry_ptr, smax_ptr, wsum_ptr, max_ptr, s
     ``g_ptr`` may alias ``s_ptr`` (``G~`` in 16-bit occupies the first half of each fp32 row): a program reads a
     column tile before writing it, and writes only at or before the columns it has read.
     """
-    if s_ptr.dtype.element_ty == tl.float64:  # S is float64 for float64 inputs: the tl.float64 scalars
-        scale, boost, weight, onehot = scale64, boost64, weight64, onehot64
+    scale, boost, weight, onehot = _params(params_ptr)
     local = tl.program_id(0) * BM + tl.arange(0, BM)
     row_ok = local < row_count
     rows = row_start + local
@@ -270,13 +265,12 @@ def _mm(a, b, ACC: tl.constexpr, PREC: tl.constexpr):
 
 @triton.jit
 def flash_dx_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, smax_ptr, wsum_ptr, dx_ptr, row_start, row_count, n_cols, n_dim,
-                    stride_x, stride_y, stride_dx, owner_ptr, scale, boost, weight, onehot, scale64: tl.float64,
-                    boost64: tl.float64, weight64: tl.float64, onehot64: tl.float64, PEN_MODE: tl.constexpr,
+                    stride_x, stride_y, stride_dx, owner_ptr, params_ptr,
+                    PEN_MODE: tl.constexpr,
                     MASK_MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
                     PREC: tl.constexpr, EXP2: tl.constexpr):
     """Row-parallel: ``dX[rows] = G~ Y`` over every column tile, the (BM, BK >= D) accumulator in registers."""
-    scale, boost = _in_acc(scale, scale64, ACC), _in_acc(boost, boost64, ACC)
-    weight, onehot = _in_acc(weight, weight64, ACC), _in_acc(onehot, onehot64, ACC)
+    scale, boost, weight, onehot = _params(params_ptr)
     local = tl.program_id(0) * BM + tl.arange(0, BM)
     row_ok = local < row_count
     rows = row_start + local
@@ -300,14 +294,13 @@ def flash_dx_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, smax_ptr, wsum_ptr, dx_ptr, ro
 
 @triton.jit
 def flash_dy_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, smax_ptr, wsum_ptr, dy_ptr, row_start, row_count, n_cols, n_dim,
-                    stride_x, stride_y, stride_dy, owner_ptr, scale, boost, weight, onehot, scale64: tl.float64,
-                    boost64: tl.float64, weight64: tl.float64, onehot64: tl.float64, PEN_MODE: tl.constexpr,
+                    stride_x, stride_y, stride_dy, owner_ptr, params_ptr,
+                    PEN_MODE: tl.constexpr,
                     MASK_MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
                     PREC: tl.constexpr, EXP2: tl.constexpr):
     """Column-parallel: ``dY[cols] = G~^T X[rows]`` over every row tile; each program owns its columns, so the loop
     order swap needs no atomics."""
-    scale, boost = _in_acc(scale, scale64, ACC), _in_acc(boost, boost64, ACC)
-    weight, onehot = _in_acc(weight, weight64, ACC), _in_acc(onehot, onehot64, ACC)
+    scale, boost, weight, onehot = _params(params_ptr)
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     col_ok = cols < n_cols
     ks = tl.arange(0, BK)

@@ -1,7 +1,7 @@
 """The ``triton`` backend: the Triton kernels (:mod:`embedloss_kernels.kernels`) for CUDA tensors, and for CPU tensors
 through the Triton interpreter when ``TRITON_INTERPRET=1``. One launcher module per loss beside this one; what they
-share is here: whether the backend can run (:func:`why_not`), the accumulator type, the float64 scalar twins, and
-the one-time tile autotuning. The tiles themselves are :mod:`embedloss_kernels.heuristics.triton`'s.
+share is here: whether the backend can run (:func:`why_not`), the accumulator type and the one-time tile
+autotuning. The tiles themselves are :mod:`embedloss_kernels.heuristics.triton`'s.
 
 Where a loss's algorithm is the ``torch`` backend's row-block loop with a Triton row pass (CoSENT beyond the tiled
 kernels' batch, Matryoshka, GIST), the launcher passes its kernel into that loop: this backend builds on the torch
@@ -64,11 +64,3 @@ def launch(kernel, grid, args: tuple, meta: dict, configs: list[dict], key: tupl
         times = [triton.testing.do_bench(run(cfg), warmup=5, rep=20) for cfg in configs]
         best = _TUNED[key] = configs[min(range(len(configs)), key=times.__getitem__)]
     kernel[grid(best)](*args, **meta, **best)
-
-
-def with_float64(scalars: tuple, *more: float) -> tuple:
-    """``(owner, floats..., the same floats again)``: the kernels' plain float parameters (fp32 once compiled, used
-    by fp32 / 16-bit kernels) and their ``tl.float64`` twins (used by float64 kernels: a Python float alone would
-    reach them as fp32)."""
-    owner, *floats = (*scalars, *more)
-    return (owner, *floats, *floats)

@@ -44,7 +44,7 @@ from ...heuristics.triton import (
 )
 from .. import blocked as _blocked
 from ..common import no_grads
-from . import acc_type, launch, triton, with_float64
+from . import acc_type, launch, triton
 
 if triton is not None:
     from ...kernels.infonce import (
@@ -58,6 +58,23 @@ if triton is not None:
 
 _PEN_MODE = {HARDNESS_NONE: 0, HARDNESS_IN_BATCH: 1, HARDNESS_HARD: 2, HARDNESS_ALL: 3}
 MASK_NONE, MASK_SELF, MASK_OWN_DOCS = 0, 1, 2
+
+
+class _Scalars:
+    """The kernels' ``(owner_ptr, params_ptr)`` arguments: the column -> query map, and ``(scale, boost, weight,
+    onehot)`` in a tensor of the work dtype (a Python float would reach a kernel as fp32, float64 inputs included),
+    made once per (weight, onehot) of a call."""
+
+    def __init__(self, owner: Tensor, scale: float, boost: float, dtype: torch.dtype):
+        self.owner, self.scale, self.boost, self.dtype = owner, scale, boost, dtype
+        self._made: dict = {}
+
+    def args(self, weight: float = 0.0, onehot: float = 0.0) -> tuple[Tensor, Tensor]:
+        key = (weight, onehot)
+        if key not in self._made:
+            values = [self.scale, self.boost, weight, onehot]
+            self._made[key] = torch.tensor(values, dtype=self.dtype).to(self.owner.device, non_blocking=True)
+        return self.owner, self._made[key]
 
 
 def _combine(stats: list[tuple[Tensor, Tensor, Tensor]], joint: bool,
@@ -112,7 +129,7 @@ def infonce_forward(q: Tensor, a: Tensor, row_start: int, row_count: int, scale:
         blocks.append(("dd", a, a, ra, ra, 0, MASK_OWN_DOCS))
     owner = torch.arange(a.shape[0], device=q.device, dtype=torch.int32) % bq  # column -> its query (int32)
     dir_w = 1.0 if joint else 1.0 / len(blocks)
-    scalars = (owner, scale * unit, alpha * unit)
+    scalars = _Scalars(owner, scale * unit, alpha * unit, wd)
     strategy = infonce_strategy(n_dim, dtype)
     grads = _blocked.BlockGrads(q, a, rq, ra, directions, cosine, scale / row_count) if compute_grad else None
     if compute_grad and strategy == "fused":
@@ -124,7 +141,7 @@ def infonce_forward(q: Tensor, a: Tensor, row_start: int, row_count: int, scale:
             m, s, p = (torch.empty(row_count, dtype=wd, device=q.device) for _ in range(3))
             meta = dict(PEN_MODE=pen, MASK_MODE=mask, ACC=acc, PREC=prec, EXP2=exp2)
             args = (x, y, rx, ry, m, s, p, row_start, row_count, y.shape[0], n_dim, x.stride(0), y.stride(0),
-                    *with_float64(scalars))
+                    *scalars.args())
             launch(row_lse_kernel, lambda c: (triton.cdiv(row_count, c["BM"]),), args, meta,
                     tile_configs(n_dim, dtype, arch), ("lse", n_dim, dtype, arch, pen, mask))
             stats.append((m, s, p))
@@ -153,7 +170,7 @@ def _flash(blocks, softmax, grads, row_start, row_count, scalars, dir_w, exp2) -
         dx = torch.empty(row_count, n_dim, dtype=wd, device=q.device)
         dy = torch.empty(n_cols, n_dim, dtype=wd, device=q.device)
         common = (row_start, row_count, n_cols, n_dim, x.stride(0), y.stride(0))
-        consts = with_float64(scalars, dir_w, _onehot(name, blocks, dir_w))
+        consts = scalars.args(dir_w, _onehot(name, blocks, dir_w))
         flash_dx_kernel[(triton.cdiv(row_count, cfg["BM"]),)](x, y, rx, ry, smax, wsum, dx, *common, dx.stride(0),
                                                                 *consts, PEN_MODE=pen, MASK_MODE=mask, **meta)
         flash_dy_kernel[(triton.cdiv(n_cols, cfg["BN"]),)](x, y, rx, ry, smax, wsum, dy, *common, dy.stride(0),
@@ -178,7 +195,7 @@ def _workspace(blocks, softmax, grads, row_start, row_count, scalars, dir_w, exp
             n = min(per_block, row_count - r0)
             g = workspace[: n * n_cols].view(n, n_cols)
             args = (x, y, rx, ry, smax[r0:], wsum[r0:], g, row_start + r0, n, n_cols, n_dim, x.stride(0), y.stride(0),
-                    g.stride(0), *with_float64(scalars, dir_w, _onehot(name, blocks, dir_w)))
+                    g.stride(0), *scalars.args(dir_w, _onehot(name, blocks, dir_w)))
 
             def grid(c, n=n, n_cols=n_cols):
                 return (triton.cdiv(n, c["BM"]) * triton.cdiv(n_cols, c["BN"]),)
@@ -193,7 +210,7 @@ def _row_pass(block, view, softmax, stats, mode, row0, n, scalars, dir_w, exp2, 
     sv, gv = view
     m, s, p = stats
     row_pass_kernel[grid](sv, gv, rx, ry, *softmax, m, s, p, row0, n, sv.shape[1], sv.stride(0), gv.stride(0),
-                          *with_float64(scalars, dir_w, onehot), PEN_MODE=pen, MASK_MODE=mask,
+                          *scalars.args(dir_w, onehot), PEN_MODE=pen, MASK_MODE=mask,
                           MODE=mode, EXP2=exp2, **cfg)
 
 
