@@ -198,6 +198,22 @@ def test_cosent_float32_within_4x_sentence_transformers(name, sim, cosent_path):
         assert rel_err(g, ref) <= 4 * rel_err(g_st, ref) + 2e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_gpu_heuristics_as_the_launchers_call_them(dtype):
+    """The tiles a GPU launch asks for, computed here without a GPU (the interpreter takes its own small tiles, so the
+    GPU branches would otherwise only run on a GPU): every call the launchers make returns a config."""
+    for n_dim in (1, 16, 33, 64, 768):
+        assert heuristics.tile_configs(n_dim, dtype, 90, interpreted=False)
+        assert heuristics.tile_config(n_dim, dtype, interpreted=False)["BK"] >= 16
+        if n_dim <= heuristics.flash_max_dim(dtype):
+            assert heuristics.flash_config(n_dim, dtype, interpreted=False)["BK"] >= n_dim
+    assert heuristics.row_pass_config(dtype, interpreted=False)["BN"] >= 16
+    assert heuristics.dot_precision(dtype) in ("ieee", "tf32", "upcast")
+    assert len(heuristics.gist_tiles(64, dtype, False, heuristics.dot_precision(dtype))) == 3
+    assert heuristics.matryoshka_tile(5000, dtype) <= 1024 and heuristics.pair_block(dtype)
+    assert heuristics.infonce_strategy(768, dtype) == "fused"
+
+
 def test_strategy_heuristics_and_bad_env(monkeypatch):
     monkeypatch.delenv("EMBEDLOSS_TRITON_STRATEGY", raising=False)
     monkeypatch.delenv("EMBEDLOSS_TRITON_COSENT", raising=False)

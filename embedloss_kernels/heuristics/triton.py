@@ -16,7 +16,7 @@ def is_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def precision(dtype: torch.dtype) -> str:
+def dot_precision(dtype: torch.dtype) -> str:
     """The dot precision of a kernel: ``tf32`` for fp32 unless matmul precision is \"highest\", ``upcast`` for bf16
     under the interpreter (numpy has no bf16), else ``ieee``."""
     if dtype == torch.bfloat16 and is_interpreted():
@@ -119,7 +119,7 @@ def infonce_strategy(n_dim: int, dtype: torch.dtype) -> str:
 def flash_max_dim(dtype: torch.dtype) -> int:
     """Largest D the flash kernels take: 64 on tensor cores (16-bit, tf32); plain fp32 / fp64 FMA dots hold twice
     the registers per element and spill past 32 (compile_check)."""
-    if dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and precision(dtype) == "tf32"):
+    if dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and dot_precision(dtype) == "tf32"):
         return FLASH_MAX_DIM
     return 32
 
@@ -134,10 +134,10 @@ def flash_config(n_dim: int, dtype: torch.dtype, interpreted: bool | None = None
         return {"BM": 16, "BN": 16, "BK": bk}
     if dtype in (torch.float16, torch.bfloat16):
         return {"BM": 64, "BN": 64, "BK": bk, "num_warps": 8}
-    fma = dtype == torch.float64 or (precision or precision(dtype)) == "ieee"
+    fma = dtype == torch.float64 or (precision or dot_precision(dtype)) == "ieee"
     # fp32 in 2 stages: 3 spilled 24 B in the penalized dX kernel on sm_90 under triton 3.6 (plain FMA), while fp64
     # in 2 stages spilled on sm_80 there (ptxas's spills move with its version; compile_check runs both)
-    stages = 2 if dtype == torch.float32 else 3
+    stages = 2 if dtype == torch.float32 else 1
     return {"BM": 16, "BN": 16 if fma else 32, "BK": bk, "num_warps": 4, "num_stages": stages}
 
 

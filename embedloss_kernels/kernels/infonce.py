@@ -269,8 +269,8 @@ def flash_dx_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, smax_ptr, wsum_ptr, dx_ptr, ro
                     PEN_MODE: tl.constexpr,
                     MASK_MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
                     PREC: tl.constexpr, EXP2: tl.constexpr):
-    """Row-parallel: ``dX[rows] = G~ Y`` over every column tile, the (BM, BK >= D) accumulator in registers."""
-    scale, boost, weight, onehot = _params(params_ptr)
+    """Row-parallel: ``dX[rows] = G~ Y`` over every column tile, the (BM, BK >= D) accumulator in registers (the
+    scalars are read in the loop: held across it, an fp64 kernel spilled on sm_80)."""
     local = tl.program_id(0) * BM + tl.arange(0, BM)
     row_ok = local < row_count
     rows = row_start + local
@@ -282,6 +282,7 @@ def flash_dx_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, smax_ptr, wsum_ptr, dx_ptr, ro
     for c0 in range(0, n_cols, BN):
         cols = c0 + tl.arange(0, BN)
         col_ok = cols < n_cols
+        scale, boost, _, onehot = _params(params_ptr)
         lg = _logit_tile(x_ptr, y_ptr, rx_ptr, ry_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y,
                          owner_ptr, scale, boost, PEN_MODE, MASK_MODE, BK, ACC, PREC)
         g = _grad_from_logits(lg, smax, wsum, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, onehot, EXP2)

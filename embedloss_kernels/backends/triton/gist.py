@@ -16,7 +16,7 @@ import contextlib
 import torch
 from torch import Tensor
 
-from ...heuristics.triton import gist_tiles, is_interpreted, precision
+from ...heuristics.triton import dot_precision, gist_tiles, is_interpreted
 from ..torch.gist import gist_forward as gist_block_loop
 from ..torch.gist import settle_ties_
 from . import acc_type, triton
@@ -34,7 +34,7 @@ def masked_logits_triton(x: Tensor, y: Tensor, x_guide: Tensor, y_guide: Tensor,
     out = torch.empty((n, m), dtype=x.dtype, device=x.device)
     near = torch.empty((n, m), dtype=torch.int8, device=x.device)
     band_t = torch.full((1,), band, dtype=bound.dtype, device=x.device)
-    prec, gprec = precision(x.dtype), precision(x_guide.dtype)
+    prec, gprec = dot_precision(x.dtype), dot_precision(x_guide.dtype)
     bm, bn, bk = gist_tiles(x.shape[1], x.dtype, is_interpreted(), prec)
     _, _, bkg = gist_tiles(x_guide.shape[1], x_guide.dtype, is_interpreted(), gprec)
     acc, gacc = acc_type(x.dtype), acc_type(x_guide.dtype)

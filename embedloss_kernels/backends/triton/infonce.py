@@ -35,10 +35,10 @@ from ...heuristics.blocks import block_rows as gpu_block_rows
 from ...heuristics.triton import (
     GROUP_ROWS,
     device_arch,
+    dot_precision,
     flash_config,
     fused_streams,
     infonce_strategy,
-    precision,
     row_pass_config,
     tile_configs,
 )
@@ -115,7 +115,7 @@ def infonce_forward(q: Tensor, a: Tensor, row_start: int, row_count: int, scale:
     dtype, wd, bq, n_dim = q.dtype, _blocked.acc_dtype(q.dtype), q.shape[0], q.shape[1]
     rq, ra = _blocked.inv_norms(q, cosine), _blocked.inv_norms(a, cosine)
     q, a, rq, ra, cq, ca = _blocked.shorten_long_rows(q, a, rq, ra, cosine)
-    acc, prec, arch = acc_type(dtype), precision(dtype), device_arch(q.device)
+    acc, prec, arch = acc_type(dtype), dot_precision(dtype), device_arch(q.device)
     exp2 = dtype != torch.float64  # fp64 keeps exp: its scale must not pass through an fp32 log2(e) product
     unit = LOG2E if exp2 else 1.0
     alpha = float(hardness_strength) if hardness_mode != HARDNESS_NONE else 0.0
@@ -162,7 +162,7 @@ def _flash(blocks, softmax, grads, row_start, row_count, scalars, dir_w, exp2) -
     """dX and dY of each direction block accumulated on chip (fp32, already in v units)."""
     q = blocks[0][1]
     cfg = flash_config(q.shape[1], q.dtype)
-    meta = dict(ACC=acc_type(q.dtype), PREC=precision(q.dtype), EXP2=exp2, **cfg)
+    meta = dict(ACC=acc_type(q.dtype), PREC=dot_precision(q.dtype), EXP2=exp2, **cfg)
     wd = _blocked.acc_dtype(q.dtype)
     for (name, x, y, rx, ry, pen, mask), (smax, ssum) in zip(blocks, softmax):
         n_cols, n_dim = y.shape
@@ -187,7 +187,7 @@ def _workspace(blocks, softmax, grads, row_start, row_count, scalars, dir_w, exp
     per_block = block_rows if block_rows > 0 else gpu_block_rows(row_count, width, q.element_size(), q.device)
     per_block = min(per_block, row_count)
     workspace = torch.empty(per_block * width, dtype=dtype, device=q.device)
-    meta_common = dict(ACC=acc_type(dtype), PREC=precision(dtype), EXP2=exp2, GROUP=GROUP_ROWS)
+    meta_common = dict(ACC=acc_type(dtype), PREC=dot_precision(dtype), EXP2=exp2, GROUP=GROUP_ROWS)
     for (name, x, y, rx, ry, pen, mask), (smax, ssum) in zip(blocks, softmax):
         n_cols = y.shape[0]
         wsum = dir_w / ssum  # the kernels take weight / sum per row
