@@ -30,3 +30,103 @@ def backend(request):
 def is_interpreted(backend_name: str) -> bool:
     """Triton through the interpreter is slow: tests keep its shapes small."""
     return backend_name == "triton" and DEVICE.type == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shared helpers (issue 24): written once here, imported by the test files (``from conftest import ...``).
+# ---------------------------------------------------------------------------------------------------------------------
+
+# MNRL option tables, the same for every fuzz generator (MNRL, Matryoshka).
+DIRECTION_SETS = [
+    ("query_to_doc",),
+    ("query_to_doc", "doc_to_query"),
+    ("query_to_doc", "query_to_query"),
+    ("query_to_doc", "doc_to_doc"),
+    ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"),
+]
+HARDNESS = [None, "in_batch_negatives", "hard_negatives", "all_negatives"]
+
+# Below this fraction of its scale a gradient is "~0": a relative-error assertion on it checks nothing.
+INFORMATIVE_FRACTION = 1e-3
+
+
+def randn64(seed_or_gen, *shape, spread: float = 1.0, device=None) -> torch.Tensor:
+    """Seeded float64 standard normal of ``shape`` (times ``spread``) on ``device`` (DEVICE by default): the same
+    numbers on every device, since they are drawn on the CPU."""
+    gen = seed_or_gen if isinstance(seed_or_gen, torch.Generator) else torch.Generator().manual_seed(seed_or_gen)
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * spread).to(DEVICE if device is None else device)
+
+
+def seeded_columns(seed: int, n: int, batch: int, dim: int, dtype=torch.float64, spread: float = 1.0, device=None):
+    """``n`` seeded (batch, dim) columns drawn in float64 from one generator, then cast to ``dtype``."""
+    gen = torch.Generator().manual_seed(seed)
+    return [randn64(gen, batch, dim, spread=spread, device=device).to(dtype) for _ in range(n)]
+
+
+def loss_and_grads(fn, columns, grad_scale: float = 1.0):
+    """``fn`` on fresh leaf copies of ``columns``; backward of ``loss * grad_scale``. Returns the loss and the
+    gradients, in float64."""
+    leaves = [c.detach().clone().requires_grad_() for c in columns]
+    loss = fn(leaves)
+    (loss * grad_scale).backward()
+    return loss.detach().double(), [leaf.grad.double() for leaf in leaves]
+
+
+def rel_err(ours, ref, floor: float = 1e-12) -> float:
+    """Norm-relative error of ``ours`` against ``ref``; a difference at most ``floor`` counts as zero (1e-12: the
+    round-off left on a gradient that is zero by symmetry, e.g. an attention key bias; far below any gradient the
+    fuzz configurations check, which are at least ``INFORMATIVE_FRACTION`` of their scale)."""
+    ours, ref = torch.as_tensor(ours).double(), torch.as_tensor(ref).double()
+    diff = (ours - ref).norm().item()
+    if diff <= floor:
+        return 0.0
+    return diff / max(ref.norm().item(), 1e-300)
+
+
+def assert_float64_close(ours, ref, rtol: float = 1e-8, what: str = "") -> None:
+    """float64 exactness: norm-relative error at most ``rtol`` (1e-8), exactly zero where the reference is."""
+    err = rel_err(ours, ref)
+    assert err <= rtol, f"{what}: relative error {err:.3g} > {rtol:g}"
+
+
+def assert_within_measured_error(ours, ref64, plain, factor: float = 4.0, what: str = "", dtype=None,
+                                 ulps: float = 4.0) -> None:
+    """Low-precision tolerance from measured error, as FlashAttention's tests do: ``ours``' error against the float64
+    ``ref64`` is at most ``factor`` times the error of ``plain``, the plain low-precision computation of the same
+    quantity (sentence-transformers or the reference in that dtype), measured by the caller on the same inputs.
+
+    The plain error is one sample of round-off and is sometimes lucky (nearly exact): it is floored at ``ulps`` units
+    of round-off of the low-precision dtype (``dtype``, by default ``plain``'s) on the reference's norm, so the bound
+    is never below ``factor * ulps`` ulps (16 by default: 1.9e-6 relative in float32, 6e-2 in bfloat16 only where
+    the plain bfloat16 error is smaller than that)."""
+    ours_t, ref_t, plain_t = torch.as_tensor(ours), torch.as_tensor(ref64).double(), torch.as_tensor(plain)
+    eps = torch.finfo(dtype or plain_t.dtype).eps
+    err = (ours_t.double() - ref_t).norm().item()
+    plain_err = (plain_t.double() - ref_t).norm().item()
+    bound = factor * max(plain_err, ulps * eps * ref_t.norm().item())
+    assert err <= bound, (f"{what}: error {err:.3g} (relative {err / max(ref_t.norm().item(), 1e-300):.3g}) > "
+                          f"{factor:g} x the plain {dtype or plain_t.dtype} computation's {plain_err:.3g}")
+
+
+def is_informative(grad, magnitude: float) -> bool:
+    """Whether ``grad`` carries signal a relative-error assertion can check: norm at least
+    ``INFORMATIVE_FRACTION`` of ``magnitude`` (the size such a gradient has, e.g. the loss's scale)."""
+    return torch.as_tensor(grad).double().norm().item() >= INFORMATIVE_FRACTION * magnitude
+
+
+def spawn_gloo(worker, world: int, args=(), timeout_s: float = 120.0, what: str = "") -> None:
+    """``torch.multiprocessing.spawn`` of ``world`` ranks of ``worker(rank, *args)`` with a deadline: ranks that
+    have not all finished after ``timeout_s`` are killed and the test fails (a deadlock never hangs CI). A rank's
+    exception is raised here."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(worker, args=tuple(args), nprocs=world, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"{what or worker.__name__}: {world} gloo ranks did not finish within {timeout_s:g} s (hang?)")
