@@ -134,3 +134,19 @@ def spawn_gloo(worker, world: int, args=(), timeout_s: float = 120.0, what: str 
                 if p.is_alive():
                     p.kill()
             pytest.fail(f"{what or worker.__name__}: {world} gloo ranks did not finish within {timeout_s:g} s (hang?)")
+
+
+def param_grads(model) -> dict:
+    """A copy of every parameter gradient of ``model``, by name (parameters without one left out)."""
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_param_grads_close(grads: dict, ref: dict, rtol: float = 1e-8) -> None:
+    """Every parameter's gradient within ``rtol`` of the reference's norm, plus ``rtol`` times 1e-4 of the whole
+    gradient's norm for parameters whose gradient is zero by symmetry (an attention key bias: round-off only)."""
+    assert grads.keys() == ref.keys() and grads
+    total = torch.cat([g.flatten() for g in ref.values()]).double().norm()
+    for name in grads:
+        diff = (grads[name].double() - ref[name].double()).norm()
+        bound = rtol * (ref[name].double().norm() + 1e-4 * total)
+        assert diff <= bound, f"{name}: {diff:.3e} > {bound:.3e}"

@@ -3,6 +3,7 @@ gather_across_devices and the gradient cache), and the values it accepts (inf, T
 
 from __future__ import annotations
 
+import copy
 import datetime
 import math
 import os
@@ -230,22 +231,23 @@ def tiny_model(tmp_path_factory):
 @pytest.mark.parametrize("options", [dict(), dict(hardness_mode="in_batch_negatives", hardness_strength=2.0)],
                          ids=_name)
 def test_cached_mnrl_learns_its_scale_like_sentence_transformers(tiny_model, options):
-    feats = [on_device(tiny_model.preprocess(sentences(5, seed=3 * c + 1)), tiny_model.device) for c in range(3)]
+    model = copy.deepcopy(tiny_model).double()  # float64: held to 1e-8
+    feats = [on_device(model.preprocess(sentences(5, seed=3 * c + 1)), model.device) for c in range(3)]
     grads = []
     for cls in (ek.CachedMultipleNegativesRankingLoss, st_losses.CachedMultipleNegativesRankingLoss):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            loss_fn = cls(tiny_model, mini_batch_size=2, **options)
-        loss_fn.scale = torch.nn.Parameter(torch.tensor(15.0, device=tiny_model.device))
+            loss_fn = cls(model, mini_batch_size=2, **options)
+        loss_fn.scale = torch.nn.Parameter(torch.tensor(15.0, device=model.device, dtype=torch.float64))
         assert isinstance(loss_fn.scale, torch.nn.Parameter)
-        tiny_model.zero_grad()
+        model.zero_grad()
         loss = loss_fn(feats, None)
         loss.backward()
         grads.append((loss.detach(), loss_fn.scale.grad))
     (ours_loss, ours_grad), (st_loss, st_grad) = grads
-    torch.testing.assert_close(ours_loss, st_loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours_loss, st_loss, rtol=1e-8, atol=1e-12)
     assert ours_grad is not None
-    torch.testing.assert_close(ours_grad, st_grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours_grad, st_grad, rtol=1e-8, atol=1e-12)
 
 
 # -- gather_across_devices: both schedules, over a gloo process group (CPU on purpose) ---------------------------------
