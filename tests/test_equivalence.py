@@ -104,7 +104,7 @@ def test_mnrl_float64_matches_sentence_transformers(backend, seed):
     columns = make_columns(cfg, torch.float64, seed)
     ref_loss, ref_grads = loss_and_grads(lambda c: st_loss(cfg, c), columns, grad_scale=2.0)
     loss, grads = loss_and_grads(lambda c: our_loss(cfg, c, backend), columns, grad_scale=2.0)
-    assert loss.dtype == torch.float64
+    assert our_loss(cfg, columns, backend).dtype == torch.float64
     torch.testing.assert_close(loss, ref_loss, rtol=1e-8, atol=1e-10)
     for i, (g, ref) in enumerate(zip(grads, ref_grads)):
         assert rel_err(g, ref) <= 1e-8, f"column {i}: {rel_err(g, ref)} ({cfg})"
@@ -125,7 +125,6 @@ def test_mnrl_float32_error_within_4x_sentence_transformers(backend, seed, reque
     exact_loss, exact_grads = loss_and_grads(lambda c: st_loss(cfg, c), columns64)
     st32_loss, st32_grads = loss_and_grads(lambda c: st_loss(cfg, c), columns32)
     loss, grads = loss_and_grads(lambda c: our_loss(cfg, c, backend), columns32)
-    assert loss.dtype == torch.float64  # .double() of a float32 loss
     assert_within_measured_error(loss, exact_loss, st32_loss, dtype=torch.float32, what=f"loss ({cfg})")
     for i, (g, g_st, ref) in enumerate(zip(grads, st32_grads, exact_grads)):
         assert_within_measured_error(g, ref, g_st, dtype=torch.float32, what=f"column {i} ({cfg})")
@@ -233,14 +232,36 @@ def test_large_norm_dot_product_does_not_overflow(backend):
     assert rel_err(loss, exact) < 1e-4
 
 
-def test_no_grad_skips_gradient_work(backend):
+def test_no_grad_skips_gradient_work(backend, monkeypatch):
+    """Under no_grad (or with no input requiring grad) the op is asked for no gradient and returns none (empty
+    gradient outputs: no gradient work), and the loss is the same as with gradients."""
+    import embedloss_kernels.functional.infonce as infonce_module
+
+    outputs = []
+    get_op = infonce_module.dispatch.get_op
+
+    def spy_get_op(*args, **kwargs):
+        op = get_op(*args, **kwargs)
+
+        def spy(*op_args, **op_kwargs):
+            out = op(*op_args, **op_kwargs)
+            outputs.append([t.numel() for t in out[1:3]])
+            return out
+
+        return spy
+
+    monkeypatch.setattr(infonce_module.dispatch, "get_op", spy_get_op)
     columns = make_columns(random_config(4, small=True), torch.float32, 4)
     with torch.no_grad():
         loss = functional.multiple_negatives_ranking_loss(*[c.requires_grad_() for c in columns], backend=backend)
     assert not loss.requires_grad
     plain = functional.multiple_negatives_ranking_loss(*[c.detach() for c in columns], backend=backend)
     assert not plain.requires_grad
+    with_grad = functional.multiple_negatives_ranking_loss(*columns, backend=backend)
+    assert outputs[0] == outputs[1] == [0, 0], outputs  # no gradient computed
+    assert outputs[2][0] == columns[0].numel()  # the spy sees gradients when they are asked for
     torch.testing.assert_close(loss, plain)
+    torch.testing.assert_close(loss, with_grad.detach())
 
 
 def test_inputs_not_modified(backend):

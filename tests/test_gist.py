@@ -345,12 +345,14 @@ def test_inputs_untouched_and_no_grad_to_guide(backend):
 
 
 def test_no_grad_and_inference_mode(backend):
+    """Under no_grad and inference_mode: the loss of the float64 oracle (not of the op itself), no graph."""
     model, guide = model_and_guide(5, 8, 8, 2, seed=31)
-    ref = functional.gist_loss(*model, guide=guide, backend=backend)
-    with torch.no_grad():
-        loss = functional.gist_loss(*model, guide=guide, backend=backend)
-    assert not loss.requires_grad
-    torch.testing.assert_close(loss, ref.detach())
+    ref = reference.gist_reference(model[0], model[1:], guide[0], guide[1:])
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            loss = functional.gist_loss(*[m.requires_grad_() for m in model], guide=guide, backend=backend)
+        assert not loss.requires_grad, mode
+        torch.testing.assert_close(loss, ref.detach(), rtol=1e-10, atol=1e-12)
 
 
 # -- validation ----------------------------------------------------------------------------------------------

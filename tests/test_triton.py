@@ -120,7 +120,7 @@ def test_infonce_float32_within_4x_sentence_transformers(case, strategy):
     loss, grads = loss_and_grads(lambda c: ours(case, c), columns32)
     assert rel_err(loss, exact) <= 4 * rel_err(st32, exact) + 2e-6
     for g, g_st, ref in zip(grads, st32_g, exact_g):
-        assert g.dtype == torch.float64 and rel_err(g, ref) <= 4 * rel_err(g_st, ref) + 2e-6
+        assert rel_err(g, ref) <= 4 * rel_err(g_st, ref) + 2e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -293,6 +293,8 @@ def test_float64_kernels_use_no_fp32_scalar():
         assert any(used for ty, used in scalars.values() if ty != other), f"{key}: {scalars}"
 
 
+@pytest.mark.skipif(DEVICE.type == "cpu", reason="the interpreter computes in double: this cannot fail on CPU, where "
+                    "the scalar-type test above catches the fp32 scalars (issue 24)")
 def test_float64_dot_b130_matches_oracle(strategy):
     """The GPU case that showed the fp32 scalars (3.7e-8 relative gradient error): B = 130 rows (weight =
     20 / 130 is inexact in fp32), scale 20, dot similarity, float64: loss and gradients within 1e-8 relative of the
