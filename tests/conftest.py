@@ -150,3 +150,23 @@ def assert_param_grads_close(grads: dict, ref: dict, rtol: float = 1e-8) -> None
         diff = (grads[name].double() - ref[name].double()).norm()
         bound = rtol * (ref[name].double().norm() + 1e-4 * total)
         assert diff <= bound, f"{name}: {diff:.3e} > {bound:.3e}"
+
+
+def trainer_updates(model, make_loss, train_dataset, output_dir, **args):
+    """A ``SentenceTransformerTrainer`` run on a copy of ``model`` with ``make_loss(copy)``: plain SGD (the update is
+    ``-lr`` times the summed gradients, so comparing updates compares gradients; Adam's normalization would turn the
+    round-off on a zero-by-symmetry gradient into a full step), the trainer's fixed seed, no saving. Returns the
+    train result, the trained copy and each parameter's update (after - before)."""
+    import copy
+
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+
+    model = copy.deepcopy(model)
+    options = dict(output_dir=str(output_dir), num_train_epochs=1, report_to=[], save_strategy="no",
+                   use_cpu=DEVICE.type == "cpu", optim="sgd", learning_rate=1e-2, seed=7, data_seed=7)
+    options.update(args)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    result = SentenceTransformerTrainer(model=model, args=SentenceTransformerTrainingArguments(**options),
+                                        train_dataset=train_dataset, loss=make_loss(model)).train()
+    updates = {k: v.detach() - before[k] for k, v in model.named_parameters()}
+    return result, model, updates
