@@ -170,3 +170,26 @@ def trainer_updates(model, make_loss, train_dataset, output_dir, **args):
                                         train_dataset=train_dataset, loss=make_loss(model)).train()
     updates = {k: v.detach() - before[k] for k, v in model.named_parameters()}
     return result, model, updates
+
+
+WATCHED_ENV_PREFIXES = ("EMBEDLOSS_", "HF_", "TRITON_", "TOKENIZERS_")
+
+
+@pytest.fixture(autouse=True)
+def no_environment_leak():
+    """No test leaks an environment variable of the package or the libraries it configures into the next test (set
+    them with ``monkeypatch.setenv``): the variables with these prefixes are compared before and after."""
+    def watched():
+        return {k: v for k, v in os.environ.items() if k.startswith(WATCHED_ENV_PREFIXES)}
+
+    before = watched()
+    yield
+    after = watched()
+    if after != before:
+        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        for k in changed:  # restore, so that one leak fails one test only
+            if k in before:
+                os.environ[k] = before[k]
+            else:
+                os.environ.pop(k, None)
+        pytest.fail(f"the test leaked environment variables {changed}: use monkeypatch.setenv")

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import DEVICE, assert_param_grads_close, assert_within_measured_error, trainer_updates
+from conftest import DEVICE, assert_param_grads_close, assert_within_measured_error, spawn_gloo, trainer_updates
 from tiny_model import WORDS, make_tiny_sentence_transformer, on_device, sentences
 
 import embedloss_kernels as ek
@@ -309,20 +309,9 @@ def _cached_gather_worker(rank, world, init_file, model_dir, out_dir):
 def test_cached_with_gather_across_devices_matches_sentence_transformers(tiny_model, tmp_path):
     """Two gloo ranks: our cached loss with gather_across_devices gives each rank the loss and parameter
     gradients of sentence-transformers' cached loss under the same setup."""
-    import torch.multiprocessing as mp
-
     model_dir = tmp_path / "model"
     tiny_model.save(str(model_dir))
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_cached_gather_worker, args=(r, 2, str(tmp_path / "init"), str(model_dir),
-                                                              str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-        if p.is_alive():
-            p.kill()
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    spawn_gloo(_cached_gather_worker, 2, (2, str(tmp_path / "init"), str(model_dir), str(tmp_path)), 120)
     for rank in range(2):
         res = torch.load(tmp_path / f"rank{rank}.pt")
         torch.testing.assert_close(res["ours"][0], res["st"][0], rtol=1e-4, atol=1e-6)

@@ -21,6 +21,7 @@ from conftest import (
     is_interpreted,
     loss_and_grads,
     rel_err,
+    spawn_gloo,
 )
 from torch import nn
 
@@ -424,9 +425,7 @@ def _gather_worker(rank, world, init_file, out_dir, schedule):
 def test_gather_across_devices_two_ranks(tmp_path, schedule):
     """Two gloo ranks (CPU on purpose): each rank's loss is the world-batch loss over its rows, and its gradients are
     the world loss's (summed over ranks) on its rows; under the ring schedule the Matryoshka loss runs gather."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_gather_worker, args=(2, str(tmp_path / "init"), str(tmp_path), schedule), nprocs=2, join=True)
+    spawn_gloo(_gather_worker, 2, (2, str(tmp_path / "init"), str(tmp_path), schedule), 120)
     gen = torch.Generator().manual_seed(0)
     world_cols = [torch.randn(12, 21, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(3)]
     opts = dict(scale=15.0, hardness_mode="in_batch_negatives", hardness_strength=0.5)

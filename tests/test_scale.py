@@ -7,15 +7,13 @@ import copy
 import datetime
 import math
 import os
-import time
 import traceback
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import DEVICE
+from conftest import DEVICE, spawn_gloo
 from tiny_model import make_tiny_sentence_transformer, on_device, sentences
 
 import embedloss_kernels as ek
@@ -295,13 +293,7 @@ def _dist_worker(rank, init_file, out_dir, backends_):
 
 def test_scale_gradient_through_gather_across_devices(tmp_path):
     backends_ = [n for n in ("torch", "cpp") if dispatch.why_not(n, "cpu") is None]
-    ctx = mp.spawn(_dist_worker, args=(str(tmp_path / "init"), str(tmp_path), backends_), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("workers did not finish within 120 s")
+    spawn_gloo(_dist_worker, WORLD, (str(tmp_path / "init"), str(tmp_path), backends_), 120)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     for i, options in enumerate(DIST_OPTIONS):
         cols_world = [c.cpu() for c in columns(3, batch=WORLD * ROWS, seed=40 + i)]

@@ -59,3 +59,35 @@ def test_measured_error_tolerance_rejects_a_scaled_gradient():
         assert_within_measured_error(plain[0].to(dtype), exact[0], plain[0].to(dtype))
         with pytest.raises(AssertionError):
             assert_within_measured_error((plain[0] * wrong).to(dtype), exact[0], plain[0].to(dtype))
+
+
+def _hanging_worker(rank):
+    import time
+
+    time.sleep(600)
+
+
+def test_spawn_gloo_deadline_fails_a_hang():
+    """A rank that never finishes fails the test at the deadline instead of hanging the suite."""
+    import time
+
+    from conftest import spawn_gloo
+
+    start = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match="did not finish within"):
+        spawn_gloo(_hanging_worker, 2, (), timeout_s=2)
+    assert time.monotonic() - start < 60
+
+
+def test_environment_leak_is_caught():
+    """The autouse ``no_environment_leak`` fixture fails a test that leaves a watched variable set."""
+    import os
+
+    from conftest import no_environment_leak
+
+    gen = no_environment_leak.__wrapped__()
+    next(gen)
+    os.environ["EMBEDLOSS_LEAK_PROBE"] = "1"
+    with pytest.raises(pytest.fail.Exception, match="EMBEDLOSS_LEAK_PROBE"):
+        next(gen)
+    assert "EMBEDLOSS_LEAK_PROBE" not in os.environ
