@@ -193,3 +193,17 @@ def no_environment_leak():
             else:
                 os.environ.pop(k, None)
         pytest.fail(f"the test leaked environment variables {changed}: use monkeypatch.setenv")
+
+
+class PassThroughModel(torch.nn.Module):
+    """A stand-in SentenceTransformer whose "features" are the embeddings themselves: ``{"embedding": x}``."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def get_embedding_dimension(self) -> int:
+        return self.dim
+
+    def forward(self, features):
+        return {"sentence_embedding": features["embedding"]}

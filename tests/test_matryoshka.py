@@ -16,6 +16,7 @@ from conftest import (
     DEVICE,
     DIRECTION_SETS,
     HARDNESS,
+    PassThroughModel,
     assert_within_measured_error,
     is_informative,
     is_interpreted,
@@ -23,26 +24,12 @@ from conftest import (
     rel_err,
     spawn_gloo,
 )
-from torch import nn
 
 import embedloss_kernels as ek
 from embedloss_kernels import dispatch, functional, reference
 
 st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
 st_util = pytest.importorskip("sentence_transformers.util")
-
-class PassThroughModel(nn.Module):
-    """A stand-in SentenceTransformer whose "features" are the embeddings themselves."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.dim = dim
-
-    def get_embedding_dimension(self) -> int:
-        return self.dim
-
-    def forward(self, features):
-        return {"sentence_embedding": features["embedding"]}
 
 
 def random_config(seed: int, small: bool) -> dict:

@@ -4,25 +4,12 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_float64_close, loss_and_grads, seeded_columns
-from torch import nn
+from conftest import PassThroughModel, assert_float64_close, loss_and_grads, seeded_columns
 
 import embedloss_kernels as ek
 from embedloss_kernels import functional
 
 st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
-
-
-class PassThroughModel(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.dim = dim
-
-    def get_embedding_dimension(self):
-        return self.dim
-
-    def forward(self, features):
-        return {"sentence_embedding": features["embedding"]}
 
 
 def test_tensor_hardness_strength_is_a_type_error():

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import DEVICE, DIRECTION_SETS, HARDNESS, assert_float64_close, seeded_columns
+from conftest import DEVICE, DIRECTION_SETS, HARDNESS, PassThroughModel, assert_float64_close, seeded_columns
 from torch import nn
 
 from embedloss_kernels import reference
@@ -115,18 +115,6 @@ def test_infonce_reference_scale_gradient_with_masked_directions(case):
     diff = (st_mnrl(case, case["scale"] + h).compute_loss_from_embeddings(cols, None)
             - st_mnrl(case, case["scale"] - h).compute_loss_from_embeddings(cols, None)) / (2 * h)
     assert torch.isfinite(grad) and abs(grad - diff) <= 1e-7 * abs(diff), (grad, diff)
-
-
-class PassThroughModel(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.dim = dim
-
-    def get_embedding_dimension(self):
-        return self.dim
-
-    def forward(self, features):
-        return {"sentence_embedding": features["embedding"]}
 
 
 MATRYOSHKA_CASES = [
