@@ -4,6 +4,7 @@ float64: loss and every embedding gradient within 1e-8 relative. float32: our er
 at most 4x sentence-transformers' own float32 error (plus a tiny floor for cases where that error is ~0).
 """
 
+import functools
 import random
 import warnings
 
@@ -25,6 +26,7 @@ from embedloss_kernels import functional
 st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
 st_util = pytest.importorskip("sentence_transformers.util")
 
+
 def is_degenerate(cfg, seed: int) -> bool:
     """A configuration whose anchor gradient is ~0, where a relative-error assertion checks nothing: D=1 under
     cosine (every similarity is +-1, the gradient is exactly 0), one row with no negative (a single candidate; with
@@ -42,6 +44,11 @@ def anchor_gradient(cfg, seed: int) -> torch.Tensor:
 
 
 def random_config(seed: int, small: bool) -> dict:
+    return dict(_drawn_config(seed, small))  # a copy: callers may change theirs
+
+
+@functools.cache
+def _drawn_config(seed: int, small: bool) -> dict:
     """A random configuration of every MNRL option; a degenerate draw (``is_degenerate``) is drawn again (the
     deliberate edge cases have their own tests with exact assertions: ``test_degenerate_configs_exact``)."""
     rng = random.Random(seed)

@@ -6,6 +6,7 @@ float32: error against the float64 result at most 4x sentence-transformers' own 
 """
 
 import copy
+import functools
 import os
 import random
 import warnings
@@ -33,6 +34,11 @@ st_util = pytest.importorskip("sentence_transformers.util")
 
 
 def random_config(seed: int, small: bool) -> dict:
+    return dict(_drawn_config(seed, small))  # a copy: callers may change theirs
+
+
+@functools.cache
+def _drawn_config(seed: int, small: bool) -> dict:
     """A random configuration, drawn again while degenerate (issue 24): a prefix of width 1 (its cosine gradient is
     exactly 0) is never drawn, nor one row without negatives; a draw whose float64 anchor gradient on
     ``make_columns(cfg, ., seed)`` is below ``INFORMATIVE_FRACTION`` of the scale (a saturated softmax) is redrawn."""
