@@ -14,13 +14,12 @@ import datetime
 import itertools
 import logging
 import os
-import time
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import spawn_gloo
 
 from embedloss_kernels import dispatch, functional, reference
 from embedloss_kernels.core import log
@@ -289,14 +288,8 @@ def _spawn(world, tmp_path, combo_list, unequal_sizes):
     out_dir = tmp_path / f"w{world}"
     out_dir.mkdir()
     backends_ = _available_backends()
-    ctx = mp.spawn(_worker, args=(world, str(tmp_path / f"init{world}"), str(out_dir), backends_, combo_list,
-                                  unequal_sizes), nprocs=world, join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"world size {world}: workers did not finish within {SPAWN_TIMEOUT_S} s (hang?)")
+    spawn_gloo(_worker, world, (world, str(tmp_path / f"init{world}"), str(out_dir), backends_, combo_list,
+                                unequal_sizes), SPAWN_TIMEOUT_S, f"world size {world}")
     return backends_, [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 

@@ -8,13 +8,12 @@ import datetime
 import importlib
 import itertools
 import os
-import time
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import spawn_gloo
 
 from embedloss_kernels import dispatch
 
@@ -106,14 +105,8 @@ def test_gist_gather_across_devices_matches_sentence_transformers(world, tmp_pat
     backends_ = [n for n in ("torch", "cpp") if dispatch.why_not(n, "cpu") is None]
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    ctx = mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(out_dir), str(tok_dir), backends_),
-                   nprocs=world, join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"world size {world}: workers did not finish within {SPAWN_TIMEOUT_S} s")
+    spawn_gloo(_worker, world, (world, str(tmp_path / "init"), str(out_dir), str(tok_dir), backends_),
+               SPAWN_TIMEOUT_S, f"world size {world}")
     for rank in range(world):
         err = out_dir / f"rank{rank}.err"
         assert not err.exists(), err.read_text()

@@ -3,18 +3,17 @@ gather_across_devices and the gradient cache), and the values it accepts (inf, T
 
 from __future__ import annotations
 
+import copy
 import datetime
 import math
 import os
-import time
 import traceback
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import DEVICE
+from conftest import DEVICE, spawn_gloo
 from tiny_model import make_tiny_sentence_transformer, on_device, sentences
 
 import embedloss_kernels as ek
@@ -230,22 +229,23 @@ def tiny_model(tmp_path_factory):
 @pytest.mark.parametrize("options", [dict(), dict(hardness_mode="in_batch_negatives", hardness_strength=2.0)],
                          ids=_name)
 def test_cached_mnrl_learns_its_scale_like_sentence_transformers(tiny_model, options):
-    feats = [on_device(tiny_model.preprocess(sentences(5, seed=3 * c + 1)), tiny_model.device) for c in range(3)]
+    model = copy.deepcopy(tiny_model).double()  # float64: held to 1e-8
+    feats = [on_device(model.preprocess(sentences(5, seed=3 * c + 1)), model.device) for c in range(3)]
     grads = []
     for cls in (ek.CachedMultipleNegativesRankingLoss, st_losses.CachedMultipleNegativesRankingLoss):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            loss_fn = cls(tiny_model, mini_batch_size=2, **options)
-        loss_fn.scale = torch.nn.Parameter(torch.tensor(15.0, device=tiny_model.device))
+            loss_fn = cls(model, mini_batch_size=2, **options)
+        loss_fn.scale = torch.nn.Parameter(torch.tensor(15.0, device=model.device, dtype=torch.float64))
         assert isinstance(loss_fn.scale, torch.nn.Parameter)
-        tiny_model.zero_grad()
+        model.zero_grad()
         loss = loss_fn(feats, None)
         loss.backward()
         grads.append((loss.detach(), loss_fn.scale.grad))
     (ours_loss, ours_grad), (st_loss, st_grad) = grads
-    torch.testing.assert_close(ours_loss, st_loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours_loss, st_loss, rtol=1e-8, atol=1e-12)
     assert ours_grad is not None
-    torch.testing.assert_close(ours_grad, st_grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours_grad, st_grad, rtol=1e-8, atol=1e-12)
 
 
 # -- gather_across_devices: both schedules, over a gloo process group (CPU on purpose) ---------------------------------
@@ -293,13 +293,7 @@ def _dist_worker(rank, init_file, out_dir, backends_):
 
 def test_scale_gradient_through_gather_across_devices(tmp_path):
     backends_ = [n for n in ("torch", "cpp") if dispatch.why_not(n, "cpu") is None]
-    ctx = mp.spawn(_dist_worker, args=(str(tmp_path / "init"), str(tmp_path), backends_), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("workers did not finish within 120 s")
+    spawn_gloo(_dist_worker, WORLD, (str(tmp_path / "init"), str(tmp_path), backends_), 120)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     for i, options in enumerate(DIST_OPTIONS):
         cols_world = [c.cpu() for c in columns(3, batch=WORLD * ROWS, seed=40 + i)]

@@ -121,7 +121,7 @@ def test_infonce_float32_within_4x_sentence_transformers(case, strategy):
     loss, grads = loss_and_grads(lambda c: ours(case, c), columns32)
     assert rel_err(loss, exact) <= 4 * rel_err(st32, exact) + 2e-6
     for g, g_st, ref in zip(grads, st32_g, exact_g):
-        assert g.dtype == torch.float64 and rel_err(g, ref) <= 4 * rel_err(g_st, ref) + 2e-6
+        assert rel_err(g, ref) <= 4 * rel_err(g_st, ref) + 2e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -323,6 +323,8 @@ def test_float64_exact_with_scalars_inexact_in_fp32(strategy, scale, hardness, d
         torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.skipif(DEVICE.type == "cpu", reason="the interpreter computes in double: this cannot fail on CPU, where "
+                    "the scalar-type test above catches the fp32 scalars (issue 24)")
 def test_float64_dot_b130_matches_oracle(strategy):
     """The GPU case that showed the fp32 scalars (3.7e-8 relative gradient error): B = 130 rows (weight =
     20 / 130 is inexact in fp32), scale 20, dot similarity, float64: loss and gradients within 1e-8 relative of the
