@@ -405,11 +405,11 @@ def _check_ring_extras(world, b, results):
         # the environment variable chose the ring for both modules, and nothing the unfused or unset cases
         assert r["env_ring_calls"] == 2 and r["custom_ring_calls"] == 0 and r["unset_ring_calls"] == 0
         # per ring loss: (W-1) column shifts forward, (W-1) column + W accumulator shifts backward; the only
-        # all-gather is the metadata (5 integers per rank), where the gather schedule gathers every column
+        # all-gather is the metadata (a few integers per rank), where the gather schedule gathers every column
         per_call = [ring._TAG_COLUMNS] * (world - 1) + ([ring._TAG_COLUMNS, ring._TAG_GRADS] * (world - 1)
                                                         + [ring._TAG_GRADS])
         assert sorted(r["env_shifts"]) == sorted(per_call * 2), r["env_shifts"]
-        assert r["env_gathered"] == [5 * world] * 2, r["env_gathered"]
+        assert r["env_gathered"] == [collectives._META_FIELDS * world] * 2, r["env_gathered"]
         assert max(r["unset_gathered"]) >= b * world * DIM, r["unset_gathered"]
         (ring_loss, ring_grads), (gather_loss, gather_grads) = r["fp32"]
         assert ring_loss.dtype == torch.float32 and ring_grads[0].dtype == torch.float32

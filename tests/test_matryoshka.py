@@ -25,6 +25,7 @@ from conftest import (
     rel_err,
     spawn_gloo,
 )
+from torch import nn
 
 import embedloss_kernels as ek
 from embedloss_kernels import dispatch, functional, reference

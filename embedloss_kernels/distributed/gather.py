@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .collectives import all_gather_flat, gather_metadata, reduce_scatter_flat
+from . import collectives
+from .collectives import gather_metadata
 
 
 class GatherColumns(torch.autograd.Function):
@@ -35,13 +36,13 @@ class GatherColumns(torch.autograd.Function):
         if min(sizes) == bmax:
             # equal batches: each column gathers straight into its place in the output (no staging copy)
             for col, target in zip(columns, targets):
-                all_gather_flat(target.view(-1), col.contiguous().view(-1), group)
+                collectives.all_gather_flat(target.view(-1), col.contiguous().view(-1), group)
         else:
             local = torch.stack([col.contiguous() for col in columns], dim=0)
             if b < bmax:
                 local = torch.cat([local, local.new_zeros(c, bmax - b, d)], dim=1)
             buf = local.new_empty(world, c, bmax, d)
-            all_gather_flat(buf.view(-1), local.view(-1), group)
+            collectives.all_gather_flat(buf.view(-1), local.view(-1), group)
             for i, target in enumerate(targets):
                 # rank-major -> column-major, dropping each rank's padding rows
                 torch.cat([buf[r, i, : sizes[r]] for r in range(world)], dim=0, out=target)
@@ -59,7 +60,7 @@ class GatherColumns(torch.autograd.Function):
         if min(sizes) == bmax:
             out = [g.new_empty(b, d) for g in grads]
             for g, o in zip(grads, out):
-                reduce_scatter_flat(o.view(-1), g.view(-1), group)
+                collectives.reduce_scatter_flat(o.view(-1), g.view(-1), group)
             return None, None, *out
         buf = ref.new_zeros(len(sizes), c, bmax, d)
         start = 0
@@ -68,7 +69,7 @@ class GatherColumns(torch.autograd.Function):
                 buf[r, i, :rows] = g[start : start + rows]
             start += rows
         out = ref.new_empty(c, bmax, d)
-        reduce_scatter_flat(out.view(-1), buf.view(-1), group)
+        collectives.reduce_scatter_flat(out.view(-1), buf.view(-1), group)
         return None, None, *out[:, :b].unbind(0)
 
 

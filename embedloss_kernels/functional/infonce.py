@@ -12,9 +12,8 @@ from torch import Tensor
 from .. import dispatch, reference
 from ..core.log import warn_once, warn_once_per_callable
 from ..core.validate import check_directions, check_embeddings, check_hardness, check_scale, scale_value
-from ..distributed import collectives
+from ..distributed import collectives, ring
 from ..distributed.gather import gather_columns
-from ..distributed.ring import infonce_ring
 from ..ops.autograd import loss_from_op, needs_grad
 from .common import check_block_rows, fused_scale, op_inputs, resolve_similarity, similarity_name, unfused
 from .matryoshka import matryoshka_from_columns
@@ -167,7 +166,7 @@ def infonce_across_devices(
     if use_ring:
         sizes = tuple(r[0] for r in collectives.gather_metadata(columns, group, "ring"))
         opts = {k: v for k, v in options.items() if k not in ("similarity", "backend")}
-        return infonce_ring(columns, sizes, group, cosine=kind == "cosine", **opts)
+        return ring.infonce_ring(columns, sizes, group, cosine=kind == "cosine", **opts)
     q_all, a_all, row_start, row_count = gather_columns(columns, group, "gather", blocker)
     # the fused op takes the candidate pool [P; N_1; ...] as one (K * rows, D) tensor, as gathered
     doc_columns = [a_all] if kind is not None else list(a_all.view(-1, *q_all.shape).unbind(0))

@@ -300,8 +300,7 @@ def flash_dy_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, smax_ptr, wsum_ptr, dy_ptr, ro
                     MASK_MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
                     PREC: tl.constexpr, EXP2: tl.constexpr):
     """Column-parallel: ``dY[cols] = G~^T X[rows]`` over every row tile; each program owns its columns, so the loop
-    order swap needs no atomics."""
-    scale, boost, weight, onehot = _params(params_ptr)
+    order swap needs no atomics (the scalars are read in the loop, as flash_dx_kernel)."""
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     col_ok = cols < n_cols
     ks = tl.arange(0, BK)
@@ -313,6 +312,7 @@ def flash_dy_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, smax_ptr, wsum_ptr, dy_ptr, ro
         rows = row_start + local
         smax = tl.load(smax_ptr + local, mask=row_ok, other=0.0)
         wsum = tl.load(wsum_ptr + local, mask=row_ok, other=0.0)
+        scale, boost, _, onehot = _params(params_ptr)
         lg = _logit_tile(x_ptr, y_ptr, rx_ptr, ry_ptr, rows, cols, row_ok, col_ok, n_dim, stride_x, stride_y,
                          owner_ptr, scale, boost, PEN_MODE, MASK_MODE, BK, ACC, PREC)
         g = _grad_from_logits(lg, smax, wsum, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, onehot, EXP2)
