@@ -15,11 +15,13 @@ from .core.versions import major_minor as _major_minor
 from .dispatch import BackendUnavailableError, available_backends, current_backend
 from .functional import (
     angle_loss,
+    clip_loss,
     cosent_loss,
     gist_loss,
     infonce_loss,
     matryoshka_mnrl_loss,
     multiple_negatives_ranking_loss,
+    siglip_loss,
 )
 from .patching import patch_sentence_transformers, unpatch_sentence_transformers
 
@@ -64,6 +66,7 @@ __all__ = [
     "MultipleNegativesSymmetricRankingLoss",
     "angle_loss",
     "available_backends",
+    "clip_loss",
     "cosent_loss",
     "current_backend",
     "gist_loss",
@@ -71,5 +74,6 @@ __all__ = [
     "matryoshka_mnrl_loss",
     "multiple_negatives_ranking_loss",
     "patch_sentence_transformers",
+    "siglip_loss",
     "unpatch_sentence_transformers",
 ]
