@@ -43,6 +43,7 @@ _MODULE_CLASSES = (
     "MatryoshkaLoss",
     "MultipleNegativesRankingLoss",
     "MultipleNegativesSymmetricRankingLoss",
+    "SigLIPLoss",
 )
 
 
@@ -64,6 +65,7 @@ __all__ = [
     "MatryoshkaLoss",
     "MultipleNegativesRankingLoss",
     "MultipleNegativesSymmetricRankingLoss",
+    "SigLIPLoss",
     "angle_loss",
     "available_backends",
     "clip_loss",
