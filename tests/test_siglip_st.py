@@ -76,3 +76,69 @@ def test_trainer_trains_scale_and_bias_and_writes_model_card(tmp_path):
     model.save(str(tmp_path / "saved"))
     card = (tmp_path / "saved" / "README.md").read_text()
     assert "SigLIPLoss" in card and '"bias": -10.0' in card and "zhai2023sigmoid" in card
+
+
+def _gather_worker(rank, world, init_file, out_dir):
+    import datetime
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    result = {}
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
+        b_rows, dim = 3, 8
+        gen = torch.Generator().manual_seed(world)
+        world_cols = [torch.randn(b_rows * world, dim, generator=gen, dtype=torch.float64) for _ in range(3)]
+        local = [c[rank * b_rows : (rank + 1) * b_rows].clone().requires_grad_() for c in world_cols]
+        loss_mod = SigLIPLoss(None, scale=6.0, bias=-2.0, gather_across_devices=True).double()
+        loss = loss_mod.compute_loss_from_embeddings(local, None)
+        loss.backward()
+        # the world oracle: every rank's loss (its anchors against the world's [P; N]), the docs' gradients summed
+        # over ranks (what the gather's reduce-scatter gives), the scale's and bias's this rank's own
+        ref_cols = [c.clone().requires_grad_() for c in world_cols]
+        log_s = loss_mod.logit_scale.detach().clone().requires_grad_()
+        bias = loss_mod.logit_bias.detach().clone().requires_grad_()
+        feats = [F.normalize(c, dim=-1) for c in ref_cols]
+        pool = torch.cat(feats[1:])
+        losses = [reference.siglip_reference(feats[0][r * b_rows : (r + 1) * b_rows], pool, log_s.exp(), bias,
+                                             positive_offset=r * b_rows) for r in range(world)]
+        ds, db = torch.autograd.grad(losses[rank], [log_s, bias], retain_graph=True)
+        sum(losses).backward()
+        rows = slice(rank * b_rows, (rank + 1) * b_rows)
+        errs = [abs(loss.item() - losses[rank].item()) / abs(losses[rank].item())]
+        errs += [((c.grad - r.grad[rows]).abs().max() / r.grad[rows].abs().max()).item()
+                 for c, r in zip(local, ref_cols)]
+        errs += [abs(loss_mod.logit_scale.grad.item() - ds.item()) / abs(ds.item()),
+                 abs(loss_mod.logit_bias.grad.item() - db.item()) / abs(db.item())]
+        result["errs"] = errs
+    except Exception as exc:  # noqa: BLE001 - reported to the parent test
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_gather_across_devices_matches_world_oracle(world, tmp_path):
+    import json
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(_gather_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=False)
+    deadline = time.monotonic() + 180
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"world size {world}: workers did not finish within 180 s (hang?)")
+    for rank in range(world):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert "error" not in result, result.get("error")
+        assert max(result["errs"]) < 1e-10, (world, rank, result["errs"])
