@@ -215,3 +215,16 @@ def test_siglip_bad_input():
         siglip_loss(x, torch.randn(5, 3), 10.0, 0.0)
     with pytest.raises(ValueError, match="logit_scale"):
         clip_loss(x, x, 0.0)
+
+
+@pytest.mark.parametrize("compute_grad", [True, False])
+def test_opcheck(backend, compute_grad):
+    """Schema, fake (the four gradient outputs' shapes), autograd registration of the registered op."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 5, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_(compute_grad)
+    y = torch.randn(4, 5, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_(compute_grad)
+    s = torch.tensor(3.0, dtype=torch.float64, device=DEVICE)
+    b = torch.tensor(-1.0, dtype=torch.float64, device=DEVICE)
+    op = backend_ops(backend)["siglip"]
+    torch.library.opcheck(op.default, (x, y, s, b, 1, True, compute_grad, 2),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
