@@ -132,8 +132,8 @@ def _matryoshka_step(spec, torch):
 
 
 def _open_clip_step(spec, torch):
-    """One forward+backward of SigLIP (``loss == "siglip"``) or CLIP with a learnable scale and bias, as OpenCLIP
-    trains them (features normalized by the "model" in the step, scale 10, bias -10)."""
+    """One forward+backward of SigLIP (``loss == "siglip"``) or CLIP with a learnable scale (10) and bias (-10), as
+    OpenCLIP trains them, on the features as given (the model's normalization is not the loss's cost)."""
     provider, device = spec["provider"], torch.device(spec["device"])
     if provider == "floor":
         return _mnrl_step(spec, torch)
@@ -150,10 +150,7 @@ def _open_clip_step(spec, torch):
     scale = torch.tensor(10.0, device=device, requires_grad=True)
     bias = torch.tensor(-10.0, device=device, requires_grad=True)
 
-    def step(cols):
-        x, y = (torch.nn.functional.normalize(c, dim=-1) for c in cols)
-        loss_fn(x, y, scale, bias).backward()
-    return step
+    return lambda cols: loss_fn(cols[0], cols[1], scale, bias).backward()
 
 
 def _cosent_step(spec, torch):

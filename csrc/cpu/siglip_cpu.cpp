@@ -18,11 +18,10 @@
 namespace embedloss {
 namespace {
 
-// log1p(e) for e in [0, 1], float, branch-free: log(u) of u = 1 + e by a Cephes polynomial around 1, plus the
-// rounding of u ((e - (u - 1)) / u), so tiny e keep their full precision.
-EMBEDLOSS_INLINE float log1p_unit(float e) {
-  const float u = 1.0f + e;
-  const float c = (e - (u - 1.0f)) / u;
+// log1p(e) for e in [0, 1], float, branch-free, given u = 1 + e and r = 1 / u: log(u) by a Cephes polynomial around
+// 1, plus the rounding of u ((e - (u - 1)) / u), so tiny e keep their full precision.
+EMBEDLOSS_INLINE float log1p_unit(float e, float u, float r) {
+  const float c = (e - (u - 1.0f)) * r;
   const bool high = u > 1.41421356f;
   const float m = high ? 0.5f * u : u;
   const float k = high ? 1.0f : 0.0f;
@@ -49,39 +48,44 @@ struct Pass;
 template <>
 struct Pass<float> {
   static EMBEDLOSS_INLINE float ex(float v) { return exp_approx(v); }
-  static EMBEDLOSS_INLINE float lp(float e) { return log1p_unit(e); }
+  static EMBEDLOSS_INLINE float lp(float e, float u, float r) { return log1p_unit(e, u, r); }
 };
 
 template <>
 struct Pass<double> {
   static EMBEDLOSS_INLINE double ex(double v) { return std::exp(v); }
-  static EMBEDLOSS_INLINE double lp(double e) { return std::log1p(e); }
+  static EMBEDLOSS_INLINE double lp(double e, double, double) { return std::log1p(e); }
 };
 
-// Columns j0 .. j1 - 1 of a row as negatives, in place: S -> G = sigmoid(z) (when grad); adds the loss terms and G.
-template <typename T>
-EMBEDLOSS_INLINE void negatives(T* __restrict__ row, int64_t j0, int64_t j1, T s, T b, bool grad, T& loss, T& gs) {
+// Columns j0 .. j1 - 1 of a row as negatives, in place: S -> G = sigmoid(z) (when GRAD); adds the loss terms and G.
+// One reciprocal per element serves both sigmoid and the log1p's rounding term.
+template <typename T, bool GRAD>
+EMBEDLOSS_INLINE void negatives(T* __restrict__ row, int64_t j0, int64_t j1, T s, T b, T& loss, T& gs) {
   T l = 0, g = 0;
-  if (grad) {
 #pragma omp simd reduction(+ : l, g)
-    for (int64_t j = j0; j < j1; ++j) {
-      const T z = s * row[j] + b;
-      const T e = Pass<T>::ex(-std::abs(z));
-      l += (z > T(0) ? z : T(0)) + Pass<T>::lp(e);
-      const T sig = (z >= T(0) ? T(1) : e) / (T(1) + e);
+  for (int64_t j = j0; j < j1; ++j) {
+    const T z = s * row[j] + b;
+    const T e = Pass<T>::ex(-std::abs(z));
+    const T u = T(1) + e;
+    const T r = T(1) / u;
+    l += (z > T(0) ? z : T(0)) + Pass<T>::lp(e, u, r);
+    if constexpr (GRAD) {
+      const T sig = z >= T(0) ? r : e * r;
       row[j] = sig;
       g += sig;
-    }
-  } else {
-#pragma omp simd reduction(+ : l)
-    for (int64_t j = j0; j < j1; ++j) {
-      const T z = s * row[j] + b;
-      const T e = Pass<T>::ex(-std::abs(z));
-      l += (z > T(0) ? z : T(0)) + Pass<T>::lp(e);
     }
   }
   loss += l;
   gs += g;
+}
+
+template <typename T>
+EMBEDLOSS_INLINE void negatives(T* __restrict__ row, int64_t j0, int64_t j1, T s, T b, bool grad, T& loss, T& gs) {
+  if (grad) {
+    negatives<T, true>(row, j0, j1, s, b, loss, gs);
+  } else {
+    negatives<T, false>(row, j0, j1, s, b, loss, gs);
+  }
 }
 
 // One row of the block in place (S -> G when grad); returns the loss terms' sum, *gsum gets sum G. pos: the
@@ -96,9 +100,11 @@ EMBEDLOSS_INLINE T row_pass(T* __restrict__ row, int64_t n, T s, T b, int64_t po
     negatives(row, pos + 1, n, s, b, grad, loss, gs);
     const T z = -(s * row[pos] + b);
     const T e = Pass<T>::ex(-std::abs(z));
-    loss += (z > T(0) ? z : T(0)) + Pass<T>::lp(e);
+    const T u = T(1) + e;
+    const T r = T(1) / u;
+    loss += (z > T(0) ? z : T(0)) + Pass<T>::lp(e, u, r);
     if (grad) {
-      const T sig = -(z >= T(0) ? T(1) : e) / (T(1) + e);
+      const T sig = -(z >= T(0) ? r : e * r);
       row[pos] = sig;
       gs += sig;
     }
