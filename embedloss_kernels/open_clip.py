@@ -2,10 +2,10 @@
 signatures and returns, computed by the fused ops (no B x N logits or labels kept for backward).
 
 * :class:`SigLipLoss`: the ``siglip`` op. With ``world_size > 1`` every ``dist_impl`` (``bidir``, ``shift``,
-  ``reduce``, ``gather``) gives the same numbers as OpenCLIP's, through one exchange: the texts are all-gathered
-  (:mod:`embedloss_kernels.distributed.gather`, gradients reduce-scattered back to their owners, as OpenCLIP's
-  exchanges send them back), and this rank's images are scored against every text in one pass, the positives at this
-  rank's offset. Memory per rank: the gathered texts (``W * B * D``), not W blocks of logits kept for backward.
+  ``reduce``, ``gather``) gives the same numbers as OpenCLIP's, through one schedule: by default the ring
+  (:mod:`embedloss_kernels.distributed.ring_siglip`: text blocks go round, their gradient accumulators follow them
+  back to their owners; ``O(B * D)`` per rank, nothing of OpenCLIP's W blocks of logits kept for backward), or with
+  ``EMBEDLOSS_DISTRIBUTED_SCHEDULE=gather`` the gather schedule (all-gather the texts, one op call, ``W * B * D``).
 * :class:`ClipLoss`: the ``infonce`` op (query_to_doc + doc_to_query averaged, dot products) with a learnable
   scale; under ``world_size > 1`` the features go through the same gather, with OpenCLIP's gradients for every
   ``local_loss`` x ``gather_with_grad`` combination. A ``logit_bias`` cancels in every softmax: it gets gradient 0.
@@ -19,14 +19,17 @@ rank and size must be the ``rank`` and ``world_size`` given.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from .core.validate import check_embeddings, check_scale
+from .distributed.collectives import SCHEDULE_ENV
 from .distributed.gather import gather_columns
 from .functional.infonce import infonce_from_columns
-from .functional.siglip import siglip_from_columns, with_zero_bias_grad
+from .functional.siglip import siglip_across_devices, siglip_from_columns, with_zero_bias_grad
 
 DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 
@@ -76,8 +79,9 @@ class SigLipLoss(nn.Module):
         bias = 0.0 if logit_bias is None else logit_bias
         if self.world_size > 1:
             _check_world("SigLipLoss", self.rank, self.world_size)
-            texts, _, start, _ = gather_columns([text_features])
-            loss = siglip_from_columns(image_features, texts, logit_scale, bias, positive_offset=start)
+            # the ring unless EMBEDLOSS_DISTRIBUTED_SCHEDULE names one (every rank must run the same)
+            schedule = None if os.environ.get(SCHEDULE_ENV, "").strip() else "ring"
+            loss = siglip_across_devices(image_features, text_features, logit_scale, bias, schedule=schedule)
         else:
             loss = siglip_from_columns(image_features, text_features, logit_scale, bias)
         return {"contrastive_loss": loss} if output_dict else loss

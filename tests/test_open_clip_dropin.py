@@ -100,9 +100,22 @@ def _worker(rank, world, init_file, out_dir, backends_):
         x_world, y_world = _features(10 + world, b_rows * world)
         x, y = x_world[rank * b_rows : (rank + 1) * b_rows], y_world[rank * b_rows : (rank + 1) * b_rows]
         s, bias = _scalars()
+        import embedloss_kernels.functional.siglip as functional_siglip
+
+        ring_calls = []
+        real_ring = functional_siglip.siglip_ring
+
+        def counted_ring(*args, **kwargs):
+            ring_calls.append(1)
+            return real_ring(*args, **kwargs)
+
+        functional_siglip.siglip_ring = counted_ring  # this worker process only
         for kind, opt in _combos():
-            for name in backends_:
+            for name, schedule in [(n, sch) for n in backends_ for sch in ("ring", "gather")]:
+                if kind == "clip" and schedule == "ring":
+                    continue  # CLIP runs on the gather schedule only
                 os.environ["EMBEDLOSS_BACKEND"] = name
+                os.environ["EMBEDLOSS_DISTRIBUTED_SCHEDULE"] = schedule
                 if kind == "siglip":
                     ours = SigLipLoss(rank=rank, world_size=world, dist_impl=opt)
                     theirs = OC.SigLipLoss(rank=rank, world_size=world, dist_impl=opt)
@@ -111,9 +124,10 @@ def _worker(rank, world, init_file, out_dir, backends_):
                     ours, theirs = ClipLoss(**kw), OC.ClipLoss(**kw)
                 got = _grads(ours, x, y, s, bias)
                 want = _grads(theirs, x, y, s, bias)
-                key = f"{kind}-{opt}-{name}"
+                key = f"{kind}-{opt}-{name}-{schedule}"
                 errors[key] = [_rel(g, w) if w.abs().max() > 1e-12 else g.abs().max().item()
                                for g, w in zip(got, want)]
+        errors["ring_calls"] = [float(len(ring_calls))]
     except Exception as exc:  # noqa: BLE001 - reported to the parent test
         errors["error"] = f"{type(exc).__name__}: {exc}"
     finally:
@@ -138,7 +152,8 @@ def test_distributed_matches_open_clip_on_every_rank(world, tmp_path):
         with open(tmp_path / f"rank{rank}.json") as f:
             errors = json.load(f)
         assert "error" not in errors, errors.get("error")
-        assert len(errors) == len(_combos()) * len(backends_)
+        assert errors.pop("ring_calls") == [4.0 * len(backends_)]  # every SigLIP dist_impl took the ring once
+        assert len(errors) == (4 * 2 + 4) * len(backends_)  # SigLIP on both schedules, CLIP on the gather
         for key, errs in errors.items():
             assert max(errs) < 1e-8, (world, rank, key, errs)
 

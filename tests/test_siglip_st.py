@@ -93,28 +93,30 @@ def _gather_worker(rank, world, init_file, out_dir):
         b_rows, dim = 3, 8
         gen = torch.Generator().manual_seed(world)
         world_cols = [torch.randn(b_rows * world, dim, generator=gen, dtype=torch.float64) for _ in range(3)]
-        local = [c[rank * b_rows : (rank + 1) * b_rows].clone().requires_grad_() for c in world_cols]
-        loss_mod = SigLIPLoss(None, scale=6.0, bias=-2.0, gather_across_devices=True).double()
-        loss = loss_mod.compute_loss_from_embeddings(local, None)
-        loss.backward()
-        # the world oracle: every rank's loss (its anchors against the world's [P; N]), the docs' gradients summed
-        # over ranks (what the gather's reduce-scatter gives), the scale's and bias's this rank's own
-        ref_cols = [c.clone().requires_grad_() for c in world_cols]
-        log_s = loss_mod.logit_scale.detach().clone().requires_grad_()
-        bias = loss_mod.logit_bias.detach().clone().requires_grad_()
-        feats = [F.normalize(c, dim=-1) for c in ref_cols]
-        pool = torch.cat(feats[1:])
-        losses = [reference.siglip_reference(feats[0][r * b_rows : (r + 1) * b_rows], pool, log_s.exp(), bias,
-                                             positive_offset=r * b_rows) for r in range(world)]
-        ds, db = torch.autograd.grad(losses[rank], [log_s, bias], retain_graph=True)
-        sum(losses).backward()
-        rows = slice(rank * b_rows, (rank + 1) * b_rows)
-        errs = [abs(loss.item() - losses[rank].item()) / abs(losses[rank].item())]
-        errs += [((c.grad - r.grad[rows]).abs().max() / r.grad[rows].abs().max()).item()
-                 for c, r in zip(local, ref_cols)]
-        errs += [abs(loss_mod.logit_scale.grad.item() - ds.item()) / abs(ds.item()),
-                 abs(loss_mod.logit_bias.grad.item() - db.item()) / abs(db.item())]
-        result["errs"] = errs
+        for schedule in ("gather", "ring"):
+            os.environ["EMBEDLOSS_DISTRIBUTED_SCHEDULE"] = schedule
+            local = [c[rank * b_rows : (rank + 1) * b_rows].clone().requires_grad_() for c in world_cols]
+            loss_mod = SigLIPLoss(None, scale=6.0, bias=-2.0, gather_across_devices=True).double()
+            loss = loss_mod.compute_loss_from_embeddings(local, None)
+            loss.backward()
+            # the world oracle: every rank's loss (its anchors against the world's [P; N]), the docs' gradients summed
+            # over ranks (what the gather's reduce-scatter gives), the scale's and bias's this rank's own
+            ref_cols = [c.clone().requires_grad_() for c in world_cols]
+            log_s = loss_mod.logit_scale.detach().clone().requires_grad_()
+            bias = loss_mod.logit_bias.detach().clone().requires_grad_()
+            feats = [F.normalize(c, dim=-1) for c in ref_cols]
+            pool = torch.cat(feats[1:])
+            losses = [reference.siglip_reference(feats[0][r * b_rows : (r + 1) * b_rows], pool, log_s.exp(), bias,
+                                                 positive_offset=r * b_rows) for r in range(world)]
+            ds, db = torch.autograd.grad(losses[rank], [log_s, bias], retain_graph=True)
+            sum(losses).backward()
+            rows = slice(rank * b_rows, (rank + 1) * b_rows)
+            errs = [abs(loss.item() - losses[rank].item()) / abs(losses[rank].item())]
+            errs += [((c.grad - r.grad[rows]).abs().max() / r.grad[rows].abs().max()).item()
+                     for c, r in zip(local, ref_cols)]
+            errs += [abs(loss_mod.logit_scale.grad.item() - ds.item()) / abs(ds.item()),
+                     abs(loss_mod.logit_bias.grad.item() - db.item()) / abs(db.item())]
+            result[schedule] = errs
     except Exception as exc:  # noqa: BLE001 - reported to the parent test
         result["error"] = f"{type(exc).__name__}: {exc}"
     finally:
@@ -141,4 +143,5 @@ def test_gather_across_devices_matches_world_oracle(world, tmp_path):
     for rank in range(world):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert "error" not in result, result.get("error")
-        assert max(result["errs"]) < 1e-10, (world, rank, result["errs"])
+        for schedule in ("gather", "ring"):
+            assert max(result[schedule]) < 1e-10, (world, rank, schedule, result[schedule])

@@ -5,11 +5,15 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from .. import dispatch
 from ..backends.common import work_dtype
 from ..core.validate import check_embeddings, check_scale
+from ..distributed import collectives
+from ..distributed.gather import gather_columns
+from ..distributed.ring_siglip import siglip_ring
 from ..ops.autograd import loss_from_op, needs_grad
 from .common import check_block_budget, check_block_rows
 from .infonce import infonce_from_columns
@@ -47,6 +51,37 @@ def siglip_from_columns(
         scale=logit_scale if isinstance(logit_scale, Tensor) else None,
         bias=logit_bias if isinstance(logit_bias, Tensor) else None,
     )
+
+
+def siglip_across_devices(
+    x: Tensor,
+    y: Tensor,
+    logit_scale,
+    logit_bias,
+    *,
+    schedule: str | None = "ring",
+    group=None,
+    backend: str | None = None,
+    block_rows: int = 0,
+) -> Tensor:
+    """SigLIP of this rank's validated rows ``x`` against every rank's column block (this rank's ``y``, its
+    positives first): OpenCLIP's ``SigLipLoss`` with ``world_size > 1``. Each text's gradient sums every rank's loss;
+    the scale's and bias's are this rank's own. ``schedule``: ``"ring"`` (``O(B·D)`` per rank,
+    :mod:`embedloss_kernels.distributed.ring_siglip`), ``"gather"`` (all-gather the blocks, one op call with the
+    positives at this rank's offset), or ``None``: ``EMBEDLOSS_DISTRIBUTED_SCHEDULE``. Not distributed: the local
+    loss, with a warning."""
+    chosen = collectives.resolve_schedule(schedule)
+    if not collectives.is_distributed():
+        collectives.warn_not_distributed()
+        return siglip_from_columns(x, y, logit_scale, logit_bias, backend=backend, block_rows=block_rows)
+    if chosen == "ring":
+        check_block_budget(block_rows)
+        sizes = tuple(r[0] for r in collectives.gather_metadata([y], group, "ring"))
+        op = dispatch.get_op("siglip", x.device, backend)
+        return siglip_ring(x, y, logit_scale, logit_bias, op, sizes, dist.get_rank(group), group, block_rows)
+    texts, _, start, _ = gather_columns([y], group, "gather")
+    return siglip_from_columns(x, texts, logit_scale, logit_bias, positive_offset=start, backend=backend,
+                               block_rows=block_rows)
 
 
 def siglip_loss(

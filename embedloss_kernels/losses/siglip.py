@@ -14,7 +14,6 @@ from torch import Tensor, nn
 from .. import functional
 from ..core.validate import check_embeddings, check_finite_inputs
 from ..distributed import collectives
-from ..distributed.gather import gather_columns
 from ..functional.common import resolve_similarity
 from ._common import COS_SIM, check_similarity_callable, embed_columns, similarity_name, warn_if_nonfinite
 
@@ -130,15 +129,14 @@ class SigLIPLoss(nn.Module):
         if resolve_similarity(self.similarity_fct) == "cosine":
             embeddings = [F.normalize(e, p=2, dim=-1) for e in embeddings]
         anchors, docs = embeddings[0], embeddings[1:]
-        offset = 0
-        if distributed:
-            positives, negatives, offset, _ = gather_columns(docs)
-            docs = [positives, negatives]
-        pool = docs[0] if len(docs) == 1 else torch.cat(docs, dim=0)
+        pool = docs[0] if len(docs) == 1 else torch.cat(docs, dim=0)  # [P; N_1; ...]: the positives first
         device = anchors.device
-        loss = functional.siglip_from_columns(
-            anchors, pool, self.logit_scale.to(device).exp(), self.logit_bias.to(device), positive_offset=offset,
-        )
+        scale, bias = self.logit_scale.to(device).exp(), self.logit_bias.to(device)
+        if distributed:
+            # EMBEDLOSS_DISTRIBUTED_SCHEDULE: gather (default) or ring, as MultipleNegativesRankingLoss
+            loss = functional.siglip_across_devices(anchors, pool, scale, bias, schedule=None)
+        else:
+            loss = functional.siglip_from_columns(anchors, pool, scale, bias)
         return warn_if_nonfinite(self, loss)
 
     def get_config_dict(self) -> dict[str, Any]:
