@@ -210,3 +210,59 @@ def test_patch_open_clip_on_stand_in_modules(monkeypatch):
     assert (OC.ClipLoss, OC.SigLipLoss) == originals
     assert modules["open_clip.factory"].SigLipLoss is originals[1] and modules["open_clip"].ClipLoss is originals[0]
     unpatch_open_clip()  # a no-op when nothing is patched
+
+
+class _TinyClip(torch.nn.Module):
+    """An OpenCLIP-style model: two encoders, normalized features, a learnable ``logit_scale`` (log) and
+    ``logit_bias``; ``forward`` returns what OpenCLIP's models return to the loss."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.image = torch.nn.Linear(10, 6)
+        self.text = torch.nn.Linear(7, 6)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(2.3))
+        self.logit_bias = torch.nn.Parameter(torch.tensor(-10.0))
+
+    def forward(self, images, texts):
+        x = torch.nn.functional.normalize(self.image(images), dim=-1)
+        y = torch.nn.functional.normalize(self.text(texts), dim=-1)
+        return x, y, self.logit_scale.exp(), self.logit_bias
+
+
+@pytest.mark.parametrize("siglip", [True, False])
+def test_patched_training_step_matches_unpatched(monkeypatch, siglip):
+    """Unmodified OpenCLIP-style training code (create_loss, then loss(*model(batch)).backward()) gives the same loss
+    and parameter gradients, patched or not, in fp32 (1e-6)."""
+    from embedloss_kernels.patching import patch_open_clip, unpatch_open_clip
+
+    modules = _stand_in_open_clip()
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    args = types.SimpleNamespace(siglip=siglip, rank=0, world_size=1, loss_dist_impl=None, local_loss=False,
+                                 gather_with_grad=False, horovod=False)
+    gen = torch.Generator().manual_seed(9)
+    images, texts = torch.randn(12, 10, generator=gen), torch.randn(12, 7, generator=gen)
+
+    def train_step():
+        import open_clip  # the stand-in
+
+        model = _TinyClip(seed=1)
+        loss = open_clip.create_loss(args)(*model(images, texts), output_dict=True)["contrastive_loss"]
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                               for n, p in model.named_parameters()}, type(open_clip.create_loss(args)).__module__
+
+    want_loss, want_grads, want_module = train_step()
+    try:
+        patch_open_clip()
+        got_loss, got_grads, got_module = train_step()
+    finally:
+        unpatch_open_clip()
+    assert got_module == "embedloss_kernels.open_clip" and want_module != got_module
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-6)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-6, atol=1e-6)
