@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check of issues 11, 12 and 13 in one device call (at most ~9.5 minutes: the time boxes below add up to
-# 560 s): install the carried wheels, run the CUDA test suite, time every provider (benchmarks/gpu_sweep.py), then
-# the fused Matryoshka loss against our plain MNRL (benchmarks/interleaved.py). Every stage runs
+# The GPU check of issues 11, 12, 13 and 22 in one device call (at most ~9.5 minutes: the time boxes below add up to
+# 560 s): install the carried wheels, run the CUDA test suite, time every provider (benchmarks/gpu_sweep.py), the
+# fused Matryoshka loss against our plain MNRL (benchmarks/interleaved.py), then SigLIP and CLIP (our OpenCLIP
+# drop-ins against OpenCLIP 3.3.0's own loss.py and the floor, B=N=16384, D=1024, bf16; its table goes to this log). Every stage runs
 # under `timeout`, so a hang costs its own box and no more; results land in $OUT (or benchmarks/out/gpu): tests.log,
 # sweep.csv, results.json, sweep.png and this script's log.
 #
@@ -9,7 +10,8 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #       -d .whl inf-cl==1.2.1 sentence-transformers==6.2.0
-#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
+#   python3 -m pip download --no-deps open-clip-torch==3.3.0 -d .cache/open_clip      # (scripts/setup.sh does this)
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl", ".cache"], timeout_s=600)
 # Without a GPU, `bash benchmarks/gpu_check.sh --dry-run` runs every stage on tiny CPU shapes (code paths only).
 set -u
 OUT="${OUT:-$(cd "$(dirname "$0")/.." && pwd)/benchmarks/out/gpu}"
@@ -49,7 +51,7 @@ if [ -z "$DRY" ]; then
 fi
 
 rm -f "$OUT"/{sweep,precision,large,cosent}.jsonl
-stamp "sweep (box 220 s)";     timeout 220 python3 benchmarks/gpu_sweep.py sweep --out "$OUT" --budget 0.4 --max-reps 5 $DRY; echo "exit $?"
+stamp "sweep (box 160 s)";     timeout 160 python3 benchmarks/gpu_sweep.py sweep --out "$OUT" --budget 0.4 --max-reps 5 $DRY; echo "exit $?"
 stamp "B=N=262144 (box 80 s)"; timeout 80 python3 benchmarks/gpu_sweep.py large --out "$OUT" --budget 1 $DRY; echo "exit $?"
 stamp "CoSENT 1M (box 30 s)";  timeout 30 python3 benchmarks/gpu_sweep.py cosent --out "$OUT" --budget 0.5 $DRY; echo "exit $?"
 stamp "precision (box 40 s)";  timeout 40 python3 benchmarks/gpu_sweep.py precision --out "$OUT" $DRY; echo "exit $?"
@@ -60,6 +62,14 @@ else
     MAT="--device cpu --batch 64 --dim 96 --negatives 0 --matryoshka-dims 96 48 16 --rounds 1"
 fi
 timeout 40 python3 benchmarks/interleaved.py --loss matryoshka $MAT --providers ours ours-mnrl --out "$OUT"; echo "exit $?"
+stamp "SigLIP / CLIP (box 60 s)"
+if [ -z "$DRY" ]; then
+    SIG="--device cuda --dtype bfloat16 --siglip-batch-sizes 16384 --dim 1024 --repeats 3 --backends triton"
+else
+    SIG="--device cpu --siglip-batch-sizes 64 --dim 32 --repeats 1 --backends torch"
+fi
+(cd benchmarks && timeout 60 python3 throughput.py --losses siglip clip $SIG --timeout 15 --out /tmp/siglip_gpu \
+    | grep -v "^measuring"); echo "exit $?"
 stamp "summary"
 timeout 30 python3 benchmarks/gpu_sweep.py summarize --out "$OUT"
 [ -s "$OUT/results.json" ] && rm -f "$OUT"/*.jsonl  # folded into results.json (files back from a device call are limited to 8)

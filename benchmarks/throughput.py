@@ -8,6 +8,8 @@ plain PyTorch reference and the three bare matmuls the loss cannot avoid, over a
     python benchmarks/throughput.py --mode cached         # gradient cache with a real encoder (bench_cached.py)
     python benchmarks/throughput.py --mode cached --lengths mixed   # ... on (query, passage) pairs of mixed length
     python benchmarks/throughput.py --losses gist --dim 384 --gist-batch-sizes 512 8192   # GIST vs ST vs our MNRL
+    python benchmarks/throughput.py --losses siglip clip --siglip-batch-sizes 8192 --dim 512 --backends cpp
+        # our OpenCLIP drop-ins vs OpenCLIP 3.3.0's own loss.py (the wheel scripts/setup.sh downloads) vs the floor
 
 Every measurement runs in a fresh process (``--worker``): peak extra memory is the growth of the process's peak
 RSS over one forward+backward after the inputs exist (CPU), or ``max_memory_allocated`` above the inputs (CUDA).
@@ -45,6 +47,9 @@ GIST_MNRL_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_doc")
 # sentence-transformers' GIST broadcasts B x N x D tensors; measured peak extra memory ~9.7 x B*N*D*4 bytes for its
 # three model and three guide blocks (B=512 and 1024, D=384, fp32). A run that cannot fit is reported as OOM.
 ST_GIST_BYTES_PER_ELEMENT = 9.7 * 4
+# SigLIP / CLIP: our drop-ins (embedloss_kernels.open_clip), OpenCLIP 3.3.0's own classes (its loss.py read from the
+# wheel by tests/open_clip_oracle.py; in the ratio columns it takes sentence-transformers' place), and the floor.
+OPEN_CLIP_PROVIDERS = ("ours", "open_clip", "floor")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -126,6 +131,28 @@ def _matryoshka_step(spec, torch):
     raise ValueError(f"unknown provider {provider!r}")
 
 
+def _open_clip_step(spec, torch):
+    """One forward+backward of SigLIP (``loss == "siglip"``) or CLIP with a learnable scale (10) and bias (-10), as
+    OpenCLIP trains them, on the features as given (the model's normalization is not the loss's cost)."""
+    provider, device = spec["provider"], torch.device(spec["device"])
+    if provider == "floor":
+        return _mnrl_step(spec, torch)
+    if provider == "ours":
+        from embedloss_kernels import open_clip as module
+    else:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from open_clip_oracle import load
+
+        module = load()
+        if isinstance(module, str):
+            raise RuntimeError(module)
+    loss_fn = module.SigLipLoss() if spec["loss"] == "siglip" else module.ClipLoss()
+    scale = torch.tensor(10.0, device=device, requires_grad=True)
+    bias = torch.tensor(-10.0, device=device, requires_grad=True)
+
+    return lambda cols: loss_fn(cols[0], cols[1], scale, bias).backward()
+
+
 def _cosent_step(spec, torch):
     from embedloss_kernels import functional, reference
 
@@ -196,6 +223,9 @@ def run_worker(spec: dict) -> dict:
     if spec["loss"] == "gist":
         step = _gist_step(spec, torch)
         call = lambda: step(cols, guide)  # noqa: E731
+    elif spec["loss"] in ("siglip", "clip"):
+        step = _open_clip_step(spec, torch)
+        call = lambda: step(cols)  # noqa: E731
     elif spec["loss"] in ("mnrl", "matryoshka"):
         step = (_mnrl_step if spec["loss"] == "mnrl" else _matryoshka_step)(spec, torch)
         call = lambda: step(cols)  # noqa: E731
@@ -289,9 +319,10 @@ def build_specs(args, device: str) -> list[dict]:
     common = dict(device=device, dtype=args.dtype, dim=args.dim, repeats=args.repeats, threads=args.threads)
     for loss in args.losses:
         sizes = {"mnrl": args.batch_sizes, "cosent": args.cosent_batch_sizes,
-                 "matryoshka": args.matryoshka_batch_sizes, "gist": args.gist_batch_sizes}[loss]
+                 "matryoshka": args.matryoshka_batch_sizes, "gist": args.gist_batch_sizes,
+                 "siglip": args.siglip_batch_sizes, "clip": args.siglip_batch_sizes}[loss]
         providers = {"mnrl": MNRL_PROVIDERS, "cosent": COSENT_PROVIDERS, "matryoshka": MATRYOSHKA_PROVIDERS,
-                     "gist": GIST_PROVIDERS}[loss]
+                     "gist": GIST_PROVIDERS, "siglip": OPEN_CLIP_PROVIDERS, "clip": OPEN_CLIP_PROVIDERS}[loss]
         for batch in sizes:
             for provider in providers:
                 if provider == "sentence-transformers" and not have_st:
@@ -299,6 +330,8 @@ def build_specs(args, device: str) -> list[dict]:
                 if provider == "reference" and batch > args.reference_max_batch:
                     continue
                 extra = dict(negatives=args.negatives, directions=args.directions) if loss != "cosent" else {}
+                if loss in ("siglip", "clip"):
+                    extra = dict(negatives=0, directions=["query_to_doc"])  # the floor's B x B products
                 if loss == "matryoshka":
                     extra["matryoshka_dims"] = matryoshka_dims(args)
                 if loss == "gist":
@@ -331,7 +364,8 @@ def add_ratios(rows: list[dict]) -> None:
         return round(value / ref, 3) if value is not None and ref else None
 
     for r in rows:
-        st = by_key.get((r["loss"], r["batch"], "sentence-transformers"))
+        st = by_key.get((r["loss"], r["batch"], "sentence-transformers")) or by_key.get(
+            (r["loss"], r["batch"], "open_clip"))  # SigLIP / CLIP: OpenCLIP takes sentence-transformers' place
         floor = by_key.get((r["loss"], r["batch"], "floor"))
         r["time_vs_st"] = ratio(r["time_ms"], st, "time_ms")
         r["time_vs_floor"] = ratio(r["time_ms"], floor, "time_ms")
@@ -424,7 +458,7 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=["losses", "cached"], default="losses")
-    parser.add_argument("--losses", nargs="+", choices=["mnrl", "cosent", "matryoshka", "gist"],
+    parser.add_argument("--losses", nargs="+", choices=["mnrl", "cosent", "matryoshka", "gist", "siglip", "clip"],
                         default=["mnrl", "cosent", "matryoshka"])
     parser.add_argument("--backends", nargs="+", choices=["torch", "cpp", "triton"], default=None,
                         help="our backends to run (default: every available one)")
@@ -434,6 +468,8 @@ def main(argv=None) -> int:
     parser.add_argument("--matryoshka-dims", nargs="+", type=int, default=None,
                         help="Matryoshka prefix dims (default: --dim halved four times)")
     parser.add_argument("--gist-batch-sizes", nargs="+", type=int, default=[512, 2048, 8192])
+    parser.add_argument("--siglip-batch-sizes", nargs="+", type=int, default=[2048, 8192],
+                        help="B = N for siglip and clip (OpenCLIP's ratios in the t/ST and mem/ST columns)")
     parser.add_argument("--gist-negatives", type=int, default=0, help="negative columns for GIST (0 or 1)")
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--negatives", type=int, default=1, help="hard-negative columns for MNRL")

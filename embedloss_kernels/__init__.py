@@ -15,11 +15,13 @@ from .core.versions import major_minor as _major_minor
 from .dispatch import BackendUnavailableError, available_backends, current_backend
 from .functional import (
     angle_loss,
+    clip_loss,
     cosent_loss,
     gist_loss,
     infonce_loss,
     matryoshka_mnrl_loss,
     multiple_negatives_ranking_loss,
+    siglip_loss,
 )
 from .patching import patch_sentence_transformers, unpatch_sentence_transformers
 
@@ -41,6 +43,7 @@ _MODULE_CLASSES = (
     "MatryoshkaLoss",
     "MultipleNegativesRankingLoss",
     "MultipleNegativesSymmetricRankingLoss",
+    "SigLIPLoss",
 )
 
 
@@ -62,8 +65,10 @@ __all__ = [
     "MatryoshkaLoss",
     "MultipleNegativesRankingLoss",
     "MultipleNegativesSymmetricRankingLoss",
+    "SigLIPLoss",
     "angle_loss",
     "available_backends",
+    "clip_loss",
     "cosent_loss",
     "current_backend",
     "gist_loss",
@@ -71,5 +76,6 @@ __all__ = [
     "matryoshka_mnrl_loss",
     "multiple_negatives_ranking_loss",
     "patch_sentence_transformers",
+    "siglip_loss",
     "unpatch_sentence_transformers",
 ]

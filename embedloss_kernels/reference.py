@@ -218,3 +218,18 @@ def gist_reference(
         blocks.append(masked(a @ neg.T, neg_g))
     logits = torch.cat(blocks, dim=1) / temperature
     return F.cross_entropy(logits, own)
+
+
+def siglip_reference(
+    x: Tensor, y: Tensor, scale, bias, positive_offset: int = 0, has_positives: bool = True
+) -> Tensor:
+    """SigLIP's sigmoid loss of ``x`` (B, D) against ``y`` (N, D), materialized: ``z = scale * x y^T + bias``,
+    labels ``+1`` at ``(i, positive_offset + i)`` when ``has_positives``, ``-1`` elsewhere, and
+    ``-logsigmoid(labels * z).sum() / B`` (OpenCLIP's ``SigLipLoss._loss``). ``scale`` and ``bias``: numbers or
+    tensors (autograd differentiates them)."""
+    logits = scale * (x @ y.T) + bias
+    labels = -torch.ones_like(logits)
+    if has_positives:
+        rows = torch.arange(x.shape[0], device=x.device)
+        labels[rows, rows + positive_offset] = 1.0
+    return -F.logsigmoid(labels * logits).sum() / x.shape[0]

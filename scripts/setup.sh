@@ -14,6 +14,12 @@ fi
 $PIP install -q -r /tmp/embedloss_requirements.txt
 # pyproject.toml makes this the PEP 660 path; --no-build-isolation builds against the torch installed above.
 $PIP install -q --no-build-isolation -e .
+# The SigLIP/CLIP tests' oracle: OpenCLIP 3.3.0's own loss.py, read from its wheel (downloaded, never installed:
+# `import open_clip` needs a torchvision that matches torch). Optional: the tests skip, saying why, without it.
+if ! ls .cache/open_clip/open_clip_torch-3.3.0-*.whl >/dev/null 2>&1; then
+  $PIP download -q --no-deps open-clip-torch==3.3.0 -d .cache/open_clip \
+    || echo "WARNING: could not download open-clip-torch==3.3.0; tests/test_siglip.py will skip its OpenCLIP checks" >&2
+fi
 $PYTHON -c "import embedloss_kernels as ek; print('embedloss_kernels ready; backends:', ek.available_backends())"
 if [ "${EMBEDLOSS_NO_EXT:-0}" = "0" ]; then  # as setup.py: unset, empty or 0 means build it
   if command -v "${CXX:-c++}" >/dev/null 2>&1; then

@@ -90,6 +90,30 @@ GIST (guided in-batch negatives, sentence-transformers' ``GISTEmbedLoss``) op ``
   inputs) when ``compute_grad``, else empty (0,) tensors. The guide gets no gradient. No tensor of size B x N is
   kept: one row block at a time, the guide's products are one extra product per block, forward only.
 
+SigLIP (sigmoid pairwise loss, OpenCLIP's ``SigLipLoss``) op ``siglip``, schema::
+
+    siglip(Tensor x, Tensor y, Tensor scale, Tensor bias, int positive_offset, bool has_positives,
+           bool compute_grad, int block_rows) -> (Tensor loss, Tensor grad_x, Tensor grad_y, Tensor grad_scale,
+           Tensor grad_bias)
+
+* ``x`` (B, D) this rank's rows (images), ``y`` (N, D) a block of columns (texts), same dtype and device,
+  contiguous; ``scale``, ``bias``: 0-dim tensors in the work dtype (float64 for float64 inputs, else float32), on
+  the device of ``x`` (read on the device: no host sync). ``scale`` is the multiplier itself (OpenCLIP passes
+  ``logit_scale.exp()``), any finite real.
+* ``z_ij = scale * <x_i, y_j> + bias`` (dot product of the rows as given: no normalization). Row ``i``'s positive
+  is column ``positive_offset + i`` when ``has_positives`` (``positive_offset + B <= N``); with ``has_positives``
+  false every pair is a negative (another rank's block of texts).
+* ``loss = (1/B) sum_ij softplus(-t_ij z_ij)``, ``t_ij = +1`` for the positive, ``-1`` otherwise (OpenCLIP's
+  ``-logsigmoid(labels * logits).sum() / B``), computed stably (``max(u, 0) + log1p(exp(-|u|))``: no overflow at any
+  finite ``z``); 0-dim, float32 (float64 for float64 inputs).
+* With ``G_ij = sigmoid(z_ij) - P_ij``: ``grad_x = (scale/B) G Y``, ``grad_y = (scale/B) G^T X`` (shapes and dtypes
+  of ``x`` and ``y``), ``grad_scale = (1/B) sum_ij G_ij <x_i, y_j> = (1/B) sum_i <x_i, (G Y)_i>`` (no division by the
+  scale: any scale, 0 included), ``grad_bias = (1/B) sum_ij G_ij``, both 0-dim in the loss's dtype; every gradient is
+  an empty (0,) tensor without ``compute_grad``. Backward gives ``scale`` and ``bias`` (the third and fourth
+  inputs) ``grad_output * grad_scale`` and ``grad_output * grad_bias``.
+* ``block_rows``: rows per block; 0 lets the backend choose (a hint). One pass over row blocks: ``S = X_b Y^T``,
+  the elementwise pass (loss and ``G``), ``G Y`` and ``G^T X_b``: three matmul-equivalents, no B x N tensor kept.
+
 Cosine similarity (infonce, cosent, matryoshka) normalizes with ``x / max(||x||, EPS)`` (``EPS`` = 1e-12, as
 ``F.normalize``).
 """
@@ -147,6 +171,12 @@ GIST_SCHEMA = (
     "bool compute_grad, int block_rows) -> (Tensor, Tensor, Tensor)"
 )
 
-LOSSES = ("infonce", "cosent", "matryoshka", "gist")
+SIGLIP_SCHEMA = (
+    "(Tensor x, Tensor y, Tensor scale, Tensor bias, int positive_offset, bool has_positives, bool compute_grad, "
+    "int block_rows) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+LOSSES = ("infonce", "cosent", "matryoshka", "gist", "siglip")
 BACKENDS = ("torch", "cpp", "triton")
-SCHEMAS = {"infonce": INFONCE_SCHEMA, "cosent": COSENT_SCHEMA, "matryoshka": MATRYOSHKA_SCHEMA, "gist": GIST_SCHEMA}
+SCHEMAS = {"infonce": INFONCE_SCHEMA, "cosent": COSENT_SCHEMA, "matryoshka": MATRYOSHKA_SCHEMA, "gist": GIST_SCHEMA,
+           "siglip": SIGLIP_SCHEMA}

@@ -2,6 +2,7 @@
 
 from .cosent import AnglELoss, CoSENTLoss
 from .multiple_negatives_ranking import MultipleNegativesRankingLoss, MultipleNegativesSymmetricRankingLoss
+from .siglip import SigLIPLoss
 
 _CACHED = ("CachedMultipleNegativesRankingLoss", "CachedMultipleNegativesSymmetricRankingLoss")
 _MATRYOSHKA = ("MatryoshkaLoss", "Matryoshka2dLoss")
@@ -18,6 +19,7 @@ __all__ = [
     "MatryoshkaLoss",
     "MultipleNegativesRankingLoss",
     "MultipleNegativesSymmetricRankingLoss",
+    "SigLIPLoss",
 ]
 
 

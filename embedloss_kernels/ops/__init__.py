@@ -24,11 +24,11 @@ _libs: list = []
 def _python_impls(backend: str) -> dict:
     """``{loss: <loss>_forward}`` of a backend written in Python (plain imports: torch.compile traces them)."""
     if backend == "torch":
-        from ..backends.torch import cosent, gist, infonce, matryoshka
+        from ..backends.torch import cosent, gist, infonce, matryoshka, siglip
     else:
-        from ..backends.triton import cosent, gist, infonce, matryoshka
+        from ..backends.triton import cosent, gist, infonce, matryoshka, siglip
     return {"infonce": infonce.infonce_forward, "cosent": cosent.cosent_forward,
-            "matryoshka": matryoshka.matryoshka_forward, "gist": gist.gist_forward}
+            "matryoshka": matryoshka.matryoshka_forward, "gist": gist.gist_forward, "siglip": siglip.siglip_forward}
 
 
 def _without_autocast(forward):
@@ -48,7 +48,8 @@ def _arguments(schema: str) -> list[str]:
 
 
 def _fake(loss: str):
-    """The fake implementation of ``loss``: its outputs' shapes and dtypes from the first two inputs."""
+    """The fake implementation of ``loss``: its outputs' shapes and dtypes from the first two inputs (every
+    gradient after the two inputs' is 0-dim in the loss's dtype: the scale's, and siglip's bias's)."""
     schema = SCHEMAS[loss]
     grad_at = _arguments(schema).index("compute_grad")
     n_outputs = schema.split("->")[1].count("Tensor")
@@ -56,9 +57,10 @@ def _fake(loss: str):
     def fake(first: Tensor, second: Tensor, *args):
         loss_out = first.new_empty((), dtype=work_dtype(first.dtype))
         if not args[grad_at - 2]:
-            grads = (first.new_empty((0,)), first.new_empty((0,)), loss_out.new_empty((0,)))
+            grads = (first.new_empty((0,)), first.new_empty((0,)), loss_out.new_empty((0,)), loss_out.new_empty((0,)))
         else:
-            grads = (torch.empty_like(first), torch.empty_like(second), torch.empty_like(loss_out))
+            grads = (torch.empty_like(first), torch.empty_like(second), torch.empty_like(loss_out),
+                     torch.empty_like(loss_out))
         return (loss_out, *grads[: n_outputs - 1])
 
     return fake

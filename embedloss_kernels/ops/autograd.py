@@ -6,15 +6,16 @@ scales it by ``grad_output``. It serves every op of every backend, in two places
   called directly), through ``torch.library.register_autograd``.
 
 Both backwards are :func:`backward_from_saved`. Every op of the contract (``core/contract.py``) returns
-``(loss, grad_first, grad_second, grad_scale)`` with the gradients of the scalar loss already computed in its forward
-pass. :func:`loss_from_op` calls it through
+``(loss, grad_first, grad_second, grad_scale)`` (``siglip`` adds ``grad_bias``) with the gradients of the scalar loss
+already computed in its forward pass. :func:`loss_from_op` calls it through
 :class:`LossFromSavedGrads`, which gives the loss every derivative PyTorch can ask of a scalar function whose
 gradient is known:
 
 * reverse mode (``backward``, ``torch.autograd.grad``, ``torch.func.grad`` / ``vjp`` / ``jacrev``):
-  ``d first = grad_output * grad_first`` (``second`` and a tensor ``scale`` likewise);
+  ``d first = grad_output * grad_first`` (``second``, a tensor ``scale`` and a tensor ``bias`` likewise);
 * forward mode (``torch.autograd.forward_ad``, ``torch.func.jvp`` / ``jacfwd``): the loss's tangent is
-  ``<grad_first, tangent_first> + <grad_second, tangent_second> (+ grad_scale * tangent_scale)``;
+  ``<grad_first, tangent_first> + <grad_second, tangent_second> (+ grad_scale * tangent_scale
+  + grad_bias * tangent_bias)``;
 * ``torch.func.vmap``: the op runs once per batch entry (the :meth:`LossFromSavedGrads.vmap` rule);
 * ``torch.compile(fullgraph=True)``: dynamo cannot trace an ``autograd.Function`` with a custom ``jvp``, so while
   compiling the same function without it (:class:`CompiledLossFromSavedGrads`) is used (forward mode then raises
@@ -159,9 +160,9 @@ def _save(ctx, output, private: bool) -> None:
     ctx.set_materialize_grads(False)
     ctx.private = private
     ctx.hooked = torch.compiler.is_compiling() or _saved_tensor_hooks_active()  # compiled: never in place anyway
-    grad_first, grad_second, grad_scale = (*output[1:], None)[:3]
+    grad_first, grad_second, grad_scale, grad_bias = (*output[1:], None, None)[:4]
     ctx.mark_non_differentiable(*output[1:])
-    return grad_first, grad_second, grad_scale
+    return grad_first, grad_second, grad_scale, grad_bias
 
 
 def backward_from_saved(ctx, grad_loss: Tensor | None, grad_first: Tensor, grad_second: Tensor):
@@ -175,24 +176,37 @@ def backward_from_saved(ctx, grad_loss: Tensor | None, grad_first: Tensor, grad_
     return _scaled(grad_first, grad_loss, in_place), _scaled(grad_second, grad_loss, in_place)
 
 
+def _like(t) -> tuple | None:
+    return (t.dtype, t.shape) if isinstance(t, Tensor) else None
+
+
+def _param_grad(grad: Tensor | None, grad_loss: Tensor, like: tuple | None) -> Tensor | None:
+    """``grad_output * grad`` for a tensor scale or bias, in its dtype and shape (``None`` for a number)."""
+    if like is None or grad is None:
+        return None
+    dtype, shape = like
+    return (grad * grad_loss.to(grad.dtype)).to(dtype).reshape(shape)
+
+
 def _setup(ctx, inputs, output, keep_inputs: bool) -> None:
-    _, scale, first, second, *_ = inputs
+    _, scale, bias, first, second, *_ = inputs
     # an op without the scale's gradient (three outputs) serves number scales only (loss_from_op checks)
-    grad_first, grad_second, grad_scale = _save(ctx, output, private=True)
+    grad_first, grad_second, grad_scale, grad_bias = _save(ctx, output, private=True)
     kept = (first, second) if keep_inputs else (None, None)
-    ctx.save_for_backward(grad_first, grad_second, grad_scale, *kept)
-    ctx.scale_like = (scale.dtype, scale.shape) if isinstance(scale, Tensor) else None
-    ctx.n_rest = len(inputs) - 4
+    ctx.save_for_backward(grad_first, grad_second, grad_scale, grad_bias, *kept)
+    ctx.scale_like, ctx.bias_like = _like(scale), _like(bias)
+    ctx.n_rest = len(inputs) - 5
 
 
 class CompiledLossFromSavedGrads(torch.autograd.Function):
-    """``apply(op, scale, first, second, *rest) -> (loss, grad_first, grad_second, grad_scale)`` with
-    ``op(first, second, *rest)`` a loss-and-gradients op (``rest`` holds the scale's value as a float) and ``scale``
-    the scale as the user gave it: a tensor (a learnable scale gets ``grad_output * grad_scale``) or a number. The
-    loss is differentiable, the gradients are not. No forward mode (traceable by dynamo)."""
+    """``apply(op, scale, bias, first, second, *rest) -> (loss, grad_first, grad_second, grad_scale[, grad_bias])``
+    with ``op(first, second, *rest)`` a loss-and-gradients op (``rest`` holds the scale's value, as a float or a
+    detached 0-dim tensor) and ``scale`` the scale as the user gave it: a tensor (a learnable scale gets
+    ``grad_output * grad_scale``) or a number; ``bias`` likewise with the op's fifth output (``None`` for ops without
+    one). The loss is differentiable, the gradients are not. No forward mode (traceable by dynamo)."""
 
     @staticmethod
-    def forward(op, scale, first: Tensor, second: Tensor, *rest):
+    def forward(op, scale, bias, first: Tensor, second: Tensor, *rest):
         return op(first, second, *rest)
 
     @staticmethod
@@ -205,26 +219,24 @@ class CompiledLossFromSavedGrads(torch.autograd.Function):
         if torch.is_grad_enabled() and not nested:
             raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
         # a second backward through a freed graph raises PyTorch's own error here
-        grad_first, grad_second, grad_scale, first, second = ctx.saved_tensors
+        grad_first, grad_second, grad_scale, grad_bias, first, second = ctx.saved_tensors
         grads = backward_from_saved(ctx, grad_loss, grad_first, grad_second)
         if grad_loss is None:
-            return (None,) * (4 + ctx.n_rest)
-        d_scale = None
-        if ctx.scale_like is not None and ctx.needs_input_grad[1] and grad_scale is not None:
-            dtype, shape = ctx.scale_like
-            d_scale = (grad_scale * grad_loss.to(grad_scale.dtype)).to(dtype).reshape(shape)
+            return (None,) * (5 + ctx.n_rest)
+        d_scale = _param_grad(grad_scale, grad_loss, ctx.scale_like if ctx.needs_input_grad[1] else None)
+        d_bias = _param_grad(grad_bias, grad_loss, ctx.bias_like if ctx.needs_input_grad[2] else None)
         if torch.is_grad_enabled():  # torch.func builds a graph of every gradient: make differentiating it raise
             if first is None:  # the forward ran outside any transform: nothing to tie a graph to
                 raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
             grads = [_FirstOrderOnly.apply(g, first, second) for g in grads]
-            if d_scale is not None:
-                d_scale = _FirstOrderOnly.apply(d_scale, first, second)
-        return (None, d_scale, *grads) + (None,) * ctx.n_rest
+            d_scale, d_bias = (None if d is None else _FirstOrderOnly.apply(d, first, second)
+                               for d in (d_scale, d_bias))
+        return (None, d_scale, d_bias, *grads) + (None,) * ctx.n_rest
 
     @staticmethod
-    def vmap(info, in_dims, op, scale, first, second, *rest):
+    def vmap(info, in_dims, op, scale, bias, first, second, *rest):
         """The op once per batch entry (the kernels take one batch of embeddings), stacked."""
-        args = (scale, first, second, *rest)
+        args = (scale, bias, first, second, *rest)
         outs = []
         for i in range(info.batch_size):
             entry = [a.select(d, i) if d is not None else a for a, d in zip(args, in_dims[1:])]
@@ -238,7 +250,7 @@ class LossFromSavedGrads(CompiledLossFromSavedGrads):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        _, _, first, second, *_ = inputs
+        _, _, _, first, second, *_ = inputs
         # The inputs are only needed to tie a torch.func gradient or a forward-mode tangent to them (so that
         # differentiating it raises). Plain reverse mode does not keep them: ``second`` is often the candidates
         # concatenated by the caller, which would otherwise stay alive until backward (B*K*D more peak memory).
@@ -246,19 +258,20 @@ class LossFromSavedGrads(CompiledLossFromSavedGrads):
         _setup(ctx, inputs, output, keep_inputs=keep)
         if not keep:
             first = second = None
-        grad_first, grad_second, grad_scale = (*output[1:], None)[:3]
-        ctx.save_for_forward(grad_first, grad_second, grad_scale, first, second)
+        grad_first, grad_second, grad_scale, grad_bias = (*output[1:], None, None)[:4]
+        ctx.save_for_forward(grad_first, grad_second, grad_scale, grad_bias, first, second)
         ctx.loss_dtype = output[0].dtype
         ctx.n_outputs = len(output)
 
     @staticmethod
-    def jvp(ctx, _op, tangent_scale, tangent_first, tangent_second, *_rest):
-        grad_first, grad_second, grad_scale, first, second = ctx.saved_tensors
+    def jvp(ctx, _op, tangent_scale, tangent_bias, tangent_first, tangent_second, *_rest):
+        grad_first, grad_second, grad_scale, grad_bias, first, second = ctx.saved_tensors
         _check_computed(grad_first, grad_second, "forward-mode AD (jvp)")
         tangent = None
         pairs = [(grad_first, tangent_first), (grad_second, tangent_second)]
-        if isinstance(tangent_scale, Tensor) and grad_scale is not None:
-            pairs.append((grad_scale, tangent_scale))
+        for grad, t in ((grad_scale, tangent_scale), (grad_bias, tangent_bias)):
+            if isinstance(t, Tensor) and grad is not None:
+                pairs.append((grad.reshape(()), t.reshape(())))
         for grad, t in pairs:
             if t is not None:
                 term = _dot(grad, t, ctx.loss_dtype)
@@ -270,27 +283,39 @@ class LossFromSavedGrads(CompiledLossFromSavedGrads):
         return (tangent,) + (None,) * (ctx.n_outputs - 1)
 
 
-def loss_from_op(op, first: Tensor, second: Tensor, *rest, scale=None) -> Tensor:
+def loss_from_op(op, first: Tensor, second: Tensor, *rest, scale=None, bias=None) -> Tensor:
     """The differentiable loss of ``op(first, second, *rest)`` (its gradients computed in the forward pass);
-    ``scale``: the scale when it is a tensor (it then gets a gradient), else ``None``."""
+    ``scale``: the scale when it is a tensor (it then gets a gradient), else ``None``; ``bias`` likewise, for an op
+    whose fifth output is the bias's gradient (``siglip``)."""
     fn = CompiledLossFromSavedGrads if torch.compiler.is_compiling() else LossFromSavedGrads
-    out = fn.apply(op, scale, first, second, *rest)
+    out = fn.apply(op, scale, bias, first, second, *rest)
     if scale is not None and len(out) < 4 and scale.requires_grad:
         raise NotImplementedError(f"embedloss_kernels: {op} gives no gradient for a learnable scale")
+    if bias is not None and len(out) < 5 and bias.requires_grad:
+        raise NotImplementedError(f"embedloss_kernels: {op} gives no gradient for a learnable bias")
     return out[0]
 
 
 def _op_setup_context(ctx, inputs, output) -> None:
-    grad_first, grad_second, _ = _save(ctx, output, private=False)  # the caller holds the returned gradients
-    ctx.save_for_backward(grad_first, grad_second)
+    # the caller holds the returned gradients
+    grad_first, grad_second, grad_scale, grad_bias = _save(ctx, output, private=False)
+    # siglip (five outputs) takes its scale and bias as tensors, the third and fourth inputs: they get theirs too
+    params = (grad_scale, grad_bias) if len(output) == 5 else ()
+    ctx.save_for_backward(grad_first, grad_second, *params)
+    ctx.param_like = [_like(t) for t in inputs[2 : 2 + len(params)]]
     ctx.n_inputs = len(inputs)
 
 
 def _op_backward(ctx, grad_loss, *_output_grads):
     if torch.is_grad_enabled():
         raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
-    grad_first, grad_second = ctx.saved_tensors
-    return (*backward_from_saved(ctx, grad_loss, grad_first, grad_second),) + (None,) * (ctx.n_inputs - 2)
+    grad_first, grad_second, *params = ctx.saved_tensors
+    grads = backward_from_saved(ctx, grad_loss, grad_first, grad_second)
+    if grad_loss is not None:
+        grads += tuple(_param_grad(g, grad_loss, like) for g, like in zip(params, ctx.param_like))
+    else:
+        grads += (None,) * len(params)
+    return grads + (None,) * (ctx.n_inputs - len(grads))
 
 
 def register_op_autograd(qualname: str, lib) -> None:
