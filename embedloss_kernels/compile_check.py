@@ -59,6 +59,22 @@ def _configs():
                 yield name, dt, arch, dict(BM=bm, BN=bn, ACC=acc, num_warps=4)
         yield from _gist_configs(arch, torch_dtype)
         yield from _matryoshka_configs(arch, torch_dtype)
+        yield from _siglip_configs(arch, torch_dtype)
+
+
+def _siglip_configs(arch: int, torch_dtype: dict):
+    """SigLIP's row pass: G written in every input dtype over the work-dtype S, with and without the positives, with
+    and without the gradient, at the row-pass tile the launcher takes."""
+    import triton.language as tl
+
+    from .heuristics.triton import row_pass_config
+
+    for dt in DTYPES:
+        cfg = row_pass_config(torch_dtype[dt], interpreted=False)
+        acc = tl.float64 if dt == "fp64" else tl.float32
+        for has_pos in (True, False):
+            for grad in (True, False):
+                yield "siglip_row_kernel", dt, arch, dict(HAS_POS=has_pos, GRAD=grad, ACC=acc, **cfg)
 
 
 def _matryoshka_configs(arch: int, torch_dtype: dict):
@@ -176,12 +192,12 @@ def compile_kernel(name: str, dt: str, arch: int, constexprs: dict):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .kernels import cosent, gist, infonce, matryoshka
+    from .kernels import cosent, gist, infonce, matryoshka, siglip
 
     cst = dict(constexprs)
     options = {"num_warps": cst.pop("num_warps", 4), "num_stages": cst.pop("num_stages", 3)}
     guide_dt = cst.pop("guide_dtype", None)
-    fn = next(getattr(m, name) for m in (infonce, cosent, gist, matryoshka)
+    fn = next(getattr(m, name) for m in (infonce, cosent, gist, matryoshka, siglip)
               if hasattr(m, name))
     return triton.compile(ASTSource(fn, _signature(fn, dt, cst, guide_dt), cst), target=GPUTarget("cuda", arch, 32),
                           options=options)

@@ -27,7 +27,7 @@ def test_compile_check_compiles_every_kernel_and_variant_without_spills():
     assert kernels == _launched_kernels() == {
         "row_lse_kernel", "softmax_grad_kernel", "row_pass_kernel", "flash_dx_kernel", "flash_dy_kernel",
         "pair_lse_kernel", "pair_grad_kernel", "gist_masked_logits_kernel", "matryoshka_row_stats_kernel",
-        "matryoshka_row_grad_kernel"}
+        "matryoshka_row_grad_kernel", "siglip_row_kernel"}
     # GIST's guide may come in another dtype than the model's embeddings (a float32 guide beside bf16 training)
     gist = [" ".join(r[1:r.index("guide") + 3]) for r in rows if r[0] == "gist_masked_logits_kernel"]
     assert {"bf16 BM32 BN32 BK32 guide fp32 BK32", "fp64 BM16 BN16 BK16 guide bf16 BK32"} <= set(gist)
