@@ -230,17 +230,20 @@ def _direct_calls(q, a, b, labels):
 def test_direct_op_calls_never_change_what_they_returned(backend):
     # Issue 26: the ops called directly (torch.ops.embedloss_<backend>.<loss>) return their saved gradients; backward
     # must neither scale those in place nor hand them on as .grad, whatever the graph's fate.
-    if dispatch.why_not(backend, "cpu") is not None:
-        pytest.skip(f"{backend}: {dispatch.why_not(backend, 'cpu')}")
     from types import SimpleNamespace
+
+    from conftest import DEVICE
 
     from embedloss_kernels.ops import backend_ops
 
+    device = torch.device("cpu") if backend == "cpp" else DEVICE  # the cpp kernels are CPU kernels
+    if dispatch.why_not(backend, device) is not None:
+        pytest.skip(f"{backend}: {dispatch.why_not(backend, device)}")
     op = SimpleNamespace(**backend_ops(backend))
-    q = rand(6, 8, dtype=torch.float64, seed=30).requires_grad_()
-    a = rand(12, 8, dtype=torch.float64, seed=31).requires_grad_()
-    b = rand(6, 8, dtype=torch.float64, seed=32).requires_grad_()
-    labels = torch.tensor([0.1, 0.5, 0.2, 0.9, 0.3, 0.7], dtype=torch.float64)
+    q = rand(6, 8, dtype=torch.float64, seed=30).to(device).requires_grad_()
+    a = rand(12, 8, dtype=torch.float64, seed=31).to(device).requires_grad_()
+    b = rand(6, 8, dtype=torch.float64, seed=32).to(device).requires_grad_()
+    labels = torch.tensor([0.1, 0.5, 0.2, 0.9, 0.3, 0.7], dtype=torch.float64, device=device)
     for name, call, (x, y) in _direct_calls(q, a, b, labels):
         for retain in (False, True):
             out = call(op)
