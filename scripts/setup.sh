@@ -24,7 +24,7 @@ $PYTHON -c "import embedloss_kernels as ek; print('embedloss_kernels ready; back
 if [ "${EMBEDLOSS_NO_EXT:-0}" = "0" ]; then  # as setup.py: unset, empty or 0 means build it
   if command -v "${CXX:-c++}" >/dev/null 2>&1; then
     if ! $PYTHON -c "import sys, embedloss_kernels as ek; sys.exit('cpp' not in ek.available_backends('cpu'))"; then
-      why=$($PYTHON -c "from embedloss_kernels import _backends; print(_backends.why_not('cpp', 'cpu'))")
+      why=$($PYTHON -c "from embedloss_kernels import dispatch; print(dispatch.why_not('cpp', 'cpu'))")
       echo "ERROR: a C++ compiler (${CXX:-c++}) is here but the C++ extension did not build or load: $why" >&2
       echo "       rerun '$PIP install --no-build-isolation -e .' without -q for the compiler output;" >&2
       echo "       set EMBEDLOSS_NO_EXT=1 to install without it on purpose." >&2

@@ -16,7 +16,9 @@ if triton is not None:
     from ...kernels.siglip import siglip_row_kernel
 
 
-def _row_pass(z: Tensor, s: Tensor, b: Tensor, diag_offset: int | None, compute_grad: bool, dtype: torch.dtype):
+def _row_pass(z: Tensor, s: Tensor, b: Tensor, diag_offset: int | None, compute_grad: bool, dtype: torch.dtype,
+              scratch: Tensor | None = None):
+    # ``scratch`` (the torch pass's temporary) is not needed: the kernel works in registers
     n, n_cols = z.shape
     g = z if dtype == z.dtype else z.view(dtype)[:, :n_cols]  # G over S (16-bit: the first half of each row)
     loss_rows = torch.empty(n, dtype=z.dtype, device=z.device)
