@@ -139,7 +139,7 @@ def _worker(rank, world, init_file, out_dir, backends_):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_distributed_matches_open_clip_on_every_rank(world, tmp_path):
-    backends_ = [n for n in ("torch", "cpp") if dispatch.why_not(n, "cpu") is None]
+    backends_ = [n for n in ("torch", "cpp", "triton") if dispatch.why_not(n, "cpu") is None]  # triton: interpreter
     ctx = mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), backends_), nprocs=world,
                    join=False)
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
