@@ -8,6 +8,7 @@ loading on a device).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -169,9 +170,34 @@ def _ptxas(arch: int) -> str | None:
 
 
 def _usage(ptx: str, arch: int, ptxas: str | None) -> tuple[int, int]:
-    """Registers and spill bytes (stores + loads) of the kernel in ``ptx`` for ``sm_<arch>``."""
+    """Registers and spill bytes (stores + loads) of the kernel in ``ptx`` for ``sm_<arch>``. ptxas's answer is kept
+    on disk by the hash of (ptxas, its file's size and time, arch, PTX), as Triton keeps its compiles: a second run
+    over unchanged kernels runs no ptxas (``EMBEDLOSS_CACHE_DIR``, default ``~/.cache/embedloss_kernels``)."""
     if ptxas is None:
         return -1, -1
+    stat = os.stat(ptxas)
+    key = hashlib.sha256(f"{ptxas}|{stat.st_size}|{stat.st_mtime_ns}|{arch}|".encode() + ptx.encode()).hexdigest()
+    cache = os.path.join(os.environ.get("EMBEDLOSS_CACHE_DIR") or os.path.expanduser("~/.cache/embedloss_kernels"),
+                         "ptxas", key)
+    try:
+        with open(cache) as f:
+            regs, spills = (int(v) for v in f.read().split())
+        return regs, spills
+    except (OSError, ValueError):
+        pass
+    regs, spills = _run_ptxas(ptx, arch, ptxas)
+    try:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        tmp = f"{cache}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(f"{regs} {spills}")
+        os.replace(tmp, cache)  # atomic: parallel workers never read half a file
+    except OSError:
+        pass  # a read-only home: no cache, same answer
+    return regs, spills
+
+
+def _run_ptxas(ptx: str, arch: int, ptxas: str) -> tuple[int, int]:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.ptx")
         with open(path, "w") as f:

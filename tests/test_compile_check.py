@@ -66,3 +66,22 @@ def test_compile_check_rejects_an_unknown_option():
     proc = subprocess.run([sys.executable, "-m", "embedloss_kernels.compile_check", "--quik"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "--quik" in proc.stderr
+
+
+def test_ptxas_answers_are_cached_by_ptx_and_target(monkeypatch, tmp_path):
+    """A second compile_check over unchanged kernels runs no ptxas: its (registers, spills) come from the disk cache,
+    keyed by ptxas, target and PTX (a changed PTX or another target runs ptxas again)."""
+    from embedloss_kernels import compile_check
+
+    calls = []
+
+    def fake_ptxas(ptx, arch, ptxas):
+        calls.append((ptx, arch))
+        return 40 + len(calls), 0
+
+    monkeypatch.setenv("EMBEDLOSS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(compile_check, "_run_ptxas", fake_ptxas)
+    first = compile_check._usage("// ptx A", 90, sys.executable)  # any existing file stands in for ptxas
+    assert compile_check._usage("// ptx A", 90, sys.executable) == first == (41, 0) and len(calls) == 1
+    assert compile_check._usage("// ptx B", 90, sys.executable) == (42, 0)
+    assert compile_check._usage("// ptx A", 80, sys.executable) == (43, 0) and len(calls) == 3
