@@ -23,13 +23,6 @@ def test_tensor_hardness_strength_is_a_type_error():
                                         hardness_strength=torch.tensor(2.0)).compute_loss_from_embeddings([q, p], None)
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from tiny_model import make_tiny_sentence_transformer
-
-    return make_tiny_sentence_transformer(tmp_path_factory.mktemp("tiny_bert_promises"))
-
-
 @pytest.mark.parametrize("margin", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("name", ["GISTEmbedLoss", "CachedGISTEmbedLoss"])
 def test_gist_modules_raise_on_non_finite_margin(tiny_model, name, margin):
