@@ -12,6 +12,7 @@ from conftest import (
     assert_param_grads_close,
     assert_within_measured_error,
     gloo_rank,
+    param_grads,
     spawn_gloo,
     trainer_updates,
 )
@@ -44,10 +45,6 @@ def features(model, n_cols, batch, seed=0):
     return [on_device(model.preprocess(mixed_sentences(batch, seed + 7 * c)), model.device) for c in range(n_cols)]
 
 
-def grads_of(model):
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 # float32 parameter gradients (conftest's assert_param_grads_close): 1e-4 relative, plus 1e-6 of the whole gradient's
 # norm on a gradient that is zero by symmetry
 FP32_GRADS = dict(rtol=1e-4, zero_floor=1e-6)
@@ -57,7 +54,7 @@ def run(loss_fn, model, feats, grad_scale=1.0):
     model.zero_grad()
     loss = loss_fn(feats, None)
     (loss * grad_scale).backward()
-    return loss.detach(), grads_of(model)
+    return loss.detach(), param_grads(model)
 
 
 @pytest.mark.parametrize("n_cols", [2, 3])
@@ -89,7 +86,7 @@ def test_train_mode_replays_dropout_masks(tiny_model):
     embeddings = [model(f)["sentence_embedding"] for f in feats]
     plain = ek.MultipleNegativesRankingLoss(model).compute_loss_from_embeddings(embeddings, None)
     plain.backward()
-    ref_loss, ref_grads = plain.detach(), grads_of(model)
+    ref_loss, ref_grads = plain.detach(), param_grads(model)
 
     torch.manual_seed(123)
     loss, grads = run(ek.CachedMultipleNegativesRankingLoss(model, mini_batch_size=64, sort_by_length=False), model,
@@ -128,7 +125,7 @@ def test_train_mode_length_sorted_minibatches_replay_their_masks(tiny_model):
         columns.append(torch.cat(parts).index_select(0, inverse))
     ref = ek.MultipleNegativesRankingLoss(model).compute_loss_from_embeddings(columns, None)
     ref.backward()
-    ref_loss, ref_grads = ref.detach(), grads_of(model)
+    ref_loss, ref_grads = ref.detach(), param_grads(model)
 
     torch.manual_seed(321)
     loss, grads = run(ek.CachedMultipleNegativesRankingLoss(model, mini_batch_size=4), model, feats)

@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import DEVICE, PassThroughModel, assert_param_grads_close, is_interpreted, randn64
+from conftest import DEVICE, PassThroughModel, assert_param_grads_close, is_interpreted, param_grads, randn64
 from tiny_model import on_device, sentences
 
 from embedloss_kernels import dispatch, functional, reference
@@ -484,10 +484,6 @@ def _features(model, n_cols, batch, seed):
     return [on_device(model.preprocess(sentences(batch, seed + c)), model.device) for c in range(n_cols)]
 
 
-def _param_grads(model):
-    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("n_cols", [2, 3])
 @pytest.mark.parametrize("retokenize", [False, True])
 def test_module_forward_matches_sentence_transformers(tiny_model, tiny_st, n_cols, retokenize):
@@ -506,12 +502,12 @@ def test_module_forward_matches_sentence_transformers(tiny_model, tiny_st, n_col
     model.zero_grad()
     ref = st_loss([dict(f) for f in feats], None)
     ref.backward()
-    ref_grads = _param_grads(model)
+    ref_grads = param_grads(model)
     model.zero_grad()
     loss = ours([dict(f) for f in feats], None)
     loss.backward()
     torch.testing.assert_close(loss, ref, rtol=1e-8, atol=1e-12)  # float64 model and guide
-    assert_param_grads_close(_param_grads(model), ref_grads, rtol=1e-8)
+    assert_param_grads_close(param_grads(model), ref_grads, rtol=1e-8)
     assert all(p.grad is None for p in guide.parameters())
 
 
@@ -530,7 +526,7 @@ def test_cached_matches_sentence_transformers_cached(tiny_model, n_cols):
         torch.manual_seed(123)
         loss = cls(model, guide, **kwargs)([dict(f) for f in feats], None)
         loss.backward()
-        results.append((loss.detach(), _param_grads(model)))
+        results.append((loss.detach(), param_grads(model)))
     (ref, ref_grads), (loss, grads) = results
     torch.testing.assert_close(loss, ref, rtol=1e-8, atol=1e-12)  # float64 model and guide
     assert_param_grads_close(grads, ref_grads, rtol=1e-8)
