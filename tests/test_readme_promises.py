@@ -231,6 +231,7 @@ def test_triton_outside_the_supported_range_is_unavailable(monkeypatch, version,
 
     if triton_backend.triton is None:
         pytest.skip(f"triton is not importable: {triton_backend._IMPORT_ERROR}")
+    monkeypatch.setattr(triton_backend.triton, "__version__", "3.6.0")  # the installed version does not matter
     if dispatch.why_not("triton", DEVICE) is not None:
         pytest.skip(f"triton cannot run on {DEVICE}: {dispatch.why_not('triton', DEVICE)}")
     monkeypatch.setattr(triton_backend.triton, "__version__", version)
@@ -367,6 +368,7 @@ def test_triton_two_streams_on_cuda(monkeypatch):
     if dispatch.why_not("triton", DEVICE) is not None:
         pytest.skip(dispatch.why_not("triton", DEVICE))
     monkeypatch.setenv("EMBEDLOSS_TRITON_STRATEGY", "fused")
+    monkeypatch.setenv("EMBEDLOSS_TRITON_AUTOTUNE", "0")  # no timing runs: only the launcher makes streams
     made = []
     real_stream = torch.cuda.Stream
     monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: made.append(1) or real_stream(*a, **k))
@@ -447,39 +449,43 @@ def test_no_finite_check_under_compile(backend):
 
 
 # -- CachedGISTEmbedLoss: float64, with gather_across_devices -------------------------------------------------------
-def _cached_gist_worker(rank, world, init_file, model_dir, out_dir):
+def _cached_gist_worker(rank, world, init_file, model_dir, guide_dir, out_dir):
     from sentence_transformers import SentenceTransformer
 
     from embedloss_kernels.losses import CachedGISTEmbedLoss
 
     with gloo_rank(rank, world, init_file):
         model = SentenceTransformer(model_dir, device="cpu").eval().double()
-        guide = copy.deepcopy(model)
-        for p in guide.parameters():  # a different guide: its masks are not the model's own
-            p.data.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(9), dtype=p.dtype))
+        guide = SentenceTransformer(guide_dir, device="cpu").eval().double()
         feats = [model.preprocess(_mixed_sentences(4, 20 + 3 * rank + c)) for c in range(3)]
         results = {}
-        for name, cls in (("st", st_losses.CachedGISTEmbedLoss), ("ours", CachedGISTEmbedLoss)):
+        for name, cls, gather in (("st", st_losses.CachedGISTEmbedLoss, True), ("ours", CachedGISTEmbedLoss, True),
+                                  ("ours, local", CachedGISTEmbedLoss, False)):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                loss = cls(model, guide, mini_batch_size=3, temperature=0.05, margin=0.05,
-                           gather_across_devices=True)
+                loss = cls(model, guide, mini_batch_size=3, temperature=0.05, margin=0.0,
+                           gather_across_devices=gather)
             results[name] = _cached_run(loss, model, feats)[:2]
         torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 
-def test_cached_gist_float64_with_gather_matches_sentence_transformers(tiny_model, tmp_path):
+def test_cached_gist_float64_with_gather_matches_sentence_transformers(tiny_model, tiny_st, tmp_path):
     """README: GIST numbers are sentence-transformers' "float64 within 1e-8 over every option, both modules,
     gather_across_devices". CachedGISTEmbedLoss in float64 with gather_across_devices on two gloo ranks (CPU on
-    purpose): each rank's loss and every parameter gradient within 1e-8 of sentence-transformers'
-    CachedGISTEmbedLoss under the same setup."""
-    model_dir = tmp_path / "model"
-    tiny_model.save(str(model_dir))
-    spawn_gloo(_cached_gist_worker, 2, (2, str(tmp_path / "init"), str(model_dir), str(tmp_path)), 240)
+    purpose), a guide of its own: each rank's loss and every parameter gradient within 1e-8 of
+    sentence-transformers' CachedGISTEmbedLoss under the same setup (and the gathered candidates matter: each
+    rank's loss is not the local-batch loss)."""
+    dirs = {"model": tmp_path / "model", "guide": tmp_path / "guide"}
+    tiny_model.save(str(dirs["model"]))
+    tiny_st(seed=3, hidden=24).save(str(dirs["guide"]))
+    spawn_gloo(_cached_gist_worker, 2, (2, str(tmp_path / "init"), str(dirs["model"]), str(dirs["guide"]),
+                                        str(tmp_path)), 240)
     for rank in range(2):
         res = torch.load(tmp_path / f"rank{rank}.pt")
         assert_float64_close(res["ours"][0], res["st"][0], what=f"rank {rank} loss")
         assert_param_grads_close(res["ours"][1], res["st"][1])
+        local, gathered = res["ours, local"][0].item(), res["ours"][0].item()
+        assert abs(local - gathered) > 1e-3 * abs(gathered), (rank, local, gathered)
 
 
 # -- the oldest-versions CI job -------------------------------------------------------------------------------------
@@ -499,10 +505,14 @@ def test_oldest_versions_job_runs_the_matryoshka_and_gist_triton_tests():
     selection = "".join(re.findall(r'^MG_SELECTION\+?="(.*)"$', script, re.M))
     assert re.search(r'pytest "\$\{MG_TESTS\[@\]\}" -k "\$MG_SELECTION"', script)
     expr = Expression.compile(selection)
+    every_test = []
     for name in ("test_matryoshka.py", "test_gist.py"):
         assert f"tests/{name}" in files
         tree = ast.parse((root / "tests" / name).read_text())
         tests = [f.name for f in tree.body if isinstance(f, ast.FunctionDef) and f.name.startswith("test_")]
         selected = [t for t in tests if expr.evaluate(lambda word, t=t, **_: word in t or word == "triton")]
         assert selected, f"{name}: the selection {selection!r} matches none of its tests"
+        every_test += tests
+    for word in re.findall(r"test_\w+", selection):  # a renamed test would silently leave the job
+        assert any(word in t for t in every_test), f"{word!r} of the selection names no test"
         assert not expr.evaluate(lambda word, **_: word in "test_something_else[torch]"), "not Triton's only"
