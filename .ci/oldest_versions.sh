@@ -58,4 +58,10 @@ fi
 TESTS=("$WORK/tests/test_triton.py" "$WORK/tests/test_compile_check.py" "$WORK/tests/test_distributed.py"
        "$WORK/tests/test_open_clip_real.py")
 "$VENV/bin/python" -m pytest "${TESTS[@]}" -q -p no:cacheprovider
+# the Matryoshka and GIST Triton ops (their kernels through triton 3.6's interpreter): a small selection of their tests
+MG_TESTS=("$WORK/tests/test_matryoshka.py" "$WORK/tests/test_gist.py")
+MG_SELECTION="triton and (test_functional_matches_reference or test_opcheck or test_half_precision_inputs"
+MG_SELECTION+=" or test_triton_single_candidate_rows or test_matches_sentence_transformers_every_option"
+MG_SELECTION+=" or test_threshold_is_strict)"
+"$VENV/bin/python" -m pytest "${MG_TESTS[@]}" -k "$MG_SELECTION" -q -p no:cacheprovider
 echo "== oldest-versions job: $((SECONDS - start)) s"

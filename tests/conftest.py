@@ -1,5 +1,6 @@
 """Shared fixtures: the backend parametrization every equivalence test runs over."""
 
+import contextlib
 import os
 
 import pytest
@@ -136,19 +137,40 @@ def spawn_gloo(worker, world: int, args=(), timeout_s: float = 120.0, what: str 
             pytest.fail(f"{what or worker.__name__}: {world} gloo ranks did not finish within {timeout_s:g} s (hang?)")
 
 
+@contextlib.contextmanager
+def gloo_rank(rank: int, world: int, init_file, timeout_s: float = 60.0):
+    """In a worker of :func:`spawn_gloo`: one CPU thread, rank ``rank`` of a ``world``-rank gloo group (file init,
+    collectives time out after ``timeout_s``), left on the way out whatever happens. The body needs no try/except:
+    a rank's exception propagates, and ``spawn_gloo`` raises it in the test with the rank's traceback."""
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def param_grads(model) -> dict:
     """A copy of every parameter gradient of ``model``, by name (parameters without one left out)."""
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def assert_param_grads_close(grads: dict, ref: dict, rtol: float = 1e-8) -> None:
-    """Every parameter's gradient within ``rtol`` of the reference's norm, plus ``rtol`` times 1e-4 of the whole
-    gradient's norm for parameters whose gradient is zero by symmetry (an attention key bias: round-off only)."""
+def assert_param_grads_close(grads: dict, ref: dict, rtol: float = 1e-8, zero_floor: float | None = None) -> None:
+    """Every parameter's gradient within ``rtol`` of the reference's norm, plus ``zero_floor`` (by default ``rtol``
+    times 1e-4) of the whole gradient's norm for parameters whose gradient is zero by symmetry (an attention key
+    bias: round-off only)."""
     assert grads.keys() == ref.keys() and grads
     total = torch.cat([g.flatten() for g in ref.values()]).double().norm()
+    floor = rtol * 1e-4 if zero_floor is None else zero_floor
     for name in grads:
         diff = (grads[name].double() - ref[name].double()).norm()
-        bound = rtol * (ref[name].double().norm() + 1e-4 * total)
+        bound = rtol * ref[name].double().norm() + floor * total
         assert diff <= bound, f"{name}: {diff:.3e} > {bound:.3e}"
 
 
@@ -170,6 +192,32 @@ def trainer_updates(model, make_loss, train_dataset, output_dir, **args):
                                         train_dataset=train_dataset, loss=make_loss(model)).train()
     updates = {k: v.detach() - before[k] for k, v in model.named_parameters()}
     return result, model, updates
+
+
+@pytest.fixture(scope="session")
+def tiny_st(tmp_path_factory):
+    """A factory of tiny SentenceTransformers (``tiny_model.make_tiny_sentence_transformer``: a 2-layer random BERT on
+    DEVICE): ``tiny_st(seed=0, dropout=0.1, hidden=32)`` builds one model per argument set per session and returns a
+    deep copy of it on each call, so no test sees what another did to its model."""
+    import copy
+
+    from tiny_model import make_tiny_sentence_transformer
+
+    built = {}
+
+    def make(seed: int = 0, dropout: float = 0.1, hidden: int = 32):
+        key = (seed, dropout, hidden)
+        if key not in built:
+            built[key] = make_tiny_sentence_transformer(tmp_path_factory.mktemp("tiny_st"), seed, dropout, hidden)
+        return copy.deepcopy(built[key])
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_st):
+    """The default tiny SentenceTransformer (dropout 0.1, train mode), one copy per test module."""
+    return tiny_st()
 
 
 WATCHED_ENV_PREFIXES = ("EMBEDLOSS_", "HF_", "TRITON_", "TOKENIZERS_")
@@ -196,11 +244,15 @@ def no_environment_leak():
 
 
 class PassThroughModel(torch.nn.Module):
-    """A stand-in SentenceTransformer whose "features" are the embeddings themselves: ``{"embedding": x}``."""
+    """A stand-in SentenceTransformer whose "features" are the embeddings themselves: ``{"embedding": x}``. With a
+    ``tokenizer`` it is also all that sentence-transformers' GIST constructors read of a model or guide (a tokenizer
+    and a max length)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int | None = None, tokenizer=None):
         super().__init__()
         self.dim = dim
+        self.tokenizer = tokenizer
+        self.max_seq_length = 64
 
     def get_embedding_dimension(self) -> int:
         return self.dim

@@ -26,10 +26,8 @@ CASES = (
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tiny_model import make_tiny_sentence_transformer
-
-    return make_tiny_sentence_transformer(tmp_path_factory.mktemp("tiny_ckpt"), dropout=0.0)
+def tiny(tiny_st):
+    return tiny_st(dropout=0.0)
 
 
 def build(case, lib, tiny, scale=None):

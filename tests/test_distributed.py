@@ -10,16 +10,14 @@ that run on CPU; the triton interpreter is covered by the single-process tests).
 
 from __future__ import annotations
 
-import datetime
 import itertools
 import logging
 import os
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import spawn_gloo
+from conftest import gloo_rank, spawn_gloo
 
 from embedloss_kernels import dispatch, functional, reference
 from embedloss_kernels.core import log
@@ -191,11 +189,8 @@ def _st(cols, c):
 
 
 def _worker(rank, world, init_file, out_dir, backends_, combo_list, unequal_sizes):
-    torch.set_num_threads(1)
     logging.getLogger("sentence_transformers").setLevel(logging.ERROR)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=60))
+    with gloo_rank(rank, world, init_file):
         res = {"equal": [], "unequal": None, "module": None, "error": None}
         b = {2: 5, 3: 3}[world]
         sizes = [b] * world
@@ -270,13 +265,6 @@ def _worker(rank, world, init_file, out_dir, backends_, combo_list, unequal_size
             del os.environ["EMBEDLOSS_CHECK_FINITE"]
         dist.barrier()
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
-    except Exception:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _available_backends():

@@ -5,14 +5,13 @@ hangs (a deadline)."""
 
 from __future__ import annotations
 
-import datetime
 import math
 import os
-import time
 import warnings
 
 import pytest
 import torch
+from conftest import gloo_rank, spawn_gloo
 
 import embedloss_kernels as ek
 
@@ -29,19 +28,15 @@ def _columns(rank, dtype=torch.float64):
 
 
 def _worker(rank, world, init_file, out_dir):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    results = {}
-    warnings.simplefilter("ignore")
-    cases = {
-        "dtype": ("gather", {}, torch.float32 if rank == 0 else torch.float64),
-        "dtype ring": ("ring", {}, torch.float32 if rank == 0 else torch.float64),
-        "similarity": ("ring", dict(similarity_fct=custom_sim) if rank == 1 else {}, torch.float64),
-        "scale": ("ring", dict(scale=math.inf) if rank == 1 else {}, torch.float64),
-    }
-    try:
+    with gloo_rank(rank, world, init_file):
+        results = {}
+        warnings.simplefilter("ignore")
+        cases = {
+            "dtype": ("gather", {}, torch.float32 if rank == 0 else torch.float64),
+            "dtype ring": ("ring", {}, torch.float32 if rank == 0 else torch.float64),
+            "similarity": ("ring", dict(similarity_fct=custom_sim) if rank == 1 else {}, torch.float64),
+            "scale": ("ring", dict(scale=math.inf) if rank == 1 else {}, torch.float64),
+        }
         for key, (schedule, kwargs, dtype) in cases.items():
             os.environ["EMBEDLOSS_DISTRIBUTED_SCHEDULE"] = schedule
             loss_fn = ek.MultipleNegativesRankingLoss(None, gather_across_devices=True, **kwargs)
@@ -50,23 +45,14 @@ def _worker(rank, world, init_file, out_dir):
                 results[key] = None
             except (ValueError, TypeError) as exc:
                 results[key] = f"{type(exc).__name__}: {exc}"
-    finally:
         torch.save(results, os.path.join(out_dir, f"r{rank}.pt"))
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def messages(tmp_path_factory):
-    import torch.multiprocessing as mp
 
     tmp = tmp_path_factory.mktemp("dist_errors")
-    ctx = mp.spawn(_worker, args=(2, str(tmp / "init"), str(tmp)), nprocs=2, join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the gloo ranks did not finish within {SPAWN_TIMEOUT_S} s (a rank hangs)")
+    spawn_gloo(_worker, 2, (2, str(tmp / "init"), str(tmp)), SPAWN_TIMEOUT_S)
     return [torch.load(tmp / f"r{rank}.pt") for rank in range(2)]
 
 

@@ -113,12 +113,8 @@ SYMMETRIC = ["MultipleNegativesSymmetricRankingLoss", "CachedMultipleNegativesSy
 
 
 @pytest.mark.parametrize("name", SYMMETRIC)
-def test_symmetric_losses_are_deprecated_as_in_sentence_transformers(name, tmp_path):
-    model = None
-    if name in CACHED:
-        from tiny_model import make_tiny_sentence_transformer
-
-        model = make_tiny_sentence_transformer(tmp_path / "tiny")
+def test_symmetric_losses_are_deprecated_as_in_sentence_transformers(name, tiny_st):
+    model = tiny_st() if name in CACHED else None
     for cls in (getattr(st_losses, name), getattr(ek, name)):
         with pytest.warns(DeprecationWarning, match=name):
             cls(model)
@@ -162,10 +158,8 @@ def test_similarity_fct_none_is_accepted_then_fails_as_in_sentence_transformers(
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from tiny_model import make_tiny_sentence_transformer
-
-    return make_tiny_sentence_transformer(tmp_path_factory.mktemp("tiny_bert_parity"), dropout=0.0).eval()
+def tiny_model(tiny_st):
+    return tiny_st(dropout=0.0).eval()
 
 
 def text_features(model, batch=8):

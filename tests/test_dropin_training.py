@@ -7,17 +7,12 @@ import warnings
 import pytest
 import torch
 from conftest import DEVICE, assert_param_grads_close, param_grads, trainer_updates
-from tiny_model import make_tiny_sentence_transformer, on_device, sentences
+from tiny_model import on_device, sentences
 
 import embedloss_kernels as ek
 
 st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
 pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return make_tiny_sentence_transformer(tmp_path_factory.mktemp("tiny_bert"))
 
 
 def features(model, n_cols, batch, seed):

@@ -11,8 +11,8 @@ import warnings
 
 import pytest
 import torch
-from conftest import DEVICE, assert_param_grads_close, is_interpreted
-from tiny_model import make_tiny_sentence_transformer, on_device, sentences
+from conftest import DEVICE, PassThroughModel, assert_param_grads_close, is_interpreted, param_grads, randn64
+from tiny_model import on_device, sentences
 
 from embedloss_kernels import dispatch, functional, reference
 from embedloss_kernels.core.contract import GIST_ABSOLUTE, GIST_RELATIVE
@@ -36,36 +36,18 @@ def backend(backend):
     return backend
 
 
-def rand(rows, dim, seed, dtype=torch.float64):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(rows, dim, generator=gen, dtype=dtype).to(DEVICE)
-
-
 def model_and_guide(batch, dim, guide_dim, n_cols, seed, dtype=torch.float64):
     """Model columns (leaves) and guide columns: the guide is a noisy projection of the model's embeddings, so its
     masks are neither empty nor full."""
-    model = [rand(batch, dim, seed + c, dtype) for c in range(n_cols)]
-    proj = rand(dim, guide_dim, seed + 100, dtype)
-    guide = [m @ proj + 0.7 * rand(batch, guide_dim, seed + 200 + c, dtype) for c, m in enumerate(model)]
+    model = [randn64(seed + c, batch, dim).to(dtype) for c in range(n_cols)]
+    proj = randn64(seed + 100, dim, guide_dim).to(dtype)
+    guide = [m @ proj + 0.7 * randn64(seed + 200 + c, batch, guide_dim).to(dtype) for c, m in enumerate(model)]
     return [m.requires_grad_() for m in model], guide
-
-
-class _FakeEncoder:
-    """What sentence-transformers' GIST constructor reads of a model: a tokenizer and a max length."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.max_seq_length = 64
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return make_tiny_sentence_transformer(tmp_path_factory.mktemp("tiny_bert_gist"))
 
 
 @pytest.fixture(scope="module")
 def encoders(tiny_model):
-    return _FakeEncoder(tiny_model.tokenizer), _FakeEncoder(tiny_model.tokenizer)
+    return PassThroughModel(tokenizer=tiny_model.tokenizer), PassThroughModel(tokenizer=tiny_model.tokenizer)
 
 
 def st_gist_on_embeddings(monkeypatch, encoders, model_cols, guide_cols, **kwargs):
@@ -185,7 +167,7 @@ def test_zero_vectors_as_cosine_similarity(backend, monkeypatch, encoders):
 def test_fully_masked_rows_give_zero(backend, monkeypatch, encoders):
     """A guide that finds every candidate closer than the margin masks all but the positives: loss 0, grads 0."""
     model, _ = model_and_guide(4, 6, 5, 3, seed=2)
-    same = rand(1, 5, 9).expand(4, 5).contiguous()
+    same = randn64(9, 1, 5).expand(4, 5).contiguous()
     guide = [same, same.clone(), same.clone()]
     kwargs = dict(temperature=0.05, margin=0.1)
     ref = st_gist_on_embeddings(monkeypatch, encoders, model, guide, **kwargs)
@@ -198,7 +180,7 @@ def test_threshold_is_strict(backend):
     """Ties with the threshold stay in (strict >): a guide where every similarity equals t masks nothing at margin
     0, so the loss equals the unmasked one; the anchor-anchor diagonal follows the same rule (kept here)."""
     model, _ = model_and_guide(3, 6, 4, 2, seed=4)
-    same = rand(1, 4, 9).expand(3, 4).contiguous()
+    same = randn64(9, 1, 4).expand(3, 4).contiguous()
     guide = [same, same.clone()]
     loss = functional.gist_loss(*model, guide=guide, temperature=0.1, margin=0.0, backend=backend)
     ref = reference.gist_reference(model[0], model[1:], guide[0], guide[1:], 0.1, "absolute", 0.0, True, True)
@@ -235,11 +217,11 @@ def repeated_text_columns(batch, dim, n_cols, seed, dtype, guide_dim=None):
     """Model columns (leaves) and guide columns for repeated texts: equal ids give bit-identical rows in both; the
     guide is the model's own embeddings (``guide_dim`` None) or a separate noisy projection of them."""
     ids = repeated_text_ids(batch, n_cols, seed)
-    texts = rand(n_cols * batch, dim, seed + 1)
+    texts = randn64(seed + 1, n_cols * batch, dim)
     if guide_dim is None:
         guide_texts = texts
     else:
-        guide_texts = texts @ rand(dim, guide_dim, seed + 2) + 0.7 * rand(n_cols * batch, guide_dim, seed + 3)
+        guide_texts = texts @ randn64(seed + 2, dim, guide_dim) + 0.7 * randn64(seed + 3, n_cols * batch, guide_dim)
     model = [texts[ids[c]].to(dtype).requires_grad_() for c in range(n_cols)]
     guide = [guide_texts[ids[c]].to(dtype) for c in range(n_cols)]
     return model, guide
@@ -419,10 +401,10 @@ def _gist_ops():
 def test_opcheck(op, args):
     columns, row_start, *_ = args
     compute_grad = args[-2]
-    anchor = rand(4, 7, 40).requires_grad_(compute_grad)
+    anchor = randn64(40, 4, 7).requires_grad_(compute_grad)
     bw = 4 + row_start
-    cands = rand(columns * bw, 7, 41).requires_grad_(compute_grad)
-    anchor_g, cands_g = rand(4, 5, 42), rand(columns * bw, 5, 43)
+    cands = randn64(41, columns * bw, 7).requires_grad_(compute_grad)
+    anchor_g, cands_g = randn64(42, 4, 5), randn64(43, columns * bw, 5)
     torch.library.opcheck(op.default, (anchor, cands, anchor_g, cands_g, *args))
 
 
@@ -479,7 +461,7 @@ def test_module_matches_sentence_transformers_config_and_errors(tiny_model):
             cls(tiny_model, object())
     with pytest.raises(ValueError, match="mini_batch_size"):
         losses.CachedGISTEmbedLoss(tiny_model, guide, mini_batch_size=0)
-    emb = [rand(3, 4, s) for s in range(4)]
+    emb = [randn64(s, 3, 4) for s in range(4)]
     with pytest.raises(ValueError, match="Expected 2 or 3 embeddings, got 4"):
         ours.compute_loss_from_embeddings(emb, emb)
 
@@ -502,16 +484,12 @@ def _features(model, n_cols, batch, seed):
     return [on_device(model.preprocess(sentences(batch, seed + c)), model.device) for c in range(n_cols)]
 
 
-def _param_grads(model):
-    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("n_cols", [2, 3])
 @pytest.mark.parametrize("retokenize", [False, True])
-def test_module_forward_matches_sentence_transformers(tiny_model, tmp_path, n_cols, retokenize):
+def test_module_forward_matches_sentence_transformers(tiny_model, tiny_st, n_cols, retokenize):
     losses = _modules()
     model = copy.deepcopy(tiny_model).eval().double()
-    guide = (make_tiny_sentence_transformer(tmp_path / "guide", seed=3, hidden=24) if not retokenize
+    guide = (tiny_st(seed=3, hidden=24) if not retokenize
              else copy.deepcopy(tiny_model)).double()
     if retokenize:
         guide.max_seq_length = model.max_seq_length - 1  # a shorter guide: sentence-transformers re-tokenizes
@@ -524,12 +502,12 @@ def test_module_forward_matches_sentence_transformers(tiny_model, tmp_path, n_co
     model.zero_grad()
     ref = st_loss([dict(f) for f in feats], None)
     ref.backward()
-    ref_grads = _param_grads(model)
+    ref_grads = param_grads(model)
     model.zero_grad()
     loss = ours([dict(f) for f in feats], None)
     loss.backward()
     torch.testing.assert_close(loss, ref, rtol=1e-8, atol=1e-12)  # float64 model and guide
-    assert_param_grads_close(_param_grads(model), ref_grads, rtol=1e-8)
+    assert_param_grads_close(param_grads(model), ref_grads, rtol=1e-8)
     assert all(p.grad is None for p in guide.parameters())
 
 
@@ -548,7 +526,7 @@ def test_cached_matches_sentence_transformers_cached(tiny_model, n_cols):
         torch.manual_seed(123)
         loss = cls(model, guide, **kwargs)([dict(f) for f in feats], None)
         loss.backward()
-        results.append((loss.detach(), _param_grads(model)))
+        results.append((loss.detach(), param_grads(model)))
     (ref, ref_grads), (loss, grads) = results
     torch.testing.assert_close(loss, ref, rtol=1e-8, atol=1e-12)  # float64 model and guide
     assert_param_grads_close(grads, ref_grads, rtol=1e-8)

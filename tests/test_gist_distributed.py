@@ -4,16 +4,13 @@ under the same process group, on every CPU backend, float64."""
 
 from __future__ import annotations
 
-import datetime
 import importlib
 import itertools
 import os
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-from conftest import spawn_gloo
+from conftest import PassThroughModel, gloo_rank, spawn_gloo
 
 from embedloss_kernels import dispatch
 
@@ -30,32 +27,20 @@ COMBOS = [
 ]
 
 
-class _Encoder:
-    """What sentence-transformers' GIST constructor reads of a model: a tokenizer and a max length."""
-
-    max_seq_length = 64
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-
 def _columns(seed, rows, n_cols, dim):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(rows, dim, generator=g, dtype=torch.float64) for _ in range(n_cols)]
 
 
 def _worker(rank, world, init_file, out_dir, tokenizer_dir, backends_):
-    torch.set_num_threads(1)
-    try:
-        from transformers import BertTokenizerFast
+    from transformers import BertTokenizerFast
 
-        from embedloss_kernels.losses import GISTEmbedLoss
+    from embedloss_kernels.losses import GISTEmbedLoss
 
-        st_gist = importlib.import_module("sentence_transformers.sentence_transformer.losses.gist_embed")
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=120))
+    st_gist = importlib.import_module("sentence_transformers.sentence_transformer.losses.gist_embed")
+    with gloo_rank(rank, world, init_file, timeout_s=120):
         tokenizer = BertTokenizerFast.from_pretrained(tokenizer_dir)
-        model, guide = _Encoder(tokenizer), _Encoder(tokenizer)
+        model, guide = PassThroughModel(tokenizer=tokenizer), PassThroughModel(tokenizer=tokenizer)
         b = {2: 4, 3: 3}[world]
         results = []
         for i, c in enumerate(COMBOS):
@@ -87,29 +72,18 @@ def _worker(rank, world, init_file, out_dir, tokenizer_dir, backends_):
                 entry[name] = (loss.detach(), [t.grad.clone() / 2.0 for t in cols])
             results.append(entry)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    except Exception:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_gist_gather_across_devices_matches_sentence_transformers(world, tmp_path):
-    from tiny_model import make_tiny_sentence_transformer
-
+def test_gist_gather_across_devices_matches_sentence_transformers(world, tmp_path, tiny_st):
     tok_dir = tmp_path / "tok"
-    make_tiny_sentence_transformer(tok_dir)
+    tiny_st().tokenizer.save_pretrained(tok_dir)
     backends_ = [n for n in ("torch", "cpp") if dispatch.why_not(n, "cpu") is None]
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     spawn_gloo(_worker, world, (world, str(tmp_path / "init"), str(out_dir), str(tok_dir), backends_),
                SPAWN_TIMEOUT_S, f"world size {world}")
     for rank in range(world):
-        err = out_dir / f"rank{rank}.err"
-        assert not err.exists(), err.read_text()
         results = torch.load(out_dir / f"rank{rank}.pt", weights_only=False)
         assert len(results) == len(COMBOS)
         for c, entry in zip(COMBOS, results):

@@ -19,6 +19,7 @@ from conftest import (
     HARDNESS,
     PassThroughModel,
     assert_within_measured_error,
+    gloo_rank,
     is_informative,
     is_interpreted,
     loss_and_grads,
@@ -364,11 +365,11 @@ def test_opcheck(backend):
                                                              "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
-def test_cached_variants_match_sentence_transformers(tmp_path):
+def test_cached_variants_match_sentence_transformers(tiny_st):
     pytest.importorskip("transformers")
-    from tiny_model import make_tiny_sentence_transformer, on_device, sentences
+    from tiny_model import on_device, sentences
 
-    model = make_tiny_sentence_transformer(tmp_path / "tiny").eval().double()
+    model = tiny_st().eval().double()
     feats = [on_device(model.preprocess(sentences(9, 10 + c))) for c in range(3)]
     for ours_cls, st_cls, n_dims_per_step in [
         (ek.CachedMultipleNegativesRankingLoss, st_losses.CachedMultipleNegativesRankingLoss, -1),
@@ -393,11 +394,11 @@ def test_cached_variants_match_sentence_transformers(tmp_path):
             assert rel_err(grads[name], ref_grads[name]) <= 1e-8, name
 
 
-def test_tiny_model_forward_and_matryoshka2d(tmp_path):
+def test_tiny_model_forward_and_matryoshka2d(tiny_st):
     pytest.importorskip("transformers")
-    from tiny_model import make_tiny_sentence_transformer, on_device, sentences
+    from tiny_model import on_device, sentences
 
-    model = make_tiny_sentence_transformer(tmp_path / "tiny").eval().double()
+    model = tiny_st().eval().double()
     feats = [on_device(model.preprocess(sentences(7, 20 + c))) for c in range(3)]
     for wrapper in ("MatryoshkaLoss", "Matryoshka2dLoss"):
         results = []
@@ -436,11 +437,9 @@ def test_forward_mode_and_torch_func_grad():
 
 
 def _gather_worker(rank, world, init_file, out_dir, schedule):
-    import torch.distributed as dist
 
     os.environ["EMBEDLOSS_DISTRIBUTED_SCHEDULE"] = schedule
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_rank(rank, world, init_file):
         gen = torch.Generator().manual_seed(0)
         world_cols = [torch.randn(6 * world, 21, generator=gen, dtype=torch.float64) for _ in range(3)]
         local = [c[rank * 6:(rank + 1) * 6].clone().requires_grad_() for c in world_cols]
@@ -450,8 +449,6 @@ def _gather_worker(rank, world, init_file, out_dir, schedule):
         loss = ek.MatryoshkaLoss(model, inner, [21, 9, 4], [1.0, 0.5, 2.0])([{"embedding": c} for c in local], None)
         loss.backward()
         torch.save({"loss": loss.detach(), "grads": [c.grad for c in local]}, os.path.join(out_dir, f"r{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("schedule", ["gather", "ring"])
@@ -589,7 +586,7 @@ def test_learnable_scale_float32_and_zero(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("variant", ["cached", "cached_symmetric"])
-def test_learnable_scale_under_the_gradient_cache(tmp_path, variant):
+def test_learnable_scale_under_the_gradient_cache(tiny_st, variant):
     """Our cached MNRL inside MatryoshkaLoss (one fused call per step on the cache) with a learnable scale: loss and
     every model gradient within 1e-8 of sentence-transformers' cached MatryoshkaLoss, and d loss / d scale within 1e-8
     of the gradient of the loss it returns, which sentence-transformers' uncached MatryoshkaLoss gives.
@@ -599,9 +596,9 @@ def test_learnable_scale_under_the_gradient_cache(tmp_path, variant):
     d loss / d scale is ``sum_d dL_d/ds``, not ``sum_d w_d dL_d/ds``; with uniform weights the two agree, and ours
     matches it there too."""
     pytest.importorskip("transformers")
-    from tiny_model import make_tiny_sentence_transformer, on_device, sentences
+    from tiny_model import on_device, sentences
 
-    model = make_tiny_sentence_transformer(tmp_path / "tiny").eval().double()
+    model = tiny_st().eval().double()
     if variant == "cached":
         cached, plain = "CachedMultipleNegativesRankingLoss", "MultipleNegativesRankingLoss"
         n_cols, n_dims_per_step = 3, 2
@@ -655,15 +652,7 @@ SCALE_DIST_CONFIGS = [
 
 
 def _scale_gather_worker(rank, world, init_file, out_dir, backends_):
-    import datetime
-    import traceback
-
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=60))
+    with gloo_rank(rank, world, init_file):
         out = {}
         for i, cfg in enumerate(SCALE_DIST_CONFIGS):
             gen = torch.Generator().manual_seed(i)
@@ -687,31 +676,13 @@ def _scale_gather_worker(rank, world, init_file, out_dir, backends_):
                 loss.backward()
                 out[i, name] = (loss.detach(), [c.grad for c in local], inner.scale.grad.clone())
         torch.save(out, os.path.join(out_dir, f"scale_r{rank}.pt"))
-    except Exception:
-        with open(os.path.join(out_dir, f"scale_r{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def test_learnable_scale_gather_across_devices_two_ranks(tmp_path):
     """Two gloo ranks (CPU on purpose), gather_across_devices with an nn.Parameter scale: on every backend each
     rank's loss, its embedding gradients and its d loss / d scale are sentence-transformers' (within 1e-8)."""
-    import time
-
-    import torch.multiprocessing as mp
-
     backends_ = [n for n in dispatch.BACKEND_NAMES if dispatch.why_not(n, "cpu", "matryoshka") is None]
-    ctx = mp.spawn(_scale_gather_worker, args=(2, str(tmp_path / "init"), str(tmp_path), backends_), nprocs=2,
-                   join=False)
-    deadline = time.monotonic() + 240
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("workers did not finish within 240 s")
+    spawn_gloo(_scale_gather_worker, 2, (2, str(tmp_path / "init"), str(tmp_path), backends_), 240)
     for rank in range(2):
         res = torch.load(tmp_path / f"scale_r{rank}.pt", weights_only=False)
         for i, cfg in enumerate(SCALE_DIST_CONFIGS):

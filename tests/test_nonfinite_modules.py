@@ -6,17 +6,15 @@ raises or hangs)."""
 from __future__ import annotations
 
 import copy
-import datetime
 import logging
 import math
 import os
 import random
-import time
 import warnings
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, PassThroughModel, gloo_rank, spawn_gloo
 
 import embedloss_kernels.losses as ek_losses
 from embedloss_kernels import dispatch
@@ -76,10 +74,8 @@ def poison(model, value=math.nan):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tiny_model import make_tiny_sentence_transformer
-
-    return make_tiny_sentence_transformer(tmp_path_factory.mktemp("tiny_nan"), dropout=0.0).eval().double()
+def tiny(tiny_st):
+    return tiny_st(dropout=0.0).eval().double()
 
 
 def features(model, n_cols):
@@ -165,44 +161,26 @@ def test_gist_nan_guide_gives_sentence_transformers_finite_loss(tiny, monkeypatc
 
 
 # -- two gloo ranks, one with a NaN -------------------------------------------------------------------------------
-class PassThrough(torch.nn.Module):
-    """A stand-in SentenceTransformer whose features are the embeddings (and a tokenizer for GIST's constructor)."""
-
-    def __init__(self, tokenizer=None):
-        super().__init__()
-        self.tokenizer = tokenizer
-        self.max_seq_length = 64
-
-    def get_embedding_dimension(self) -> int:
-        return 12
-
-    def forward(self, features):
-        return {"sentence_embedding": features["embedding"]}
-
-
 def _gloo_worker(rank, world, init_file, out_dir, tokenizer_dir):
-    import torch.distributed as dist
     from transformers import AutoTokenizer
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    logging.basicConfig(level=logging.WARNING)
-    records = []
+    with gloo_rank(rank, world, init_file):
+        logging.basicConfig(level=logging.WARNING)
+        records = []
 
-    class Collect(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
+        class Collect(logging.Handler):
+            def emit(self, record):
+                records.append(record.getMessage())
 
-    logging.getLogger("embedloss_kernels").addHandler(Collect())
-    results = {}
-    try:
+        logging.getLogger("embedloss_kernels").addHandler(Collect())
+        results = {}
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         gen = torch.Generator().manual_seed(rank)
         cols = [torch.randn(4, 12, generator=gen, dtype=torch.float64) for _ in range(3)]
         if rank == 0:
             cols[1][2, 5] = math.nan  # a positive: every rank scores it
-        model = PassThrough(tokenizer)
-        guide = PassThrough(tokenizer)
+        model = PassThroughModel(12, tokenizer)
+        guide = PassThroughModel(12, tokenizer)
         feats = [{"embedding": c} for c in cols]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -226,29 +204,16 @@ def _gloo_worker(rank, world, init_file, out_dir, tokenizer_dir):
                 losses.append(float(loss))
             warned = sum("NaN or Inf" in m for m in records[before:])
             results[key] = (losses, warned)
-    except Exception as exc:  # noqa: BLE001 - recorded for the parent to report
-        results["error"] = f"{type(exc).__name__}: {exc}"
-    finally:
         torch.save(results, os.path.join(out_dir, f"r{rank}.pt"))
-        dist.destroy_process_group()
 
 
 def test_gloo_one_rank_with_nan_every_rank_gets_nan(tmp_path, tiny):
-    import torch.multiprocessing as mp
 
     tokenizer_dir = tmp_path / "tok"
     tiny.tokenizer.save_pretrained(tokenizer_dir)
-    ctx = mp.spawn(_gloo_worker, args=(2, str(tmp_path / "init"), str(tmp_path), str(tokenizer_dir)), nprocs=2,
-                   join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the gloo ranks did not finish within {SPAWN_TIMEOUT_S} s (a rank hangs)")
+    spawn_gloo(_gloo_worker, 2, (2, str(tmp_path / "init"), str(tmp_path), str(tokenizer_dir)), SPAWN_TIMEOUT_S)
     for rank in range(2):
         res = torch.load(tmp_path / f"r{rank}.pt")
-        assert "error" not in res, (rank, res.get("error"))
         assert set(res) == {"mnrl gather", "mnrl ring", "matryoshka", "gist"}
         for key, (losses, warned) in res.items():
             assert all(math.isnan(v) for v in losses), (rank, key, losses)

@@ -3,18 +3,14 @@ path, tests/open_clip_oracle.py): one process, and gloo process groups of 2 and 
 ``dist_impl`` and every CLIP ``local_loss`` x ``gather_with_grad`` combination; and ``patch_open_clip`` on stand-in
 ``open_clip`` modules (``import open_clip`` itself needs a torchvision built for this torch)."""
 
-import datetime
 import json
 import os
 import sys
-import time
 import types
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import DEVICE
+from conftest import DEVICE, gloo_rank, spawn_gloo
 from open_clip_oracle import load as load_open_clip
 
 from embedloss_kernels import dispatch
@@ -91,11 +87,8 @@ def _combos():
 
 
 def _worker(rank, world, init_file, out_dir, backends_):
-    torch.set_num_threads(1)
     errors = {}
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=60))
+    with gloo_rank(rank, world, init_file):
         b_rows = 4
         x_world, y_world = _features(10 + world, b_rows * world)
         x, y = x_world[rank * b_rows : (rank + 1) * b_rows], y_world[rank * b_rows : (rank + 1) * b_rows]
@@ -128,30 +121,18 @@ def _worker(rank, world, init_file, out_dir, backends_):
                 errors[key] = [_rel(g, w) if w.abs().max() > 1e-12 else g.abs().max().item()
                                for g, w in zip(got, want)]
         errors["ring_calls"] = [float(len(ring_calls))]
-    except Exception as exc:  # noqa: BLE001 - reported to the parent test
-        errors["error"] = f"{type(exc).__name__}: {exc}"
-    finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(errors, f)
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_distributed_matches_open_clip_on_every_rank(world, tmp_path):
     backends_ = [n for n in ("torch", "cpp", "triton") if dispatch.why_not(n, "cpu") is None]  # triton: interpreter
-    ctx = mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), backends_), nprocs=world,
-                   join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"world size {world}: workers did not finish within {SPAWN_TIMEOUT_S} s (hang?)")
+    spawn_gloo(_worker, world, (world, str(tmp_path / "init"), str(tmp_path), backends_), SPAWN_TIMEOUT_S,
+               f"world size {world}")
     for rank in range(world):
         with open(tmp_path / f"rank{rank}.json") as f:
             errors = json.load(f)
-        assert "error" not in errors, errors.get("error")
         assert errors.pop("ring_calls") == [4.0 * len(backends_)]  # every SigLIP dist_impl took the ring once
         assert len(errors) == (4 * 2 + 4) * len(backends_)  # SigLIP on both schedules, CLIP on the gather
         for key, errs in errors.items():

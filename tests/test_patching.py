@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import DEVICE, assert_param_grads_close, trainer_updates
-from tiny_model import make_tiny_sentence_transformer, on_device, sentences
+from tiny_model import on_device, sentences
 
 import embedloss_kernels as ek
 from embedloss_kernels import functional
@@ -59,8 +59,8 @@ def _unmodified_training_snippet(model, train_dataset, output_dir):
     return loss, trainer.train()
 
 
-def test_unmodified_sentence_transformers_script_runs_fused(unpatched, tmp_path, monkeypatch):
-    model = make_tiny_sentence_transformer(tmp_path / "tiny")
+def test_unmodified_sentence_transformers_script_runs_fused(unpatched, tmp_path, monkeypatch, tiny_st):
+    model = tiny_st()
     train = datasets.Dataset.from_dict({"anchor": sentences(24, 1), "positive": sentences(24, 2),
                                         "negative": sentences(24, 3)})
     calls = []

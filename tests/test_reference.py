@@ -142,19 +142,9 @@ def test_matryoshka_reference_matches_matryoshka_loss(case, dims, weights):
     assert_same(ours, theirs, f"{case_id(case)} {dims} {weights}")
 
 
-class _FakeEncoder:
-    """What sentence-transformers' GIST constructor reads of a model: a tokenizer and a max length."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.max_seq_length = 64
-
-
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    from tiny_model import make_tiny_sentence_transformer
-
-    return make_tiny_sentence_transformer(tmp_path_factory.mktemp("tiny_bert_reference")).tokenizer
+def tokenizer(tiny_st):
+    return tiny_st().tokenizer
 
 
 @pytest.mark.parametrize("margin_strategy,margin", [("absolute", 0.0), ("absolute", 0.1), ("relative", 0.0),
@@ -171,7 +161,7 @@ def test_gist_reference_matches_gist_embed_loss(monkeypatch, tokenizer, margin_s
                   contrast_anchors=contrast_anchors, contrast_positives=contrast_positives)
     ours = grads_of(lambda c: reference.gist_reference(c[0], c[1:], guide_cols[0], guide_cols[1:], **kwargs),
                     model_cols)
-    model, guide = _FakeEncoder(tokenizer), _FakeEncoder(tokenizer)
+    model, guide = PassThroughModel(tokenizer=tokenizer), PassThroughModel(tokenizer=tokenizer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         st = st_losses.GISTEmbedLoss(model, guide, **kwargs)

@@ -4,17 +4,14 @@ gather_across_devices and the gradient cache), and the values it accepts (inf, T
 from __future__ import annotations
 
 import copy
-import datetime
 import math
 import os
-import traceback
 import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
-from conftest import DEVICE, spawn_gloo
-from tiny_model import make_tiny_sentence_transformer, on_device, sentences
+from conftest import DEVICE, gloo_rank, spawn_gloo
+from tiny_model import on_device, sentences
 
 import embedloss_kernels as ek
 from embedloss_kernels import dispatch, functional, reference
@@ -222,8 +219,8 @@ def test_bad_scale_types_and_values():
 
 # -- the gradient cache ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return make_tiny_sentence_transformer(tmp_path_factory.mktemp("tiny_bert_scale")).eval()
+def tiny_model(tiny_st):
+    return tiny_st().eval()
 
 
 @pytest.mark.parametrize("options", [dict(), dict(hardness_mode="in_batch_negatives", hardness_strength=2.0)],
@@ -260,10 +257,7 @@ WORLD, ROWS = 2, 3
 
 
 def _dist_worker(rank, init_file, out_dir, backends_):
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                                timeout=datetime.timedelta(seconds=60))
+    with gloo_rank(rank, WORLD, init_file):
         out = {}
         for i, options in enumerate(DIST_OPTIONS):
             opts = dict(options)
@@ -282,13 +276,6 @@ def _dist_worker(rank, init_file, out_dir, backends_):
                     loss.backward()
                     out[i, schedule, name] = (loss.detach(), scale.grad.clone())
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    except Exception:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def test_scale_gradient_through_gather_across_devices(tmp_path):

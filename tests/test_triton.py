@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, loss_and_grads, rel_err
 
 from embedloss_kernels import dispatch, reference
 from embedloss_kernels.core.contract import DIRECTION_BITS, HARDNESS_CODES, SIM_ANGLE, SIM_COSINE, SIM_DOT
@@ -90,23 +90,15 @@ def st_loss(case, columns):
     return fn.compute_loss_from_embeddings(columns, None)
 
 
-def loss_and_grads(fn, columns):
-    leaves = [c.detach().clone().requires_grad_() for c in columns]
-    loss = fn(leaves)
-    (loss * 1.5).backward()  # a grad_output other than 1 exercises the backward's scaling
-    return loss.detach().double(), [leaf.grad.double() for leaf in leaves]
-
-
-def rel_err(ours_t, ref, floor=1e-10):
-    diff = (ours_t - ref).norm().item()
-    return 0.0 if diff <= floor else diff / max(ref.norm().item(), 1e-30)
+# conftest's loss_and_grads with a grad_output other than 1, which exercises the backward's scaling
+GRAD_SCALE = 1.5
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"c{i}" for i in range(len(CASES))])
 def test_infonce_float64_matches_oracle(case, strategy):
     columns = columns_for(case, torch.float64, seed=len(case) + case[0])
-    ref_loss, ref_grads = loss_and_grads(lambda c: oracle(case, c), columns)
-    loss, grads = loss_and_grads(lambda c: ours(case, c), columns)
+    ref_loss, ref_grads = loss_and_grads(lambda c: oracle(case, c), columns, grad_scale=GRAD_SCALE)
+    loss, grads = loss_and_grads(lambda c: ours(case, c), columns, grad_scale=GRAD_SCALE)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=1e-11)
     for i, (g, ref) in enumerate(zip(grads, ref_grads)):
         torch.testing.assert_close(g, ref, rtol=1e-9, atol=1e-11, msg=lambda m, i=i: f"column {i}: {m}")
@@ -116,9 +108,9 @@ def test_infonce_float64_matches_oracle(case, strategy):
 def test_infonce_float32_within_4x_sentence_transformers(case, strategy):
     columns64 = columns_for(case, torch.float64, seed=7)
     columns32 = [c.float() for c in columns64]
-    exact, exact_g = loss_and_grads(lambda c: st_loss(case, c), columns64)
-    st32, st32_g = loss_and_grads(lambda c: st_loss(case, c), columns32)
-    loss, grads = loss_and_grads(lambda c: ours(case, c), columns32)
+    exact, exact_g = loss_and_grads(lambda c: st_loss(case, c), columns64, grad_scale=GRAD_SCALE)
+    st32, st32_g = loss_and_grads(lambda c: st_loss(case, c), columns32, grad_scale=GRAD_SCALE)
+    loss, grads = loss_and_grads(lambda c: ours(case, c), columns32, grad_scale=GRAD_SCALE)
     assert rel_err(loss, exact) <= 4 * rel_err(st32, exact) + 2e-6
     for g, g_st, ref in zip(grads, st32_g, exact_g):
         assert rel_err(g, ref) <= 4 * rel_err(g_st, ref) + 2e-6
@@ -128,8 +120,9 @@ def test_infonce_float32_within_4x_sentence_transformers(case, strategy):
 def test_infonce_half_inputs(dtype, strategy):
     case = CASES[7]
     columns = columns_for(case, dtype, seed=3)
-    ref_loss, ref_grads = loss_and_grads(lambda c: oracle(case, c), [c.double() for c in columns])
-    loss, grads = loss_and_grads(lambda c: ours(case, c), columns)
+    ref_loss, ref_grads = loss_and_grads(lambda c: oracle(case, c), [c.double() for c in columns],
+                                         grad_scale=GRAD_SCALE)
+    loss, grads = loss_and_grads(lambda c: ours(case, c), columns, grad_scale=GRAD_SCALE)
     tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
     assert rel_err(loss, ref_loss) < tol
     for g, ref in zip(grads, ref_grads):
@@ -141,8 +134,8 @@ def test_zero_vectors_and_large_norm_dot(strategy):
     columns = columns_for(case, torch.float64, seed=5)
     columns[0][2] = 0.0
     columns[1][0] = 0.0
-    ref_loss, ref_grads = loss_and_grads(lambda c: oracle(case, c), columns)
-    loss, grads = loss_and_grads(lambda c: ours(case, c), columns)
+    ref_loss, ref_grads = loss_and_grads(lambda c: oracle(case, c), columns, grad_scale=GRAD_SCALE)
+    loss, grads = loss_and_grads(lambda c: ours(case, c), columns, grad_scale=GRAD_SCALE)
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=1e-11)
     for g, ref in zip(grads, ref_grads):
@@ -150,8 +143,8 @@ def test_zero_vectors_and_large_norm_dot(strategy):
     # scale 100 on dot products of norm ~150: logits ~1e6, far past exp's float32 range without the running max.
     big = CASES[-1]
     columns = columns_for(big, torch.float64, seed=6, spread=30.0)
-    ref_loss, ref_grads = loss_and_grads(lambda c: oracle(big, c), columns)
-    loss, grads = loss_and_grads(lambda c: ours(big, c), [c.float() for c in columns])
+    ref_loss, ref_grads = loss_and_grads(lambda c: oracle(big, c), columns, grad_scale=GRAD_SCALE)
+    loss, grads = loss_and_grads(lambda c: ours(big, c), [c.float() for c in columns], grad_scale=GRAD_SCALE)
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
     assert rel_err(loss, ref_loss) < 1e-4
 
@@ -175,8 +168,9 @@ def test_cosent_float64_matches_oracle(batch, dim, sim, ref_fn, spread, cosent_p
     x, y = (torch.randn(batch, dim, generator=gen, dtype=torch.float64).to(DEVICE) * spread for _ in range(2))
     labels = (torch.randint(0, 4, (batch,), generator=gen).double() / 3).to(DEVICE)  # ties on purpose
     assert heuristics.cosent_strategy(batch) == cosent_path
-    ref_loss, ref_grads = loss_and_grads(lambda c: reference.cosent_pairs_reference(*c, labels, 20.0, ref_fn), [x, y])
-    loss, grads = loss_and_grads(lambda c: COSENT(*c, labels, 20.0, sim, True)[0], [x, y])
+    ref_loss, ref_grads = loss_and_grads(lambda c: reference.cosent_pairs_reference(*c, labels, 20.0, ref_fn), [x, y],
+                                         grad_scale=GRAD_SCALE)
+    loss, grads = loss_and_grads(lambda c: COSENT(*c, labels, 20.0, sim, True)[0], [x, y], grad_scale=GRAD_SCALE)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=1e-11)
     for g, ref in zip(grads, ref_grads):
         torch.testing.assert_close(g, ref, rtol=1e-9, atol=1e-11)
@@ -188,11 +182,12 @@ def test_cosent_float32_within_4x_sentence_transformers(name, sim, cosent_path):
     x64, y64 = (torch.randn(23, 13, generator=gen, dtype=torch.float64).to(DEVICE) for _ in range(2))
     labels = torch.rand(23, generator=gen).to(DEVICE)
     st_module = getattr(st_losses, name)(None)
-    exact, exact_g = loss_and_grads(lambda c: st_module.compute_loss_from_embeddings(c, labels), [x64, y64])
+    exact, exact_g = loss_and_grads(lambda c: st_module.compute_loss_from_embeddings(c, labels), [x64, y64],
+                                    grad_scale=GRAD_SCALE)
     st32, st32_g = loss_and_grads(lambda c: st_module.compute_loss_from_embeddings(c, labels),
-                                  [x64.float(), y64.float()])
+                                  [x64.float(), y64.float()], grad_scale=GRAD_SCALE)
     loss, grads = loss_and_grads(lambda c: COSENT(*c, labels.double(), st_module.scale, sim, True)[0],
-                                 [x64.float(), y64.float()])
+                                 [x64.float(), y64.float()], grad_scale=GRAD_SCALE)
     assert rel_err(loss, exact) <= 4 * rel_err(st32, exact) + 2e-6
     for g, g_st, ref in zip(grads, st32_g, exact_g):
         assert rel_err(g, ref) <= 4 * rel_err(g_st, ref) + 2e-6
@@ -257,9 +252,9 @@ def test_infonce_half_within_2x_sentence_transformers(dtype, strategy):
     test_blocked.py, and benchmarks/gpu_check.sh measures the GPU)."""
     case = (24, 40, 1, 20.0, True, ("query_to_doc",), "joint", None, 0.0, 0, 24, 7)
     low = columns_for(case, dtype, seed=9)
-    exact, exact_g = loss_and_grads(lambda c: st_loss(case, c), [c.double() for c in low])
-    st_low, st_g = loss_and_grads(lambda c: st_loss(case, c), low)
-    loss, grads = loss_and_grads(lambda c: ours(case, c), low)
+    exact, exact_g = loss_and_grads(lambda c: st_loss(case, c), [c.double() for c in low], grad_scale=GRAD_SCALE)
+    st_low, st_g = loss_and_grads(lambda c: st_loss(case, c), low, grad_scale=GRAD_SCALE)
+    loss, grads = loss_and_grads(lambda c: ours(case, c), low, grad_scale=GRAD_SCALE)
     assert rel_err(loss, exact) <= 2 * rel_err(st_low, exact) + 1e-6
     bound = 3 if (dtype == torch.bfloat16 and DEVICE.type == "cpu") else 2
     for g, g_st, ref in zip(grads, st_g, exact_g):
@@ -332,8 +327,8 @@ def test_float64_dot_b130_matches_oracle(strategy):
     batch, dim = (130, 8) if DEVICE.type == "cpu" else (130, 24)  # the interpreter is slow: a narrow D on CPU
     case = (batch, dim, 1, 20.0, False, ("query_to_doc",), "joint", None, 0.0, 0, batch, 0)
     columns = columns_for(case, torch.float64, seed=130)
-    ref_loss, ref_grads = loss_and_grads(lambda c: oracle(case, c), columns)
-    loss, grads = loss_and_grads(lambda c: ours(case, c), columns)
+    ref_loss, ref_grads = loss_and_grads(lambda c: oracle(case, c), columns, grad_scale=GRAD_SCALE)
+    loss, grads = loss_and_grads(lambda c: ours(case, c), columns, grad_scale=GRAD_SCALE)
     assert rel_err(loss, ref_loss, floor=0.0) <= 1e-8
     for i, (g, ref) in enumerate(zip(grads, ref_grads)):
         assert rel_err(g, ref, floor=0.0) <= 1e-8, f"column {i}: {rel_err(g, ref, floor=0.0)}"
@@ -373,9 +368,9 @@ def test_single_candidate_rows_give_zero_float32_gradient(dirs, partition, strat
                 1, 0)
         columns64 = columns_for(case, torch.float64, seed=seed, spread=1.0)
         columns32 = [c.float() for c in columns64]
-        exact_loss, exact = loss_and_grads(lambda c: st_loss(case, c), columns64)
-        st32_loss, st32 = loss_and_grads(lambda c: st_loss(case, c), columns32)
-        loss, grads = loss_and_grads(lambda c: ours(case, c), columns32)
+        exact_loss, exact = loss_and_grads(lambda c: st_loss(case, c), columns64, grad_scale=GRAD_SCALE)
+        st32_loss, st32 = loss_and_grads(lambda c: st_loss(case, c), columns32, grad_scale=GRAD_SCALE)
+        loss, grads = loss_and_grads(lambda c: ours(case, c), columns32, grad_scale=GRAD_SCALE)
         assert flat(exact).abs().max() <= 1e-12  # a single-entry softmax: the exact gradient is 0
         st_err = (flat(st32) - flat(exact)).abs().max().item()
         err = (flat(grads) - flat(exact)).abs().max().item()
@@ -422,15 +417,15 @@ def fuzz_failures(n_configs: int, set_strategy, seed: int = 2026) -> tuple[list,
         while True:
             case, spread, strat = fuzz_case(rng, single)
             columns64 = columns_for(case, torch.float64, seed=i, spread=spread)
-            exact_loss, exact = loss_and_grads(lambda c: st_loss(case, c), columns64)
+            exact_loss, exact = loss_and_grads(lambda c: st_loss(case, c), columns64, grad_scale=GRAD_SCALE)
             if single or exact[0].norm() > 1e-4:
                 break
             redrawn += 1
         n_single += single
         columns32 = [c.float() for c in columns64]
-        st32_loss, st32 = loss_and_grads(lambda c: st_loss(case, c), columns32)
+        st32_loss, st32 = loss_and_grads(lambda c: st_loss(case, c), columns32, grad_scale=GRAD_SCALE)
         set_strategy(strat)
-        loss, grads = loss_and_grads(lambda c: ours(case, c), columns32)
+        loss, grads = loss_and_grads(lambda c: ours(case, c), columns32, grad_scale=GRAD_SCALE)
         ref, st_err, err = flat(exact), (flat(st32) - flat(exact)), (flat(grads) - flat(exact))
         if single:
             ok = bool(ref.abs().max() <= 1e-12 and err.abs().max() <= 4 * st_err.abs().max() + 1e-7)

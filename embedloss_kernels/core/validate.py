@@ -20,8 +20,8 @@ VALID_HARDNESS_MODES = (None, "in_batch_negatives", "hard_negatives", "all_negat
 def scale_value(scale) -> float:
     """The value of a scale as the ops take it: a float (a symbolic one under ``torch.compile(dynamic=True)``).
 
-    A tensor scale is read with one host sync (``float(tensor)``), which ``torch.compile(fullgraph=True)`` cannot trace
-    unless ``torch._dynamo.config.capture_scalar_outputs`` is set.
+    A tensor scale is read with one host sync (``float(tensor)``): a graph break under ``torch.compile``, an error
+    under ``fullgraph=True`` (with ``capture_scalar_outputs`` set too: the value checks are data-dependent guards).
     """
     if isinstance(scale, torch.SymFloat):
         return scale
