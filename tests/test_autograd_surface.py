@@ -381,6 +381,34 @@ def test_compile_fullgraph_is_the_first_call_in_a_fresh_process(backend, dynamic
     assert proc.returncode == 0 and "compiled ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
+@pytest.mark.parametrize("mode", ["inputs-without-grad", "no_grad"])
+def test_compile_fullgraph_without_gradients_gives_the_eager_loss(backend, mode):
+    """An evaluation loss under ``torch.compile(fullgraph=True)``: inputs that require no grad, or ``torch.no_grad``
+    around inputs that do, give eager's loss (dynamo cannot trace an autograd.Function no input needs: the op runs
+    alone there), for every op's entry."""
+    gen = torch.Generator().manual_seed(5)
+    q, p, n = (torch.randn(5, 7, generator=gen, dtype=torch.float64).to(DEVICE) for _ in range(3))
+    labels = torch.rand(5, generator=gen, dtype=torch.float64).to(DEVICE)
+
+    def losses(q, p, n):
+        return torch.stack([
+            functional.multiple_negatives_ranking_loss(q, p, n, scale=20.0, backend=backend),
+            functional.cosent_loss(q, p, labels, scale=20.0, backend=backend),
+            functional.siglip_loss(q, p, 10.0, -3.0, backend=backend),
+            functional.clip_loss(q, p, 10.0, backend=backend),
+        ])
+
+    compiled = torch.compile(losses, fullgraph=True, backend="aot_eager")
+    if mode == "no_grad":
+        q, p, n = (t.clone().requires_grad_() for t in (q, p, n))
+        with torch.no_grad():
+            got = compiled(q, p, n)
+    else:
+        got = compiled(q, p, n)
+    assert got.grad_fn is None
+    assert_float64_close(got, losses(q, p, n).detach(), what=f"{backend} {mode}")
+
+
 # -- 4. the cpp op's own autograd (direct calls of torch.ops.embedloss_cpp.*) ----------------------------------------
 def test_cpp_op_backward_twice_raises_like_pytorch():
     # the C++ extension computes on CPU: this test runs on CPU on purpose, whatever DEVICE is

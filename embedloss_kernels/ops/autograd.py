@@ -287,6 +287,11 @@ def loss_from_op(op, first: Tensor, second: Tensor, *rest, scale=None, bias=None
     """The differentiable loss of ``op(first, second, *rest)`` (its gradients computed in the forward pass);
     ``scale``: the scale when it is a tensor (it then gets a gradient), else ``None``; ``bias`` likewise, for an op
     whose fifth output is the bias's gradient (``siglip``)."""
+    if torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (first, second, scale, bias))):
+        # nothing to differentiate (evaluation under compile): the op alone. Dynamo cannot trace an autograd.Function
+        # that no input needs: it binds the Function's context to ``forward``'s first argument (torch 2.13)
+        return op(first, second, *rest)[0]
     fn = CompiledLossFromSavedGrads if torch.compiler.is_compiling() else LossFromSavedGrads
     out = fn.apply(op, scale, bias, first, second, *rest)
     if scale is not None and len(out) < 4 and scale.requires_grad:
