@@ -62,6 +62,15 @@ _PEN_TRITON = """    pos = cols[None, :] == rows[:, None]  # PLANT 2: the penali
         g = tl.where(pos, g, g * (scale + boost) / scale)
     return tl.where(row_ok[:, None] & col_ok[None, :], g * rx[:, None] * ry[None, :], 0.0)
 """
+_PEN_TRITON_MATRYOSHKA = """        grad = weight * tl.exp(lg - lse)
+        own_p = tl.load(owner_ptr + cols, mask=ok, other=-1) == g  # PLANT 2: penalized columns' G x (s + alpha) / s
+        if PEN_MODE == 1:
+            grad = tl.where(own_p, grad, grad * ((scale + boost) / scale))
+        elif PEN_MODE == 2:
+            grad = tl.where(own_p & (cols != g), grad * ((scale + boost) / scale), grad)
+        elif PEN_MODE == 3:
+            grad = tl.where(cols == g, grad, grad * ((scale + boost) / scale))
+"""
 _GRAD_CALL = "_grad_from_logits(lg, smax, wsum, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, onehot, EXP2"
 _GRAD_DEF = ("def _grad_from_logits(lg, smax, wsum, rows, cols, row_ok, col_ok, rx_ptr, ry_ptr, onehot, "
              "EXP2: tl.constexpr")
@@ -86,6 +95,10 @@ PLANTS = {
         "    return tl.where(row_ok[:, None] & col_ok[None, :], g * rx[:, None] * ry[None, :], 0.0)\n", _PEN_TRITON,
         [t.format(b="triton") for t in _MNRL64],
         include=(_GRAD_DEF, _GRAD_DEF + ", owner_ptr, scale, boost, PEN_MODE: tl.constexpr")),
+    "2-triton-matryoshka": Plant(
+        "hardness penalty without its stop-gradient (Matryoshka row kernel)", "embedloss_kernels/kernels/matryoshka.py",
+        "        grad = weight * tl.exp(lg - lse)\n", _PEN_TRITON_MATRYOSHKA,
+        [t.format(b="triton") for t in _MATRYOSHKA64]),
     "3-cpp": Plant(
         "GIST threshold tie resolved with >=", "csrc/cpu/gist_cpu.cpp",
         "const T v = g[j] > bound ? neg_inf", "const T v = g[j] >= bound ? neg_inf",
