@@ -139,8 +139,14 @@ def test_float64_matches_sentence_transformers_matryoshka(forced_backend, seed):
 
 @pytest.mark.parametrize("seed", range(100, 112))
 def test_float32_error_within_4x_sentence_transformers(forced_backend, seed, request):
-    if forced_backend == "cpp" and seed == 105:  # measured 4.35x: cpp fp32 on a width-2 prefix (issue 24 report)
-        request.applymarker(pytest.mark.xfail(reason="cpp fp32 borderline 4x on a width-2 prefix", strict=False))
+    if forced_backend == "cpp" and seed == 105:
+        # measured 4.36x (torch 3.89x): one step on the width-2 prefix only (n_dims_per_step=1), column 3's gradient
+        # 1.7e-7 off on a norm of 0.044. sentence-transformers' own fp32 error of the same quantity is 3.8e-8 through
+        # MatryoshkaLoss but 3.4e-7 through MultipleNegativesRankingLoss on the truncated rows (ours: 2.8e-7), so the
+        # 4x bound is set by a lucky sample; no single stage of the algorithm dominates (emulated in float64: fp32
+        # prefix norms alone 3.3x, exact norms with the rest in fp32 3.5x). tests/README.md, known exceptions.
+        request.applymarker(pytest.mark.xfail(reason="cpp fp32 4.36x on a width-2 prefix, against a lucky "
+                                              "sentence-transformers sample", strict=False))
     cfg = random_config(seed, small=is_interpreted(forced_backend))
     columns64 = make_columns(cfg, torch.float64, seed)
     columns32 = [c.float() for c in columns64]
