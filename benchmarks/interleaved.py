@@ -148,7 +148,8 @@ def main(argv=None) -> int:
         rows.append(row)
     print(f"{'provider':24} {'median ms':>10} {'min':>8} {'max':>8} {'/ ST':>6} {'/ floor':>8} {'/ MNRL':>7}")
     for row in rows:
-        st, floor, mnrl = (f"{row[k]:.2f}" if k in row else "-" for k in ("ratio_to_st", "ratio_to_floor", "ratio_to_mnrl"))
+        st, floor, mnrl = (f"{row[k]:.2f}" if k in row else "-"
+                           for k in ("ratio_to_st", "ratio_to_floor", "ratio_to_mnrl"))
         print(f"{row['provider']:24} {row['median_ms']:10.1f} {min(row['times_ms']):8.1f} {max(row['times_ms']):8.1f} "
               f"{st:>6} {floor:>8} {mnrl:>7}")
     print(f"load average after {env['loadavg_after'][0]:.2f}; {args.rounds} rounds")
