@@ -223,7 +223,18 @@ def symmetric_applies(directions: int, alpha: float, compute_grad: bool, row_sta
             and row_count == bq)
 
 
-EXP_FLOOR = {torch.float32: -87.0, torch.float64: -708.0}  # exp(floor) is a normal number of the dtype
+# Shifted logits (<= 0, shifted by their row's or column's max) below this count as exactly 0: exp(-60) = 8.8e-27
+# of the max term, whose sum is >= 1, so dropping them changes no sum by more than columns * 8.8e-27 (far below
+# float64's round-off) and no gradient entry by more than that fraction of its row's. It keeps the vectorized exp on
+# its fast path: arguments in the thousands (raw dot products) ran ~10x slower and took most of this path's time,
+# and exp's subnormal results, scaled by the softmax weights, would reach the gradient products (BLAS on subnormal
+# operands ran ~100x slower).
+EXP_CUT = -60.0
+
+
+def _exp_shifted_(x: Tensor) -> Tensor:
+    """``exp`` in place of shifted logits, 0 below :data:`EXP_CUT`."""
+    return torch.nn.functional.threshold_(x, EXP_CUT, float("-inf")).exp_()
 
 
 def _infonce_symmetric(qf: Tensor, af: Tensor, scale: float, joint: bool, block_rows: int
@@ -255,10 +266,6 @@ def _infonce_symmetric(qf: Tensor, af: Tensor, scale: float, joint: bool, block_
     positive = torch.empty(bq, dtype=wd, device=device)
     col_max = torch.full((bq,), float("-inf"), dtype=wd, device=device)
     col_sum = torch.zeros(bq, dtype=torch.float64, device=device)
-    # Shifted logits below this give exp < the smallest normal number: clamped, they give it instead of a subnormal or
-    # 0 (a difference below 1e-37 of the sums, which are >= 1), and the vectorized exp stays on its fast path (exp of
-    # arguments in the thousands, as raw dot products give, ran ~10x slower: most of this path's time).
-    floor = EXP_FLOOR[wd]
 
     # -- pass 1: row and column statistics --
     for r0 in range(0, bq, rows):
@@ -270,10 +277,10 @@ def _infonce_symmetric(qf: Tensor, af: Tensor, scale: float, joint: bool, block_
         new_max = torch.maximum(col_max, pos_block.amax(0))
         col_sum.mul_((col_max - new_max).double().exp_())  # exp(-inf) = 0 on the first block
         col_max = new_max
-        col_sum += torch.sub(pos_block, new_max, out=tmp[: r1 - r0]).clamp_min_(floor).exp_().sum(0).double()
+        col_sum += _exp_shifted_(torch.sub(pos_block, new_max, out=tmp[: r1 - r0])).sum(0).double()
         m = s_blk.amax(1)
         row_max[r0:r1] = m
-        row_sum[r0:r1] = s_blk.sub_(m[:, None]).clamp_min_(floor).exp_().sum(1)
+        row_sum[r0:r1] = _exp_shifted_(s_blk.sub_(m[:, None])).sum(1)
 
     # -- the loss, and the multipliers of pass 2: w exp(S - a) = coef * exp(S - max) --
     r = row_max.double() + row_sum.double().log()
@@ -296,8 +303,8 @@ def _infonce_symmetric(qf: Tensor, af: Tensor, scale: float, joint: bool, block_
         ar = torch.arange(r1 - r0, device=device)
         q_blk = qf[r0:r1]
         h = buf[: r1 - r0].addmm_(q_blk, af.T, beta=0.0, alpha=scale)
-        col_part = torch.sub(h[:, :bq], col_max, out=tmp[: r1 - r0]).clamp_min_(floor).exp_()
-        h.sub_(row_max[r0:r1, None]).clamp_min_(floor).exp_().mul_(row_coef[r0:r1, None])
+        col_part = _exp_shifted_(torch.sub(h[:, :bq], col_max, out=tmp[: r1 - r0]))
+        _exp_shifted_(h.sub_(row_max[r0:r1, None])).mul_(row_coef[r0:r1, None])
         h[:, :bq].addcmul_(col_part, col_coef)
         h[ar, ar + r0] -= f
         dq[r0:r1].addmm_(h, af)
