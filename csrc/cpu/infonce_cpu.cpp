@@ -14,6 +14,9 @@
 // dX_hat / n_X and dY_hat / n_Y: the accumulators hold d/dv_hat / ||v||, and the normalization's backward turns
 // that into d/dv = acc - v <v, acc> / ||v||^2.
 //
+// CLIP / MNSRL (directions exactly query_to_doc | doc_to_query, no hardness, every row, with the gradient) take the
+// two-pass symmetric schedule instead (infonce_sym_blocks below): 4 products per row block, not 6.
+//
 // One block of rows at a time: its products run in ATen's multi-threaded BLAS, the fused row pass (scale, hardness,
 // masks, LSE, softmax - onehot, in place on the logits, in cache-sized rows) over at::parallel_for, then the gradient
 // products accumulate straight into dQ and dA. Extra memory: one block of logits (EMBEDLOSS_BLOCK_MIB) plus dQ and
@@ -225,6 +228,202 @@ double infonce_blocks(const InfonceArgs& p, const at::Tensor& qf, const at::Tens
   return loss_sum;
 }
 
+// ---- The symmetric schedule: directions exactly query_to_doc | doc_to_query (CLIP, MNSRL) ----
+//
+// L_dq's rows are the columns of the positive block of S = s Q A^T (Q, A normalized under cosine): L_dq[j, i] =
+// S[i, j] for i, j < Bq. With r_i the LSE of row i of S (query_to_doc) and c_j the LSE of column j < Bq of S over
+// the Bq rows (doc j's doc_to_query row), every term needs S alone (w = 1/2 per_direction, 1 joint):
+//   per_direction: a_i = r_i, b_j = c_j;                    loss = mean_i ((r_i + c_i) / 2 - S_ii)
+//   joint:         a_i = b_i = J_i = logaddexp(r_i, c_i);   loss = mean_i (J_i - S_ii)
+//   G_ij = w exp(S_ij - a_i) + [j < Bq] w exp(S_ij - b_j) - [i == j]   (d loss / d S_ij times row_count)
+// Pass 1, one product per row block: S_g = s Q_g A^T, each row's max and sum of exp (exact: the block has whole
+// rows), the positive block's column max and sum of exp, merged across blocks (rescaled to the new running max).
+// Pass 2, three products per row block: S_g again, H = G s / row_count (with the cosine factors) in place,
+// dQ_g += H A, dA += H^T Q_g. Four matmul-equivalents instead of six. Every exp is shifted by the exact max of its
+// row or column (as the general pass) and the normalization is a multiplier computed in double, so nothing overflows
+// and the rounding matches the general pass. Used only with every row local (row_start 0, row_count Bq: the
+// columns' LSEs need every row), no hardness penalty, and the gradient; anything else runs infonce_blocks.
+struct SymStats {
+  std::vector<double> row_max, row_sum, col_max, col_sum, positive;
+  explicit SymStats(int64_t bq)
+      : row_max(bq), row_sum(bq), col_max(bq, -std::numeric_limits<double>::infinity()), col_sum(bq, 0.0),
+        positive(bq) {}
+};
+
+template <typename T>
+EMBEDLOSS_INLINE T exp_of(T x);
+template <>
+EMBEDLOSS_INLINE float exp_of<float>(float x) {
+  return exp_approx(x);
+}
+template <>
+EMBEDLOSS_INLINE double exp_of<double>(double x) {
+  return std::exp(x);
+}
+
+// sum_j exp(x[j] - m), x unchanged.
+template <typename T>
+EMBEDLOSS_INLINE T exp_shift_sum_keep(const T* __restrict__ x, int64_t n, T m) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) sum += exp_of<T>(x[j] - m);
+  return sum;
+}
+
+// Pass 1, rows [begin, end) of a block starting at global row r0: the logits in place, each row's max, sum and
+// positive.
+template <typename T>
+EMBEDLOSS_INLINE void sym_rows_stats(const InfonceArgs& p, int64_t r0, int64_t begin, int64_t end, T* l,
+                                     SymStats& st) {
+  const int64_t C = p.cols;
+  const T s = static_cast<T>(p.scale);
+  const T* inv_nq = p.inv_nq.defined() ? p.inv_nq.data_ptr<T>() : nullptr;
+  const T* inv_na = p.inv_na.defined() ? p.inv_na.data_ptr<T>() : nullptr;
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t g = r0 + i;
+    T* x = l + i * C;
+    scale_row_cols(x, C, s * (inv_nq ? inv_nq[g] : T(1)), inv_na);
+    const T m = row_max(x, C);
+    st.row_max[g] = static_cast<double>(m);
+    st.row_sum[g] = static_cast<double>(exp_shift_sum_keep(x, C, m));
+    st.positive[g] = static_cast<double>(x[g]);
+  }
+}
+
+// Pass 1, columns [begin, end) of the positive block over the block's n rows: merged into the running max and sum.
+template <typename T>
+EMBEDLOSS_INLINE void sym_cols_stats(const InfonceArgs& p, int64_t n, int64_t begin, int64_t end, const T* l,
+                                     SymStats& st, T* bmax, T* bsum) {
+  const int64_t C = p.cols, w = end - begin;
+  for (int64_t j = 0; j < w; ++j) bmax[j] = static_cast<T>(st.col_max[begin + j]);
+  for (int64_t i = 0; i < n; ++i) {
+    const T* x = l + i * C + begin;
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) bmax[j] = simd_max(bmax[j], x[j]);
+  }
+  for (int64_t j = 0; j < w; ++j) {
+    const double old_max = st.col_max[begin + j], new_max = static_cast<double>(bmax[j]);
+    if (new_max != old_max) st.col_sum[begin + j] *= std::exp(old_max - new_max);  // 0 on the first block
+    st.col_max[begin + j] = new_max;
+    bsum[j] = 0;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const T* x = l + i * C + begin;
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) bsum[j] += exp_of<T>(x[j] - bmax[j]);
+  }
+  for (int64_t j = 0; j < w; ++j) st.col_sum[begin + j] += static_cast<double>(bsum[j]);
+}
+
+// Pass 2, rows [begin, end): the logits again, then H in place. row_coef[g] = (s / row_count) w exp(m_g - a_g),
+// col_coef[j] = (s / row_count) w exp(M_j - b_j), so that w exp(S - a) = coef exp(S - max) with the exact max.
+template <typename T>
+EMBEDLOSS_INLINE void sym_rows_grad(const InfonceArgs& p, int64_t r0, int64_t begin, int64_t end, T* l,
+                                    const T* row_max_t, const T* row_coef, const T* col_max_t, const T* col_coef) {
+  const int64_t C = p.cols, Bq = p.bq;
+  const T s = static_cast<T>(p.scale);
+  const T onehot = static_cast<T>(p.scale / static_cast<double>(p.row_count));
+  const T* inv_nq = p.inv_nq.defined() ? p.inv_nq.data_ptr<T>() : nullptr;
+  const T* inv_na = p.inv_na.defined() ? p.inv_na.data_ptr<T>() : nullptr;
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t g = r0 + i;
+    T* x = l + i * C;
+    const T r_q = inv_nq ? inv_nq[g] : T(1);
+    scale_row_cols(x, C, s * r_q, inv_na);
+    const T m = row_max_t[g], rc = row_coef[g];
+#pragma omp simd
+    for (int64_t j = 0; j < Bq; ++j) x[j] = rc * exp_of<T>(x[j] - m) + col_coef[j] * exp_of<T>(x[j] - col_max_t[j]);
+#pragma omp simd
+    for (int64_t j = Bq; j < C; ++j) x[j] = rc * exp_of<T>(x[j] - m);
+    x[g] -= onehot;
+    if (inv_na != nullptr) scale_row_cols(x, C, r_q, inv_na);  // H = diag(r) G diag(c)
+  }
+}
+
+EMBEDLOSS_CLONES void sym_rows_stats_isa(const InfonceArgs& p, int64_t r0, int64_t b, int64_t e, float* l,
+                                         SymStats& st) {
+  sym_rows_stats<float>(p, r0, b, e, l, st);
+}
+EMBEDLOSS_CLONES void sym_rows_stats_isa(const InfonceArgs& p, int64_t r0, int64_t b, int64_t e, double* l,
+                                         SymStats& st) {
+  sym_rows_stats<double>(p, r0, b, e, l, st);
+}
+EMBEDLOSS_CLONES void sym_cols_stats_isa(const InfonceArgs& p, int64_t n, int64_t b, int64_t e, const float* l,
+                                         SymStats& st, float* bmax, float* bsum) {
+  sym_cols_stats<float>(p, n, b, e, l, st, bmax, bsum);
+}
+EMBEDLOSS_CLONES void sym_cols_stats_isa(const InfonceArgs& p, int64_t n, int64_t b, int64_t e, const double* l,
+                                         SymStats& st, double* bmax, double* bsum) {
+  sym_cols_stats<double>(p, n, b, e, l, st, bmax, bsum);
+}
+EMBEDLOSS_CLONES void sym_rows_grad_isa(const InfonceArgs& p, int64_t r0, int64_t b, int64_t e, float* l,
+                                        const float* rm, const float* rc, const float* cm, const float* cc) {
+  sym_rows_grad<float>(p, r0, b, e, l, rm, rc, cm, cc);
+}
+EMBEDLOSS_CLONES void sym_rows_grad_isa(const InfonceArgs& p, int64_t r0, int64_t b, int64_t e, double* l,
+                                        const double* rm, const double* rc, const double* cm, const double* cc) {
+  sym_rows_grad<double>(p, r0, b, e, l, rm, rc, cm, cc);
+}
+
+// The two passes over every block; returns the sum of the row losses (in row order: deterministic).
+template <typename T>
+double infonce_sym_blocks(const InfonceArgs& p, const at::Tensor& qf, const at::Tensor& af, at::Tensor& dq,
+                          at::Tensor& da) {
+  const int64_t R = p.rows_per_block, C = p.cols, Bq = p.bq;
+  at::Tensor l_blk = at::empty({R, C}, qf.options());
+  SymStats st(Bq);
+
+  // -- pass 1: statistics --
+  for (int64_t r0 = 0; r0 < Bq; r0 += R) {
+    const int64_t n = std::min(R, Bq - r0);
+    at::Tensor s_blk = l_blk.narrow(0, 0, n);
+    at::mm_out(s_blk, qf.narrow(0, r0, n), af.t());
+    T* l = s_blk.data_ptr<T>();
+    at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) { sym_rows_stats_isa(p, r0, begin, end, l, st); });
+    at::parallel_for(0, Bq, 256, [&](int64_t begin, int64_t end) {
+      std::vector<T> bmax(end - begin), bsum(end - begin);
+      sym_cols_stats_isa(p, n, begin, end, l, st, bmax.data(), bsum.data());
+    });
+  }
+
+  // -- the loss, and the multipliers of pass 2 --
+  const double w = p.joint ? 1.0 : 0.5, f = p.scale / static_cast<double>(p.row_count);
+  std::vector<T> row_max_t(Bq), row_coef(Bq), col_max_t(Bq), col_coef(Bq);
+  double loss_sum = 0.0;
+  for (int64_t i = 0; i < Bq; ++i) {
+    const double r = st.row_max[i] + std::log(st.row_sum[i]);
+    const double c = st.col_max[i] + std::log(st.col_sum[i]);
+    double a, b;
+    if (p.joint) {
+      a = b = std::max(r, c) + std::log1p(std::exp(-std::abs(r - c)));  // logaddexp(r, c)
+      loss_sum += a - st.positive[i];
+    } else {
+      a = r;
+      b = c;
+      loss_sum += 0.5 * (r + c) - st.positive[i];
+    }
+    row_max_t[i] = static_cast<T>(st.row_max[i]);
+    col_max_t[i] = static_cast<T>(st.col_max[i]);
+    row_coef[i] = static_cast<T>(f * w * std::exp(st.row_max[i] - a));
+    col_coef[i] = static_cast<T>(f * w * std::exp(st.col_max[i] - b));
+  }
+
+  // -- pass 2: the gradient --
+  for (int64_t r0 = 0; r0 < Bq; r0 += R) {
+    const int64_t n = std::min(R, Bq - r0);
+    const at::Tensor q_blk = qf.narrow(0, r0, n);
+    at::Tensor h = l_blk.narrow(0, 0, n);
+    at::mm_out(h, q_blk, af.t());
+    T* l = h.data_ptr<T>();
+    at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
+      sym_rows_grad_isa(p, r0, begin, end, l, row_max_t.data(), row_coef.data(), col_max_t.data(), col_coef.data());
+    });
+    dq.narrow(0, r0, n).addmm_(h, af);
+    da.addmm_(h.t(), q_blk);
+  }
+  return loss_sum;
+}
+
 // acc holds d/dv_hat / ||v|| per row; in place it becomes d/dv = acc - v_hat <v_hat, acc> with v_hat = v / ||v||
 // (divided, as F.normalize does, so that e.g. D = 1 cancels exactly). Rows whose norm was clamped at eps take no
 // radial part, as F.normalize's gradient.
@@ -353,6 +552,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_cpu(
       p.inv_na = p.na.reciprocal();
     }
   }
+  // CLIP / MNSRL over the whole batch: the two-pass symmetric schedule (infonce_sym_blocks), 4 products, not 6. Its
+  // blocks keep the general schedule's rows (width C + Bq), so its one buffer is smaller. Measured at B=N=8192,
+  // D=512 (2 cores, loaded): 256 rows ran ~25% faster than 128, but MKL then packs the whole A^T for S (+8 MiB at
+  // >= 192 rows), and peak extra memory went from 0.038x to 0.050x OpenCLIP's.
+  const bool symmetric = directions == (kQueryToDoc | kDocToQuery) && p.hardness_mode == kHardnessNone &&
+                         compute_grad && row_start == 0 && row_count == bq;
   const int64_t width = p.cols * (1 + p.use_dd) + bq * (p.use_qq + p.use_dq);
   p.rows_per_block = block_rows > 0 ? std::min(block_rows, row_count)
                                     : auto_block_rows(width, at::elementSize(work), row_count);
@@ -361,7 +566,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_cpu(
   at::Tensor da = compute_grad ? at::zeros_like(af) : at::Tensor();
   double loss_sum = 0.0;
   AT_DISPATCH_FLOATING_TYPES(qf.scalar_type(), "embedloss_infonce_cpu", [&] {
-    loss_sum = infonce_blocks<scalar_t>(p, qf, af, dq, da);
+    loss_sum = symmetric ? infonce_sym_blocks<scalar_t>(p, qf, af, dq, da)
+                         : infonce_blocks<scalar_t>(p, qf, af, dq, da);
   });
   at::Tensor loss = at::scalar_tensor(loss_sum / static_cast<double>(row_count), q.options().dtype(work));
   if (!compute_grad) {

@@ -15,6 +15,7 @@ from ...core.contract import (
     HARDNESS_HARD,
     HARDNESS_IN_BATCH,
     HARDNESS_NONE,
+    QUERY_TO_DOC,
     QUERY_TO_QUERY,
 )
 from ...heuristics.blocks import block_rows as gpu_block_rows
@@ -146,7 +147,8 @@ def infonce_forward(
         dQ += s G_qq^T Q_g + s G_dq^T P_g
 
     The logit blocks are :func:`direction_logits` and the matmuls :func:`accumulate_block_grads`, shared with the
-    ring schedule (``embedloss_kernels.ring``).
+    ring schedule (``embedloss_kernels.ring``). query_to_doc | doc_to_query over every row, without a penalty, with
+    the gradient (CLIP, MNSRL) takes :func:`_infonce_symmetric` instead: 4 products per block, not 6.
     """
     if _blocked.use_blocked(q):
         return _infonce_blocked(q, a, row_start, row_count, scale, cosine, directions, joint, hardness_mode,
@@ -158,11 +160,18 @@ def infonce_forward(
     if cosine:
         qf, q_norm = normalize_rows(qf)
         af, a_norm = normalize_rows(af)
+    alpha = hardness_strength if hardness_mode != HARDNESS_NONE else 0.0
+    if symmetric_applies(directions, alpha, compute_grad, row_start, row_count, bq):
+        loss, dq, da = _infonce_symmetric(qf, af, scale, joint, block_rows)
+        grad_scale = scale_grad_from_radial(qf, dq, af, da, scale)
+        if cosine:
+            dq = normalize_rows_backward(qf, q_norm, dq)
+            da = normalize_rows_backward(af, a_norm, da)
+        return loss, dq.to(out_dtype), da.to(out_dtype), grad_scale
     use_qq = bool(directions & QUERY_TO_QUERY)
     use_dq = bool(directions & DOC_TO_QUERY)
     use_dd = bool(directions & DOC_TO_DOC)
     n_blocks = 1 + use_qq + use_dq + use_dd
-    alpha = hardness_strength if hardness_mode != HARDNESS_NONE else 0.0
 
     width = a.shape[0] * (1 + use_dd) + bq * (use_qq + use_dq)
     # the logits are transformed in place, but the joint LSE's shifted exponentials and the matmul temporaries add
@@ -204,6 +213,103 @@ def infonce_forward(
         dq = normalize_rows_backward(qf, q_norm, dq)
         da = normalize_rows_backward(af, a_norm, da)
     return loss, dq.to(out_dtype), da.to(out_dtype), grad_scale
+
+
+def symmetric_applies(directions: int, alpha: float, compute_grad: bool, row_start: int, row_count: int,
+                      bq: int) -> bool:
+    """Whether :func:`_infonce_symmetric` computes the op: directions exactly query_to_doc | doc_to_query (CLIP,
+    MNSRL), no hardness penalty, the gradient wanted, every row local (the columns' LSEs need every row)."""
+    return (directions == QUERY_TO_DOC | DOC_TO_QUERY and not alpha > 0 and compute_grad and row_start == 0
+            and row_count == bq)
+
+
+# Shifted logits (<= 0, shifted by their row's or column's max) below this count as exactly 0: exp(-60) = 8.8e-27
+# of the max term, whose sum is >= 1, so dropping them changes no sum by more than columns * 8.8e-27 (far below
+# float64's round-off) and no gradient entry by more than that fraction of its row's. It keeps the vectorized exp on
+# its fast path: arguments in the thousands (raw dot products) ran ~10x slower and took most of this path's time,
+# and exp's subnormal results, scaled by the softmax weights, would reach the gradient products (BLAS on subnormal
+# operands ran ~100x slower).
+EXP_CUT = -60.0
+
+
+def _exp_shifted_(x: Tensor) -> Tensor:
+    """``exp`` in place of shifted logits, 0 below :data:`EXP_CUT`."""
+    return torch.nn.functional.threshold_(x, EXP_CUT, float("-inf")).exp_()
+
+
+def _infonce_symmetric(qf: Tensor, af: Tensor, scale: float, joint: bool, block_rows: int
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """query_to_doc | doc_to_query in two passes over row blocks and four products instead of six (the C++ kernel's
+    ``infonce_sym_blocks`` does the same). ``qf`` (Bq, D), ``af`` (K*Bq, D): the work-dtype rows (normalized under
+    cosine). Returns the loss and the gradients of ``qf`` and ``af``.
+
+    ``L_dq[j, i] = S[i, j]`` for ``S = s Q A^T`` and ``i, j < Bq``: doc ``j``'s doc_to_query row is column ``j`` of
+    the positive block. With ``r_i`` the LSE of row ``i`` of ``S`` and ``c_j`` that of column ``j < Bq``::
+
+        per_direction: a = r, b = c, w = 1/2;   loss = mean_i ((r_i + c_i) / 2 - S_ii)
+        joint:         a = b = J = logaddexp(r, c), w = 1;   loss = mean_i (J_i - S_ii)
+        G_ij = (w exp(S_ij - a_i) + [j < Bq] w exp(S_ij - b_j) - [i == j]) / Bq;   d sim = s G
+
+    Pass 1 (one product per block): the rows' max and sum of exp, and the columns' running max and sum of exp
+    merged across blocks. Pass 2 (three products per block): ``S`` again, ``G`` in place (each exp shifted by the
+    exact max of its row or column, the normalization a multiplier), ``dQ_g += s G A``, ``dA += s G^T Q_g``.
+    """
+    bq, cols = qf.shape[0], af.shape[0]
+    wd, device = qf.dtype, qf.device
+    # the logits and the positive block's exponentials: no other block-sized buffer (the products write into them)
+    rows = block_rows if block_rows > 0 else budget_rows(cols + bq, torch.finfo(wd).bits // 8, 4)
+    rows = min(rows, bq)
+    buf = torch.empty((rows, cols), dtype=wd, device=device)
+    tmp = torch.empty((rows, bq), dtype=wd, device=device)
+    row_max = torch.empty(bq, dtype=wd, device=device)
+    row_sum = torch.empty(bq, dtype=wd, device=device)
+    positive = torch.empty(bq, dtype=wd, device=device)
+    col_max = torch.full((bq,), float("-inf"), dtype=wd, device=device)
+    col_sum = torch.zeros(bq, dtype=torch.float64, device=device)
+
+    # -- pass 1: row and column statistics --
+    for r0 in range(0, bq, rows):
+        r1 = min(r0 + rows, bq)
+        ar = torch.arange(r1 - r0, device=device)
+        s_blk = buf[: r1 - r0].addmm_(qf[r0:r1], af.T, beta=0.0, alpha=scale)  # beta 0: buf's contents unread
+        positive[r0:r1] = s_blk[ar, ar + r0]
+        pos_block = s_blk[:, :bq]
+        new_max = torch.maximum(col_max, pos_block.amax(0))
+        col_sum.mul_((col_max - new_max).double().exp_())  # exp(-inf) = 0 on the first block
+        col_max = new_max
+        col_sum += _exp_shifted_(torch.sub(pos_block, new_max, out=tmp[: r1 - r0])).sum(0).double()
+        m = s_blk.amax(1)
+        row_max[r0:r1] = m
+        row_sum[r0:r1] = _exp_shifted_(s_blk.sub_(m[:, None])).sum(1)
+
+    # -- the loss, and the multipliers of pass 2: w exp(S - a) = coef * exp(S - max) --
+    r = row_max.double() + row_sum.double().log()
+    c = col_max.double() + col_sum.log()
+    if joint:
+        a = b = torch.logaddexp(r, c)
+        loss_rows, w = a - positive.double(), 1.0
+    else:
+        a, b = r, c
+        loss_rows, w = 0.5 * (r + c) - positive.double(), 0.5
+    f = scale / bq
+    row_coef = (f * w * (row_max.double() - a).exp()).to(wd)
+    col_coef = (f * w * (col_max.double() - b).exp()).to(wd)
+    loss = (loss_rows.sum() / bq).to(wd)
+
+    # -- pass 2: s G in place, then the two gradient products --
+    dq, da = torch.zeros_like(qf), torch.zeros_like(af)
+    for r0 in range(0, bq, rows):
+        r1 = min(r0 + rows, bq)
+        ar = torch.arange(r1 - r0, device=device)
+        q_blk = qf[r0:r1]
+        h = buf[: r1 - r0].addmm_(q_blk, af.T, beta=0.0, alpha=scale)
+        col_part = _exp_shifted_(torch.sub(h[:, :bq], col_max, out=tmp[: r1 - r0]))
+        _exp_shifted_(h.sub_(row_max[r0:r1, None])).mul_(row_coef[r0:r1, None])
+        h[:, :bq].addcmul_(col_part, col_coef)
+        h[ar, ar + r0] -= f
+        dq[r0:r1].addmm_(h, af)
+        da.addmm_(h.T, q_blk)
+    return loss, dq, da
 
 
 def row_block_lse(logits: dict[str, Tensor], joint: bool) -> tuple[dict[str, Tensor], Tensor]:
