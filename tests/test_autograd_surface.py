@@ -192,29 +192,33 @@ def _guide(x, y, z):
     return [t.detach() @ mix for t in (x, y, z)]
 
 
-def _losses_of(x, y, z, backend):
-    """One loss of each op family (CoSENT's takes x and y only)."""
-    return {
-        "mnrl": functional.multiple_negatives_ranking_loss(x, y, z, backend=backend),
-        "matryoshka": functional.matryoshka_mnrl_loss(x, y, z, dims=[3, 7], weights=[0.5, 2.0], backend=backend),
-        "cosent": functional.cosent_loss(x, y, _pair_labels(x.shape[0]), backend=backend),
-        "gist": functional.gist_loss(x, y, z, guide=_guide(x, y, z), temperature=0.1, backend=backend),
-    }
+def _loss_of(name, x, y, z, backend):
+    """One loss of each op family (CoSENT's takes x and y only); only ``name``'s is computed."""
+    if name == "mnrl":
+        return functional.multiple_negatives_ranking_loss(x, y, z, backend=backend)
+    if name == "matryoshka":
+        return functional.matryoshka_mnrl_loss(x, y, z, dims=[3, 7], weights=[0.5, 2.0], backend=backend)
+    if name == "cosent":
+        return functional.cosent_loss(x, y, _pair_labels(x.shape[0]), backend=backend)
+    assert name == "gist", name
+    return functional.gist_loss(x, y, z, guide=_guide(x, y, z), temperature=0.1, backend=backend)
 
 
-def _references_of(x, y, z):
+def _reference_of(name, x, y, z):
+    if name == "mnrl":
+        return reference.infonce_reference(x, [y, z])
+    if name == "matryoshka":
+        return reference.matryoshka_reference(x, [y, z], [3, 7], [0.5, 2.0], reference.cos_sim, scale=20.0)
+    if name == "cosent":
+        return reference.cosent_pairs_reference(x, y, _pair_labels(x.shape[0]))
+    assert name == "gist", name
     guide = _guide(x, y, z)
-    return {
-        "mnrl": reference.infonce_reference(x, [y, z]),
-        "matryoshka": reference.matryoshka_reference(x, [y, z], [3, 7], [0.5, 2.0], reference.cos_sim, scale=20.0),
-        "cosent": reference.cosent_pairs_reference(x, y, _pair_labels(x.shape[0])),
-        "gist": reference.gist_reference(x, [y, z], guide[0], guide[1:], temperature=0.1),
-    }
+    return reference.gist_reference(x, [y, z], guide[0], guide[1:], temperature=0.1)
 
 
 def _reference_grads(name, factor, batch=5, dim=7):
     x, y, z = (t.requires_grad_() for t in tensors(3, batch=batch, dim=dim, seed=12))
-    (factor * _references_of(x, y, z)[name]).backward()
+    (factor * _reference_of(name, x, y, z)).backward()
     return _grads(x, y, z)
 
 
@@ -229,7 +233,7 @@ def test_retained_graph_gradients_never_share_the_saved_ones(backend, name):
     # two backwards must not reach the second, and a grad_output other than 1 must not rescale them.
     want = _reference_grads(name, 3.0, batch=5)
     x, y, z = (t.requires_grad_() for t in tensors(3, seed=12))
-    loss = _losses_of(x, y, z, backend)[name]
+    loss = _loss_of(name, x, y, z, backend)
     (3.0 * loss).backward(retain_graph=True)
     torch.testing.assert_close(_grads(x, y, z), want, rtol=1e-8, atol=1e-12)
     for t in (x, y):
@@ -251,11 +255,11 @@ def test_batched_gradients_match_the_reference(backend, name):
     v = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64, device=DEVICE)
     want = _reference_grads(name, 1.0)
     x, y, z = (t.requires_grad_() for t in tensors(3, seed=12))
-    loss = _losses_of(x, y, z, backend)[name]
+    loss = _loss_of(name, x, y, z, backend)
     got = torch.autograd.grad(loss, (x, y), v, is_grads_batched=True)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, v[:, None, None] * w, rtol=1e-10, atol=1e-12)
-    jac = torch.autograd.functional.jacobian(lambda a: _losses_of(a, y, z, backend)[name], x, vectorize=True)
+    jac = torch.autograd.functional.jacobian(lambda a: _loss_of(name, a, y, z, backend), x, vectorize=True)
     torch.testing.assert_close(jac, want[0], rtol=1e-10, atol=1e-12)
 
 
@@ -270,7 +274,7 @@ def test_saved_tensor_hooks_see_their_tensors_unchanged(backend, name):
 
     x, y, z = (t.requires_grad_() for t in tensors(3, seed=12))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = _losses_of(x, y, z, backend)[name]
+        loss = _loss_of(name, x, y, z, backend)
     before = [t.clone() for t in packed]
     (3.0 * loss).backward()
     assert packed and all(torch.equal(a, b) for a, b in zip(packed, before))
@@ -287,7 +291,7 @@ def test_backward_allocates_no_gradient_sized_tensor(backend, name, factor):
     for retain in (True, False):
         for t in (x, y, z):
             t.grad = None
-        loss = _losses_of(x, y, z, backend)[name]
+        loss = _loss_of(name, x, y, z, backend)
         allocated = _bytes_allocated_during(lambda: (factor * loss).backward(retain_graph=retain))
         if retain:
             assert allocated >= one_gradient, allocated  # the measurement sees a copy when there is one
@@ -317,8 +321,7 @@ COMPILE_SCRIPT = textwrap.dedent(
     import torch
     import embedloss_kernels as ek
 
-    backend, dynamic, first = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
-    device = torch.device(sys.argv[4])
+    backend, plan, device = sys.argv[1], sys.argv[2].split(","), torch.device(sys.argv[3])
     os.environ["EMBEDLOSS_BACKEND"] = backend  # the modules read it; the functional calls pass backend=
     gen = torch.Generator().manual_seed(0)
     q, p, n = (torch.randn(6, 8, generator=gen).to(device) for _ in range(3))
@@ -345,16 +348,18 @@ COMPILE_SCRIPT = textwrap.dedent(
         return total
 
     steps = {"functional": functional_calls, "modules": module_calls}
-    order = [first] + [k for k in steps if k != first]
     results = {}
-    for name in order:  # every compiled call runs before any eager one
-        compiled = torch.compile(steps[name], fullgraph=True, dynamic=dynamic, backend="aot_eager")
-        for scale in (20.0, 7.5):  # a second scale: dynamic=True traces it as a symbolic float
-            ins = [t.clone().requires_grad_() for t in (q, p, n)]
-            out = compiled(*ins, scale)
-            out.backward()
-            results[name, scale] = (out.detach(), [t.grad for t in ins])
-    for (name, scale), (out, grads) in results.items():
+    for item in plan:  # "static-functional": static shapes, the functional entry compiled first; and so on
+        mode, first = item.split("-")
+        order = [first] + [k for k in steps if k != first]
+        for name in order:  # every compiled call runs before any eager one
+            compiled = torch.compile(steps[name], fullgraph=True, dynamic=mode == "dynamic", backend="aot_eager")
+            for scale in (20.0, 7.5):  # a second scale: dynamic=True traces it as a symbolic float
+                ins = [t.clone().requires_grad_() for t in (q, p, n)]
+                out = compiled(*ins, scale)
+                out.backward()
+                results[mode, name, scale] = (out.detach(), [t.grad for t in ins])
+    for (_mode, name, scale), (out, grads) in results.items():
         ins = [t.clone().requires_grad_() for t in (q, p, n)]
         expected = steps[name](*ins, scale)
         expected.backward()
@@ -366,16 +371,19 @@ COMPILE_SCRIPT = textwrap.dedent(
 )
 
 
-# Each backend in both shape modes and through both entries; the pairs cover every mode and every entry at half the
-# cost of all four (each case is a fresh process compiling from scratch, ~10 s on 2 cores).
-@pytest.mark.parametrize(("dynamic", "first"), [(False, "functional"), (True, "modules")],
-                         ids=["static-functional", "dynamic-modules"])
-def test_compile_fullgraph_is_the_first_call_in_a_fresh_process(backend, dynamic, first):
+# One fresh process per backend compiles both shape modes through both entries, every compiled call before any eager
+# one. What comes first differs by backend, so that each backend's op and each (shape mode, entry) pair is the very
+# first call into the package in some process (a fresh process costs ~10 s on 2 cores: one per backend, not four).
+COMPILE_PLANS = {"torch": "static-functional,dynamic-modules", "cpp": "dynamic-modules,static-functional",
+                 "triton": "dynamic-modules,static-functional"}
+
+
+def test_compile_fullgraph_is_the_first_call_in_a_fresh_process(backend):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     if DEVICE.type == "cpu":
         env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run(
-        [sys.executable, "-c", COMPILE_SCRIPT, backend, "1" if dynamic else "0", first, str(DEVICE)],
+        [sys.executable, "-c", COMPILE_SCRIPT, backend, COMPILE_PLANS[backend], str(DEVICE)],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0 and "compiled ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]
