@@ -14,6 +14,11 @@ import embedloss_kernels.dispatch as backends  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+# Under pytest-xdist (the README's command runs ``-n 2``) each worker takes its share of the cores for intra-op
+# threads: two workers of two threads each on two cores would oversubscribe every BLAS-heavy test.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def backend_params():
     return [pytest.param(name, id=name) for name in backends.BACKEND_NAMES]
