@@ -21,7 +21,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_within_measured_error, loss_and_grads, rel_err
+from conftest import assert_within_measured_error, loss_and_grads, rel_err, seeded_columns
 
 from embedloss_kernels import dispatch, functional, reference
 from embedloss_kernels.core.contract import (
@@ -77,9 +77,8 @@ CASES = [(1, 2, 7, 0), (1, 1, 5, 4), (13, 0, 9, 4), (13, 2, 9, 4), (8, 1, 16, 3)
 
 
 def make_columns(batch, n_neg, dim, seed, spread=1.0):
-    gen = torch.Generator().manual_seed(seed)
-    cols = [torch.randn(batch, dim, generator=gen, dtype=torch.float64) * spread + 0.1 for _ in range(2 + n_neg)]
-    return cols
+    """CPU float64 columns, offset by 0.1 (the schedule runs on the plain CPU path; see the module docstring)."""
+    return [c + 0.1 for c in seeded_columns(seed, 2 + n_neg, batch, dim, spread=spread, device="cpu")]
 
 
 def st_loss(columns, scale, cosine, partition_mode):

@@ -287,8 +287,7 @@ def loss_from_op(op, first: Tensor, second: Tensor, *rest, scale=None, bias=None
     """The differentiable loss of ``op(first, second, *rest)`` (its gradients computed in the forward pass);
     ``scale``: the scale when it is a tensor (it then gets a gradient), else ``None``; ``bias`` likewise, for an op
     whose fifth output is the bias's gradient (``siglip``)."""
-    if torch.compiler.is_compiling() and not (
-            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (first, second, scale, bias))):
+    if torch.compiler.is_compiling() and not needs_grad(*(t for t in (first, second, scale, bias) if t is not None)):
         # nothing to differentiate (evaluation under compile): the op alone. Dynamo cannot trace an autograd.Function
         # that no input needs: it binds the Function's context to ``forward``'s first argument (torch 2.13)
         return op(first, second, *rest)[0]
